@@ -1,0 +1,1 @@
+//! Attestation library (being written).

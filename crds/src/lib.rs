@@ -1,0 +1,1 @@
+//! cvmp.io API types (being written).
