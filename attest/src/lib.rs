@@ -1,1 +1,12 @@
-//! Attestation library (being written).
+//! Pure attestation library for cvm-operator.
+//!
+//! No Kubernetes types and no async: evidence formats (SEV-SNP reports, TDX quotes),
+//! verification against vendor roots, policy appraisal, EAR results and a simulated
+//! platform that emits evidence in the vendor binary layouts.
+//!
+//! Every check that fails produces a [`Finding`] that names itself and says what was
+//! expected and what was seen, so that a user can act on it.
+
+pub mod finding;
+
+pub use finding::{Claim, Finding, Severity};

@@ -17,9 +17,11 @@ if ! command -v go >/dev/null 2>&1; then
   exit 3
 fi
 
-# The key covers the pinned versions and every go.mod/go.sum, so a bump rebuilds.
-sum="$(cat "$here"/kube/go.mod "$here"/kube/go.sum "$here"/etcd/go.mod "$here"/etcd/go.sum \
-  "$here"/helm/go.mod "$here"/helm/go.sum "$here"/build.sh | sha256sum | cut -c1-12)"
+# The key covers the pinned versions, every go.mod/go.sum and BUILD_REV (bump it when
+# the build flags below change), so a version bump rebuilds and nothing else does.
+BUILD_REV=1
+sum="$( (echo "$BUILD_REV"; cat "$here"/kube/go.mod "$here"/kube/go.sum "$here"/etcd/go.mod \
+  "$here"/etcd/go.sum "$here"/helm/go.mod "$here"/helm/go.sum) | sha256sum | cut -c1-12)"
 root="${CVM_TOOLS_CACHE:-$HOME/.cache/cvm-operator}"
 dir="$root/k8s-$K8S_VERSION-$sum"
 bin="$dir/bin"
