@@ -1,1 +1,23 @@
-//! cvmp.io API types (being written).
+//! cvmp.io API types: `ConfidentialVM`, `AttestationPolicy` and `ConfidentialVMMigration`.
+//!
+//! The CRDs served to the API server come from [`crds`], never from `T::crd()` directly:
+//! [`crds`] post-processes the derived schemas (see [`schema`]).
+
+pub mod common;
+pub mod conditions;
+pub mod cvm;
+pub mod docs;
+pub mod migration;
+pub mod policy;
+pub mod schema;
+pub mod validate;
+
+pub use common::{
+    EvidenceFormat, SnpTcbVersion, TdxTcbStatus, TeeType, TrustClaim, GROUP, VERSION,
+};
+pub use conditions::{set_condition, ConditionType};
+pub use cvm::{ConfidentialVM, ConfidentialVMSpec, ConfidentialVMStatus, CvmPhase};
+pub use migration::{ConfidentialVMMigration, ConfidentialVMMigrationSpec, MigrationPhase};
+pub use policy::{AttestationPolicy, AttestationPolicySpec};
+pub use schema::{crds, crds_yaml};
+pub use validate::{Validate, ValidationError};

@@ -1,0 +1,135 @@
+//! `ConfidentialVMMigration`: a request to live-migrate a ConfidentialVM (sketch).
+
+use std::fmt;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::DNS_SUBDOMAIN_PATTERN;
+
+/// A request to live-migrate one ConfidentialVM to another node.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "cvmp.io",
+    version = "v1alpha1",
+    kind = "ConfidentialVMMigration",
+    plural = "confidentialvmmigrations",
+    singular = "confidentialvmmigration",
+    shortname = "cvmmig",
+    category = "cvm",
+    namespaced,
+    status = "ConfidentialVMMigrationStatus",
+    derive = "PartialEq",
+    doc = "A request to live-migrate a ConfidentialVM; refused when the guest's policy forbids migration.",
+    printcolumn(
+        name = "CVM",
+        type_ = "string",
+        json_path = ".spec.cvmName",
+        description = "ConfidentialVM to migrate"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Migration phase"
+    ),
+    printcolumn(
+        name = "Source",
+        type_ = "string",
+        json_path = ".status.sourceNode",
+        description = "Node the guest leaves"
+    ),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.targetNode",
+        description = "Node the guest moves to"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: create a new ConfidentialVMMigration instead"))]
+pub struct ConfidentialVMMigrationSpec {
+    /// Name of the ConfidentialVM, in this namespace, to migrate.
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS_SUBDOMAIN_PATTERN))]
+    pub cvm_name: String,
+    /// Node to migrate to. When unset, the operator picks one the way it schedules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub target_node: Option<String>,
+}
+
+/// Progress of a migration.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfidentialVMMigrationStatus {
+    /// Pending → TargetReady → TargetAttested → Transferring → Succeeded, or Failed (rolled back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// Node the guest ran on when the migration started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_node: Option<String>,
+    /// Node chosen to receive the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_node: Option<String>,
+    /// Standard conditions keyed by type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Why the migration failed or was refused, e.g. "SEVNotLiveMigratable: spec.tee.policy.migratable is false".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the transfer started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When the migration reached Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+}
+
+/// Phase of a migration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[schemars(transform = crate::common::drop_description)]
+pub enum MigrationPhase {
+    /// Accepted; checking that the guest may migrate and choosing a target.
+    #[default]
+    Pending,
+    /// A receiving guest is prepared on the target node.
+    TargetReady,
+    /// The target platform's evidence was verified.
+    TargetAttested,
+    /// Guest state is being transferred.
+    Transferring,
+    /// The guest runs on the target node.
+    Succeeded,
+    /// The migration was refused or failed; the guest stays on the source node.
+    Failed,
+}
+
+impl MigrationPhase {
+    /// Whether the migration is over.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, MigrationPhase::Succeeded | MigrationPhase::Failed)
+    }
+}
+
+impl fmt::Display for MigrationPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            MigrationPhase::Pending => "Pending",
+            MigrationPhase::TargetReady => "TargetReady",
+            MigrationPhase::TargetAttested => "TargetAttested",
+            MigrationPhase::Transferring => "Transferring",
+            MigrationPhase::Succeeded => "Succeeded",
+            MigrationPhase::Failed => "Failed",
+        };
+        f.write_str(s)
+    }
+}
