@@ -8,5 +8,6 @@
 //! expected and what was seen, so that a user can act on it.
 
 pub mod finding;
+pub mod tdx;
 
 pub use finding::{Claim, Finding, Severity};

@@ -1,0 +1,128 @@
+//! Intel TDX evidence: DCAP quote v4/v5 decoding, offline verification through
+//! `dcap-qvl` with caller-supplied collateral, policy appraisal into named
+//! [`Finding`]s, and a simulated TDX platform ([`sim`]).
+//!
+//! The entry point is [`verify_quote`] (or [`TdxVerifier`] to reuse parsed
+//! collateral). It is pure and synchronous: the time is an argument.
+//!
+//! Trust: the PCK chain and the collateral must end at a root the policy lists.
+//! The default policy lists only Intel's SGX Root CA (built in); a simulated root is
+//! trusted only when a policy names its SHA-256 fingerprint.
+
+use serde::{Deserialize, Serialize};
+
+use crate::finding::Finding;
+
+mod hexser;
+pub mod policy;
+pub mod quote;
+pub mod sim;
+mod verify;
+
+pub use policy::{
+    appraise, report_data_for_nonce, AppraisalContext, TcbVerdict, TdxPolicy, TdxTcbStatus,
+    TrustedRoot,
+};
+pub use quote::{DecodedTdQuote, TdAttributes, TdReportKind};
+pub use sim::{SimTdxEvidence, SimTdxPlatform, TdQuoteRequest};
+pub use verify::TdxVerifier;
+
+/// Intel SGX Root CA (DER), the anchor of every genuine PCK chain. SHA-256
+/// 44a0196b…74d3; the same certificate dcap-qvl embeds (which it does not export).
+pub const INTEL_SGX_ROOT_CA_DER: &[u8] = include_bytes!("intel_sgx_root_ca.der");
+
+/// Errors at the TDX module boundary: input we cannot even appraise. A quote that
+/// parses but fails verification is not an error; it yields findings.
+#[derive(Debug, thiserror::Error)]
+pub enum TdxError {
+    #[error("malformed TDX quote: {0}")]
+    MalformedQuote(String),
+    #[error("not a TDX quote: TEE type {tee_type:#x} in a v{version} quote (TDX is 0x81); SGX enclave quotes are not appraised as TDX evidence")]
+    NotTdx { tee_type: u32, version: u16 },
+    #[error("unsupported TDX quote version {0}: only v4 and v5 exist")]
+    UnsupportedVersion(u16),
+    #[error(
+        "unreadable TDX collateral (expected the QuoteCollateralV3 JSON a PCCS client writes): {0}"
+    )]
+    Collateral(String),
+    #[error("invalid TDX policy: {0}")]
+    Policy(String),
+    #[error("TDX simulator: {0}")]
+    Simulator(String),
+}
+
+/// The outcome of verifying and appraising one TDX quote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TdxAppraisal {
+    /// The quote's fields (as decoded; trustworthy only when `verified`).
+    pub decoded: DecodedTdQuote,
+    /// Signatures, chains, CRLs and collateral all verified up to a trusted root.
+    pub verified: bool,
+    /// Intel's TCB status for this platform; `None` when not verified.
+    pub tcb_status: Option<TdxTcbStatus>,
+    pub advisory_ids: Vec<String>,
+    /// `sha256:<hex>` of the last certificate of the PCK chain.
+    pub root_fingerprint: Option<String>,
+    pub findings: Vec<Finding>,
+}
+
+impl TdxAppraisal {
+    /// Verified, and no finding contraindicates the evidence.
+    pub fn is_affirmed(&self) -> bool {
+        self.verified && !self.findings.iter().any(Finding::is_contraindicated)
+    }
+
+    /// The findings that are not merely informational.
+    pub fn problems(&self) -> impl Iterator<Item = &Finding> {
+        self.findings
+            .iter()
+            .filter(|f| f.severity != crate::finding::Severity::Info)
+    }
+}
+
+/// Verify a TDX quote offline against `collateral_json` (dcap-qvl `QuoteCollateralV3`
+/// JSON) and appraise it under `policy` at `ctx.now_unix`.
+pub fn verify_quote(
+    quote: &[u8],
+    collateral_json: &[u8],
+    policy: &TdxPolicy,
+    ctx: &AppraisalContext,
+) -> Result<TdxAppraisal, TdxError> {
+    TdxVerifier::new(policy.clone(), collateral_json)?.verify(quote, ctx)
+}
+
+/// Format unix seconds as RFC 3339 UTC, for messages (no calendar crate needed).
+pub(crate) fn rfc3339(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_750_291_200), "2025-06-19T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+}
