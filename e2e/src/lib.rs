@@ -1,1 +1,21 @@
-//! Local control plane harness (being written).
+//! The local cluster harness of cvm-operator: a real kube-apiserver, etcd and
+//! kube-controller-manager built from the Kubernetes Go modules (see `e2e/tools`),
+//! simulated TEE nodes kept Ready, CRDs installed, and a kubeconfig for tests.
+//!
+//! ```no_run
+//! let cp = cvm_e2e::ControlPlane::start(cvm_e2e::Options::default())?;
+//! println!("export KUBECONFIG={}", cp.kubeconfig().display());
+//! # Ok::<(), cvm_e2e::HarnessError>(())
+//! ```
+
+pub mod cluster;
+pub mod error;
+pub mod nodes;
+pub mod pki;
+pub mod process;
+pub mod shared;
+pub mod tools;
+
+pub use cluster::{ControlPlane, Options};
+pub use error::HarnessError;
+pub use nodes::{SimNode, Tee};

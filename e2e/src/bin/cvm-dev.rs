@@ -1,0 +1,148 @@
+//! `cvm-dev`: a local cvm-operator cluster on a real Kubernetes control plane.
+//!
+//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx]   # runs until Ctrl-C
+//!   cvm-dev down --dir DIR                                   # stops one started elsewhere
+
+use clap::{Parser, Subcommand};
+use cvm_e2e::{ControlPlane, Options, SimNode, Tee};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "cvm-dev", about = "Run a local cvm-operator cluster with simulated TEE nodes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build or reuse the binaries, start the control plane and simulated TEE nodes, and
+    /// run in the foreground until SIGINT/SIGTERM.
+    Up {
+        /// State, certificates, logs and the kubeconfig.
+        #[arg(long, default_value = ".cvm-dev")]
+        dir: PathBuf,
+        /// How many simulated TEE nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// TEEs handed to the nodes round-robin (sev, sev-es, sev-snp, tdx).
+        #[arg(long, value_delimiter = ',', default_value = "sev-snp,sev-snp,tdx")]
+        tee: Vec<Tee>,
+        /// The API server's port (default: a free one).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Stop a `cvm-dev up` started elsewhere with the same --dir.
+    Down {
+        #[arg(long, default_value = ".cvm-dev")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Up {
+            dir,
+            nodes,
+            tee,
+            port,
+        } => up(dir, nodes, tee, port),
+        Cmd::Down { dir } => down(&dir),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cvm-dev: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pid_file(dir: &Path) -> PathBuf {
+    dir.join("cvm-dev.pid")
+}
+
+fn up(dir: PathBuf, count: usize, tees: Vec<Tee>, port: Option<u16>) -> Result<(), String> {
+    if let Some(pid) = running_pid(&dir) {
+        return Err(format!(
+            "a cvm-dev (pid {pid}) already runs with --dir {}; stop it with `cvm-dev down --dir {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let started = Instant::now();
+    let mut cp = ControlPlane::start(Options {
+        dir: Some(dir.clone()),
+        api_port: port,
+        nodes: SimNode::fleet(count, &tees),
+        crds: None,
+    })
+    .map_err(|e| e.to_string())?;
+    std::fs::write(pid_file(&dir), std::process::id().to_string())
+        .map_err(|e| format!("writing {}: {e}", pid_file(&dir).display()))?;
+    eprintln!(
+        "cvm-dev: control plane ready in {:.1} s ({:.1} s in all), {} node(s); logs in {}",
+        cp.startup.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        count,
+        cp.dir().join("logs").display()
+    );
+    println!("export KUBECONFIG={}", cp.kubeconfig().display());
+    eprintln!("cvm-dev: running; Ctrl-C (or `cvm-dev down --dir {}`) stops it", dir.display());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let sig = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+        tokio::select! {
+            _ = term.recv() => Ok::<_, String>("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    })?;
+    eprintln!("cvm-dev: {sig}: shutting down");
+    cp.shutdown();
+    let _ = std::fs::remove_file(pid_file(&dir));
+    eprintln!("cvm-dev: stopped");
+    Ok(())
+}
+
+fn running_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_file(dir)).ok()?.trim().parse().ok()?;
+    // SAFETY: signal 0 only checks that the process exists.
+    (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+}
+
+fn down(dir: &Path) -> Result<(), String> {
+    let Some(pid) = running_pid(dir) else {
+        let _ = std::fs::remove_file(pid_file(dir));
+        eprintln!("cvm-dev: nothing runs with --dir {}", dir.display());
+        return Ok(());
+    };
+    // SAFETY: plain signal to the pid recorded by `cvm-dev up`.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        // SAFETY: as above, signal 0 only probes.
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            eprintln!("cvm-dev: stopped pid {pid}");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(format!("pid {pid} did not stop within 30 s; kill it with `kill -9 {pid}`"))
+}
