@@ -128,3 +128,81 @@ pub fn remove_condition(conditions: &mut Vec<Condition>, type_: ConditionType) -
     conditions.retain(|c| c.type_ != type_.as_str());
     conditions.len() != before
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn set_condition_keeps_transition_time_when_status_unchanged() {
+        let mut cs = Vec::new();
+        let c1 = new_condition(
+            ConditionType::Verified,
+            false,
+            "Pending",
+            "waiting",
+            Some(1),
+            t(100),
+        );
+        assert!(set_condition(&mut cs, c1));
+        // Same status, new message: updated, but the transition time stays.
+        let c2 = new_condition(
+            ConditionType::Verified,
+            false,
+            "MeasurementMismatch",
+            "expected ab, reported cd",
+            Some(2),
+            t(200),
+        );
+        assert!(set_condition(&mut cs, c2));
+        assert_eq!(cs.len(), 1);
+        assert_eq!(cs[0].last_transition_time, t(100));
+        assert_eq!(cs[0].reason, "MeasurementMismatch");
+        assert_eq!(cs[0].observed_generation, Some(2));
+        // Identical write: no change reported.
+        let c3 = new_condition(
+            ConditionType::Verified,
+            false,
+            "MeasurementMismatch",
+            "expected ab, reported cd",
+            Some(2),
+            t(300),
+        );
+        assert!(!set_condition(&mut cs, c3));
+        assert_eq!(cs[0].last_transition_time, t(100));
+        // Status flips: transition time moves.
+        let c4 = new_condition(
+            ConditionType::Verified,
+            true,
+            "Affirming",
+            "all checks passed",
+            Some(2),
+            t(400),
+        );
+        assert!(set_condition(&mut cs, c4));
+        assert_eq!(cs[0].last_transition_time, t(400));
+        assert!(is_true(&cs, ConditionType::Verified));
+    }
+
+    #[test]
+    fn conditions_are_keyed_by_type() {
+        let mut cs = Vec::new();
+        for ty in ConditionType::ALL {
+            set_condition(&mut cs, unknown_condition(ty, "Init", "", None, t(1)));
+        }
+        assert_eq!(cs.len(), 5);
+        assert_eq!(
+            find(&cs, "LiveMigratable").map(|c| c.status.as_str()),
+            Some(STATUS_UNKNOWN)
+        );
+        assert!(!is_true(&cs, ConditionType::Ready));
+        assert!(remove_condition(&mut cs, ConditionType::Ready));
+        assert!(!remove_condition(&mut cs, ConditionType::Ready));
+        assert_eq!(cs.len(), 4);
+    }
+}

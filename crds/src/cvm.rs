@@ -16,6 +16,9 @@ use crate::common::{
 use crate::conditions::{self, ConditionType};
 
 /// Desired state of a confidential VM.
+// clippy reads the repeated `type_ = "string"` of separate printcolumn(...) groups as
+// duplicated attributes; they are not.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "cvmp.io",

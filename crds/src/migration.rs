@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::common::DNS_SUBDOMAIN_PATTERN;
 
 /// A request to live-migrate one ConfidentialVM to another node.
+// clippy reads the repeated `type_ = "string"` of separate printcolumn(...) groups as
+// duplicated attributes; they are not.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "cvmp.io",

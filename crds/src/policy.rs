@@ -13,6 +13,9 @@ use crate::common::{
 pub const BUILTIN_ROOTS: [&str; 2] = ["amd", "intel"];
 
 /// Reference values and trust anchors against which ConfidentialVM evidence is appraised.
+// clippy reads the repeated `type_ = "string"` of separate printcolumn(...) groups as
+// duplicated attributes; they are not.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "cvmp.io",

@@ -495,7 +495,7 @@ impl Validate for ConfidentialVMSpec {
                         field: "spec.attestation.nonce".into(),
                         value: n.clone(),
                     });
-                } else if n.len() < 2 || n.len() > 128 || n.len() % 2 != 0 {
+                } else if !(2..=128).contains(&n.len()) || n.len() & 1 == 1 {
                     e.push(ValidationError::HexLength {
                         field: "spec.attestation.nonce".into(),
                         expected: "2 to 128, an even number of".into(),
