@@ -7,7 +7,9 @@
 //! Every check that fails produces a [`Finding`] that names itself and says what was
 //! expected and what was seen, so that a user can act on it.
 
+pub mod ear;
 pub mod finding;
+pub mod snp;
 pub mod tdx;
 
 pub use finding::{Claim, Finding, Severity};
