@@ -11,6 +11,7 @@ pub mod migration;
 pub mod policy;
 pub mod schema;
 pub mod validate;
+pub mod wellknown;
 
 pub use common::{
     EvidenceFormat, SnpTcbVersion, TdxTcbStatus, TeeType, TrustClaim, GROUP, VERSION,

@@ -1,0 +1,94 @@
+//! Names the operator, the node plugin, the CLI and the e2e suite share: labels, field
+//! managers, the finalizer, extended resources and the evidence binding rule.
+//!
+//! The custom resource is the only channel between the operator and the node plugins
+//! (KubeVirt's "choreography"), so these names are the protocol.
+
+use crate::TeeType;
+
+/// Label the operator sets on a bound CVM so that a node plugin can watch just its own.
+pub const LABEL_NODE: &str = "cvmp.io/node";
+/// Label on Node objects of simulated hosts.
+pub const LABEL_SIMULATED: &str = "cvmp.io/simulated";
+/// Finalizer that keeps a CVM until the node plugin reports its guest stopped.
+pub const FINALIZER: &str = "cvmp.io/guest-stopped";
+/// Field manager of the operator (spec labels, `Scheduled`/`Verified`/`Ready`, attestation).
+pub const MANAGER_OPERATOR: &str = "cvm-operator";
+/// Field manager of a node plugin (`platform`, `evidence`, `Launched`).
+pub const MANAGER_NODE_PLUGIN: &str = "cvm-node-plugin";
+/// Annotation a user (or `kubectl cvm`) may set to ask for evidence again with no new nonce.
+pub const ANNOTATION_REATTEST: &str = "cvmp.io/reattest";
+
+/// Extended resource counting SEV (legacy) ASIDs on a host.
+pub const RESOURCE_SEV_ASIDS: &str = "sev.amd.com/asids";
+/// Extended resource counting SEV-ES / SEV-SNP ASIDs (one shared pool on AMD hosts).
+pub const RESOURCE_SNP_ESIDS: &str = "sev-snp.amd.com/esids";
+/// Extended resource counting TDX private keys (HKIDs).
+pub const RESOURCE_TDX_KEYS: &str = "tdx.intel.com/keys";
+
+/// Node Feature Discovery label that marks a TEE enabled on a host.
+pub fn nfd_label(tee: TeeType) -> &'static str {
+    match tee {
+        TeeType::Sev => "feature.node.kubernetes.io/cpu-security.sev.enabled",
+        TeeType::SevEs => "feature.node.kubernetes.io/cpu-security.sev.es.enabled",
+        TeeType::SevSnp => "feature.node.kubernetes.io/cpu-security.sev.snp.enabled",
+        TeeType::Tdx => "feature.node.kubernetes.io/cpu-security.tdx.enabled",
+    }
+}
+
+/// The extended resource one guest of this TEE consumes (one ASID or key per guest).
+pub fn tee_resource(tee: TeeType) -> &'static str {
+    match tee {
+        TeeType::Sev => RESOURCE_SEV_ASIDS,
+        TeeType::SevEs | TeeType::SevSnp => RESOURCE_SNP_ESIDS,
+        TeeType::Tdx => RESOURCE_TDX_KEYS,
+    }
+}
+
+/// What to call the slot in messages ("no free ASID", "no free TDX key").
+pub fn slot_name(tee: TeeType) -> &'static str {
+    match tee {
+        TeeType::Tdx => "TDX key",
+        _ => "ASID",
+    }
+}
+
+/// The challenge the evidence must answer: the user's nonce when given (hex-decoded),
+/// otherwise the CVM's UID, which binds evidence to this very object. The report's
+/// `report_data` must then equal SHA-512 of these bytes (see the attestation library).
+pub fn challenge_bytes(nonce_hex: Option<&str>, uid: &str) -> Option<Vec<u8>> {
+    match nonce_hex {
+        Some(n) => decode_hex(n),
+        None => Some(uid.as_bytes().to_vec()),
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snp_and_es_share_one_pool_sev_and_tdx_do_not() {
+        assert_eq!(tee_resource(TeeType::SevSnp), tee_resource(TeeType::SevEs));
+        assert_ne!(tee_resource(TeeType::Sev), tee_resource(TeeType::SevSnp));
+        assert_eq!(tee_resource(TeeType::Tdx), RESOURCE_TDX_KEYS);
+    }
+
+    #[test]
+    fn challenge_is_nonce_bytes_or_uid() {
+        assert_eq!(challenge_bytes(Some("00ff"), "u"), Some(vec![0, 255]));
+        assert_eq!(challenge_bytes(None, "abc"), Some(b"abc".to_vec()));
+        assert_eq!(challenge_bytes(Some("0g"), "u"), None);
+        assert_eq!(challenge_bytes(Some("abc"), "u"), None);
+    }
+}
