@@ -69,6 +69,21 @@ fn sim_quote_round_trips_under_a_policy_that_trusts_the_sim() {
     assert_eq!(d.mr_config_id, vec![0x33; 48]);
     assert_eq!(d.report_data, report_data_for_nonce(NONCE).to_vec());
     assert!(d.td_attributes.sept_ve_disable && !d.td_attributes.debug);
+
+    // Every AR4SI claim the checks covered is affirmed for the EAR builder.
+    let mut affirmed = a.affirmed.clone();
+    affirmed.sort();
+    assert_eq!(
+        affirmed,
+        [
+            Claim::Hardware,
+            Claim::Executables,
+            Claim::Configuration,
+            Claim::InstanceIdentity,
+            Claim::FileSystem,
+            Claim::RuntimeOpaque
+        ]
+    );
 }
 
 #[test]
@@ -96,6 +111,10 @@ fn default_policy_rejects_sim_evidence_because_the_root_is_not_intels() {
     );
     assert!(f.message.contains(&p.root_fingerprint()), "{}", f.message);
     assert_eq!(f.expected, "intel-sgx-root-ca");
+    assert!(
+        a.affirmed.is_empty(),
+        "nothing is affirmed on unverified evidence"
+    );
 }
 
 #[test]
@@ -300,6 +319,9 @@ fn debug_td_is_refused_unless_policy_allows_it() {
     let a = tdx::verify_quote(&ev.quote, &ev.collateral_json, &lenient, &ctx()).unwrap();
     assert!(a.is_affirmed());
     assert_eq!(a.findings[0].severity, Severity::Warning);
+    // A debuggable TD's memory is not opaque to the host.
+    assert!(!a.affirmed.contains(&Claim::RuntimeOpaque));
+    assert!(a.affirmed.contains(&Claim::Hardware));
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::finding::Finding;
+use crate::finding::{Claim, Finding};
 
 mod hexser;
 pub mod policy;
@@ -65,6 +65,10 @@ pub struct TdxAppraisal {
     /// `sha256:<hex>` of the last certificate of the PCK chain.
     pub root_fingerprint: Option<String>,
     pub findings: Vec<Finding>,
+    /// AR4SI claims whose checks ran on verified evidence (a finding on the same
+    /// claim still outranks this): feed both to the EAR builder,
+    /// `ear::Appraisal::from_findings(a.findings, a.affirmed)`.
+    pub affirmed: Vec<Claim>,
 }
 
 impl TdxAppraisal {

@@ -91,6 +91,11 @@ impl TdxVerifier {
         });
 
         findings.extend(appraise(&decoded, tcb.as_ref(), &self.policy, ctx));
+        let affirmed = if tcb.is_some() {
+            affirmed_claims(&decoded, &self.policy, ctx)
+        } else {
+            Vec::new()
+        };
         Ok(TdxAppraisal {
             decoded,
             verified: tcb.is_some(),
@@ -98,6 +103,7 @@ impl TdxVerifier {
             advisory_ids: tcb.map(|t| t.advisory_ids).unwrap_or_default(),
             root_fingerprint,
             findings,
+            affirmed,
         })
     }
 
@@ -164,6 +170,23 @@ impl TdxVerifier {
         findings.push(f);
         None
     }
+}
+
+/// The claims a verified quote's checks covered. Executables only when the policy
+/// pins an MRTD, instance identity only when a nonce or MRCONFIGID was checked,
+/// runtime-opaque only for a TD the host cannot debug.
+fn affirmed_claims(q: &DecodedTdQuote, policy: &TdxPolicy, ctx: &AppraisalContext) -> Vec<Claim> {
+    let mut c = vec![Claim::Hardware, Claim::FileSystem, Claim::Configuration];
+    if !policy.mrtd.is_empty() {
+        c.push(Claim::Executables);
+    }
+    if ctx.nonce.is_some() || policy.mr_config_id.is_some() {
+        c.push(Claim::InstanceIdentity);
+    }
+    if !q.td_attributes.debug {
+        c.push(Claim::RuntimeOpaque);
+    }
+    c
 }
 
 /// Whether the last certificate of a chain is its own issuer (a root). A cheap DER
