@@ -386,3 +386,51 @@ fn collateral_past_its_validity_fails_and_tampering_is_caught() {
         assert_eq!(checks(&a)[0], "quote-signature-invalid", "flip at {pos}");
     }
 }
+
+#[test]
+fn appraisals_become_ear_submods() {
+    use cvm_attest::ear::{Ear, TrustTier, VerifierId, CONTRAINDICATED, WARNING};
+    let p = platform();
+
+    let ev = p.issue_quote_at(&request(), NOW).unwrap();
+    let good = tdx::verify_quote(&ev.quote, &ev.collateral_json, &pinned_policy(p), &ctx())
+        .unwrap()
+        .ear_appraisal();
+    assert_eq!(good.status(), TrustTier::Affirming);
+    assert_eq!(good.vector().len(), 6);
+
+    let refused = tdx::verify_quote(
+        &ev.quote,
+        &ev.collateral_json,
+        &TdxPolicy::default(),
+        &ctx(),
+    )
+    .unwrap()
+    .ear_appraisal();
+    assert_eq!(refused.status(), TrustTier::Contraindicated);
+    assert_eq!(refused.value(Claim::Hardware), CONTRAINDICATED);
+
+    let req = TdQuoteRequest {
+        tcb_status: TdxTcbStatus::SWHardeningNeeded,
+        ..request()
+    };
+    let ev = p.issue_quote_at(&req, NOW).unwrap();
+    let lenient = TdxPolicy {
+        accepted_tcb_statuses: vec![TdxTcbStatus::UpToDate, TdxTcbStatus::SWHardeningNeeded],
+        ..pinned_policy(p)
+    };
+    let warned = tdx::verify_quote(&ev.quote, &ev.collateral_json, &lenient, &ctx())
+        .unwrap()
+        .ear_appraisal();
+    assert_eq!(warned.status(), TrustTier::Warning);
+    assert_eq!(warned.value(Claim::FileSystem), WARNING);
+
+    let ear = Ear::new(NOW as i64, VerifierId::default())
+        .with_submod("tdx", warned.to_submod(Some("sim".into())));
+    let json: serde_json::Value = serde_json::from_str(&ear.to_json()).unwrap();
+    assert_eq!(json["submods"]["tdx"]["ear.status"], "warning");
+    assert_eq!(
+        json["submods"]["tdx"]["cvm.findings"][0]["check"],
+        "tcb-status-warning"
+    );
+}

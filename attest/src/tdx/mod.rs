@@ -77,6 +77,12 @@ impl TdxAppraisal {
         self.verified && !self.findings.iter().any(Finding::is_contraindicated)
     }
 
+    /// The EAR appraisal (AR4SI vector and status) of this outcome; wrap it with
+    /// `to_submod` into an [`crate::ear::Ear`].
+    pub fn ear_appraisal(&self) -> crate::ear::Appraisal {
+        crate::ear::Appraisal::from_findings(self.findings.clone(), self.affirmed.iter().copied())
+    }
+
     /// The findings that are not merely informational.
     pub fn problems(&self) -> impl Iterator<Item = &Finding> {
         self.findings
