@@ -158,7 +158,7 @@ fn turin_vcek_does_not_chain_to_genoa_roots() {
 
     // The builtin Turin roots do verify it, and the supplied PEM chain is the same.
     let chain = TrustAnchors::builtin_amd()
-        .verify_chain(&[vcek.clone()])
+        .verify_chain(std::slice::from_ref(&vcek))
         .unwrap();
     assert_eq!(chain.generation, Some(Generation::Turin));
     let mut with_pem = vec![vcek];

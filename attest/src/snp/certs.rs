@@ -390,6 +390,27 @@ pub(crate) fn pem_or_der_blobs(input: &[u8], label: &str) -> Result<Vec<Vec<u8>>
     Ok(out)
 }
 
+/// The DER certificates in a file (one DER certificate, or PEM with one or more),
+/// without parsing them: the verifier refuses malformed ones with a finding.
+pub fn pem_or_der(input: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
+    let blobs = pem_or_der_blobs(input, "CERTIFICATE")?;
+    if blobs.is_empty() {
+        return Err(CertError::Empty);
+    }
+    Ok(blobs)
+}
+
+/// The DER CRLs in a file (DER, or PEM "X509 CRL" blocks).
+pub fn pem_or_der_crls(input: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
+    let blobs = pem_or_der_blobs(input, "X509 CRL")?;
+    if blobs.is_empty() {
+        return Err(CertError::Crl(
+            "no CRL found: expected DER or PEM (\"-----BEGIN X509 CRL-----\")".into(),
+        ));
+    }
+    Ok(blobs)
+}
+
 /// Parse a file of certificates: one DER certificate, or PEM with one or more.
 pub fn parse_certs(input: &[u8]) -> Result<Vec<Cert>, CertError> {
     let blobs = pem_or_der_blobs(input, "CERTIFICATE")?;
@@ -454,7 +475,7 @@ impl Crl {
     }
 
     pub fn revokes(&self, cert: &Cert) -> bool {
-        self.revoked_serials.iter().any(|s| *s == cert.serial)
+        self.revoked_serials.contains(&cert.serial)
     }
 }
 
