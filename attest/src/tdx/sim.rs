@@ -216,7 +216,7 @@ fn ca_params(cn: &str, path_len: u8) -> CertificateParams {
 
 fn validity(p: &mut CertificateParams, from: u64, years: u64) -> Result<(), TdxError> {
     p.not_before = datetime(from)?;
-    p.not_after = datetime(from + years * 365 * DAY)?;
+    p.not_after = datetime(from.saturating_add(years * 365 * DAY))?;
     Ok(())
 }
 
@@ -438,7 +438,7 @@ impl SimTdxPlatform {
         now_unix: u64,
     ) -> Result<Vec<u8>, TdxError> {
         let issue = now_unix.saturating_sub(3600);
-        let next = now_unix + SIM_COLLATERAL_VALIDITY_SECS;
+        let next = now_unix.saturating_add(SIM_COLLATERAL_VALIDITY_SECS);
         let (issue_s, next_s) = (super::rfc3339(issue), super::rfc3339(next));
 
         let comps = |svns: &[u8]| -> Vec<serde_json::Value> {
@@ -711,6 +711,15 @@ mod tests {
         assert_eq!(der_uint(13), vec![0x02, 0x01, 0x0d]);
         assert_eq!(der_uint(200), vec![0x02, 0x02, 0x00, 0xc8]);
         assert_eq!(der_tlv(0x04, &[0u8; 200])[..3], [0x04, 0x81, 200]);
+    }
+
+    #[test]
+    fn absurd_times_are_errors_not_panics() {
+        assert!(SimTdxPlatform::generate_at(u64::MAX).is_err());
+        let p = SimTdxPlatform::generate_at(1_750_000_000).unwrap();
+        assert!(p
+            .collateral_json(TdxTcbStatus::UpToDate, &[], u64::MAX)
+            .is_err());
     }
 
     #[test]
