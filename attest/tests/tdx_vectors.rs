@@ -202,6 +202,29 @@ fn go_tdx_guest_spr_quote_passes_crypto_but_has_no_tcb_level() {
 }
 
 #[test]
+fn go_tdx_guest_v5_collateral_never_valid_names_the_expiry() {
+    let (Some(q), Some(c)) = (
+        vector("tdx/go-tdx-guest/quote_v5_sample.dat"),
+        vector("tdx/go-tdx-guest/quote_v5_sample_collateral.assembled.json"),
+    ) else {
+        return;
+    };
+    // Inside the TCB info window (2026-02-01..03-03), long after the CRLs expired.
+    let a = tdx::verify_quote(
+        &q,
+        &c,
+        &TdxPolicy::default(),
+        &AppraisalContext::at(1_770_000_000),
+    )
+    .unwrap();
+    assert_eq!(a.decoded.version, 5);
+    assert!(!a.verified);
+    let f = &a.findings[0];
+    assert_eq!(f.check, "collateral-expired", "{:#?}", a.findings);
+    assert!(f.message.contains("2026-02-02T02:40:00Z"), "{}", f.message);
+}
+
+#[test]
 fn trustee_quotes_decode() {
     for (name, version) in [
         ("tdx_quote_4.dat", 4),

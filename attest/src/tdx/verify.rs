@@ -157,12 +157,12 @@ impl TdxVerifier {
         let what = if chain_is_intel {
             "Intel's SGX Root CA".to_string()
         } else {
-            format!("root {seen}, not Intel's SGX Root CA")
+            format!("root {seen} (not Intel's SGX Root CA)")
         };
         let mut f = hardware(
             "untrusted-root",
             format!(
-                "the PCK certificate chain ends at {what}, which the policy does not trust (trusted: {names})"
+                "the PCK certificate chain ends at {what}, which this policy does not trust (trusted roots: {names})"
             ),
         );
         f.expected = names;
