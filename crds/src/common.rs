@@ -13,7 +13,13 @@ pub const VERSION: &str = "v1alpha1";
 /// byte-for-byte as strings, in CEL and in the verifier alike.
 pub(crate) const HEX_PATTERN: &str = "^[0-9a-f]*$";
 /// Schema pattern for a Go-style duration (`90s`, `5m`, `1h30m`), as `kubectl` users write them.
-pub(crate) const DURATION_PATTERN: &str = "^([0-9]+(ms|s|m|h))+$";
+///
+/// At most five parts of at most five digits each: whatever matches fits in a Go
+/// `time.Duration` (under 500000h), so the API server's CEL `duration()` never fails to
+/// convert a value that passed the pattern. The CEL duration rules repeat this pattern as a
+/// guard (the server evaluates CEL rules even on a value that failed its pattern, and would
+/// otherwise add a "type conversion error" to the pattern's message).
+pub const DURATION_PATTERN: &str = "^([0-9]{1,5}(ms|s|m|h)){1,5}$";
 /// Schema pattern for a DNS-1123 subdomain (object names).
 pub(crate) const DNS_SUBDOMAIN_PATTERN: &str =
     "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";

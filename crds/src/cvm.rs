@@ -27,7 +27,7 @@ use crate::conditions::{self, ConditionType};
     plural = "confidentialvms",
     singular = "confidentialvm",
     shortname = "cvm",
-    category = "cvm",
+    category = "cvmp",
     namespaced,
     status = "ConfidentialVMStatus",
     derive = "PartialEq",
@@ -450,7 +450,7 @@ pub struct AttestationSpec {
     /// (1m to 720h). When unset, evidence is verified at launch and on nonce changes only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1m') && duration(self) <= duration('720h')").message("spec.attestation.reattestEvery must be between 1m and 720h, e.g. 15m or 1h"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,5}(ms|s|m|h)){1,5}$') || (duration(self) >= duration('1m') && duration(self) <= duration('720h'))").message("spec.attestation.reattestEvery must be between 1m and 720h, e.g. 15m or 1h"))]
     pub reattest_every: Option<String>,
 }
 

@@ -21,7 +21,7 @@ use crate::common::DNS_SUBDOMAIN_PATTERN;
     plural = "confidentialvmmigrations",
     singular = "confidentialvmmigration",
     shortname = "cvmmig",
-    category = "cvm",
+    category = "cvmp",
     namespaced,
     status = "ConfidentialVMMigrationStatus",
     derive = "PartialEq",

@@ -24,7 +24,7 @@ pub const BUILTIN_ROOTS: [&str; 2] = ["amd", "intel"];
     plural = "attestationpolicies",
     singular = "attestationpolicy",
     shortname = "cvmpolicy",
-    category = "cvm",
+    category = "cvmp",
     derive = "PartialEq",
     doc = "Reference values, minimum TCB, allowed guest policy and trusted roots for appraising ConfidentialVM evidence (cluster-scoped).",
     printcolumn(
@@ -80,7 +80,7 @@ pub struct AttestationPolicySpec {
     /// Oldest evidence accepted, as a duration such as `10m` (1s to 720h). Default: 10m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), regex(pattern = DURATION_PATTERN))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('720h')").message("spec.maxEvidenceAge must be between 1s and 720h, e.g. 10m"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,5}(ms|s|m|h)){1,5}$') || (duration(self) >= duration('1s') && duration(self) <= duration('720h'))").message("spec.maxEvidenceAge must be between 1s and 720h, e.g. 10m"))]
     pub max_evidence_age: Option<String>,
 }
 

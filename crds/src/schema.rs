@@ -19,6 +19,10 @@ pub const GENERATED_HEADER: &str =
 /// as present (`has()` is true) with a value no string or list function accepts. Without
 /// it, the API server prunes nulls, so "unset" has one spelling. The Rust types never
 /// send nulls (every `Option` skips `None`).
+///
+/// Descriptions are re-flowed: a doc comment's line breaks are the source's, not the
+/// reader's, and `kubectl explain` would print them inside its own wrapping ("delete and⏎
+/// recreate"). Lines of a paragraph are joined; blank lines still separate paragraphs.
 pub fn crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
     [
         ConfidentialVM::crd(),
@@ -26,11 +30,11 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
         ConfidentialVMMigration::crd(),
     ]
     .into_iter()
-    .map(strip_nullable)
+    .map(post_process)
     .collect()
 }
 
-fn strip_nullable(
+fn post_process(
     mut crd: CustomResourceDefinition,
 ) -> Result<CustomResourceDefinition, serde_json::Error> {
     for version in &mut crd.spec.versions {
@@ -41,10 +45,37 @@ fn strip_nullable(
         {
             let mut value = serde_json::to_value(&*s)?;
             remove_key(&mut value, "nullable");
+            reflow_descriptions(&mut value);
             *s = serde_json::from_value::<JSONSchemaProps>(value)?;
         }
     }
     Ok(crd)
+}
+
+/// Joins the lines of each paragraph of every `description` string (a property *named*
+/// `description` is an object and is only descended into).
+fn reflow_descriptions(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map.iter_mut() {
+                match v {
+                    Value::String(text) if k == "description" => *text = reflow(text),
+                    _ => reflow_descriptions(v),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(reflow_descriptions),
+        _ => {}
+    }
+}
+
+/// Paragraphs (separated by blank lines) with their lines joined by single spaces.
+pub fn reflow(text: &str) -> String {
+    text.split("\n\n")
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 fn remove_key(value: &mut Value, key: &str) {

@@ -283,16 +283,20 @@ fn is_dns_label(s: &str) -> bool {
 }
 
 /// Parses a Go-style duration made of `ms`, `s`, `m` and `h` parts (e.g. `1h30m`) into
-/// milliseconds. `None` when malformed or overflowing.
+/// milliseconds. `None` when malformed: the same strings as the schema's
+/// [`DURATION_PATTERN`](crate::common::DURATION_PATTERN) refuses (at most five parts of at
+/// most five digits).
 pub fn parse_duration_ms(s: &str) -> Option<u64> {
     if s.is_empty() {
         return None;
     }
     let mut total: u64 = 0;
     let mut rest = s;
+    let mut parts = 0;
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
+        parts += 1;
+        if digits == 0 || digits > 5 || parts > 5 {
             return None;
         }
         let n: u64 = rest[..digits].parse().ok()?;
@@ -688,7 +692,18 @@ mod tests {
         assert_eq!(parse_duration_ms("90s"), Some(90_000));
         assert_eq!(parse_duration_ms("1h30m"), Some(5_400_000));
         assert_eq!(parse_duration_ms("250ms"), Some(250));
-        for bad in ["", "10", "m", "1d", "1.5h", "-1s", "1h 2m"] {
+        assert_eq!(parse_duration_ms("99999h1m1s1ms1s"), Some(359_996_462_001));
+        for bad in [
+            "",
+            "10",
+            "m",
+            "1d",
+            "1.5h",
+            "-1s",
+            "1h 2m",
+            "100000ms",
+            "1s1s1s1s1s1s",
+        ] {
             assert_eq!(parse_duration_ms(bad), None, "{bad}");
         }
     }

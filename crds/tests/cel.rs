@@ -162,6 +162,36 @@ fn tee_and_resources_are_immutable() {
     );
 }
 
+/// A duration the schema pattern refuses (or one that would overflow Go's duration) must
+/// not reach `duration()`: the API server runs CEL rules even on a value that failed its
+/// pattern, and reports a conversion error next to the pattern's message.
+#[test]
+fn malformed_durations_are_left_to_the_pattern() {
+    for bad in ["soon", "1d", "", "99999999999999999999h", "100000s"] {
+        let mut obj = snp_cvm();
+        set(&mut obj, "/spec/attestation/reattestEvery", json!(bad));
+        assert_eq!(
+            cel_errors("ConfidentialVM", &obj, None),
+            Vec::<String>::new(),
+            "{bad:?}"
+        );
+    }
+    for (good, ok) in [
+        ("1m", true),
+        ("1h30m", true),
+        ("720h", true),
+        ("721h", false),
+    ] {
+        let mut obj = snp_cvm();
+        set(&mut obj, "/spec/attestation/reattestEvery", json!(good));
+        assert_eq!(
+            cel_errors("ConfidentialVM", &obj, None).is_empty(),
+            ok,
+            "{good:?}"
+        );
+    }
+}
+
 #[test]
 fn trusted_roots_need_fingerprints_unless_builtin() {
     let policy = |roots: Value| {

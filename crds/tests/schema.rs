@@ -293,3 +293,75 @@ fn crd_names_scope_and_columns() {
         .expect("policy");
     assert_eq!(policy.spec.scope, "Cluster");
 }
+
+/// `kubectl get X` resolves a category before a short name: a category spelled like a
+/// short name would make `kubectl get cvm` list policies and migrations too.
+#[test]
+fn categories_do_not_shadow_short_names() {
+    let crds = cvm_crds::crds().expect("crds");
+    let short: Vec<String> = crds
+        .iter()
+        .flat_map(|c| c.spec.names.short_names.clone().unwrap_or_default())
+        .collect();
+    for crd in &crds {
+        let cats = crd.spec.names.categories.clone().unwrap_or_default();
+        assert_eq!(cats, vec!["cvmp".to_string()], "{}", crd.spec.names.kind);
+        for cat in cats {
+            assert!(!short.contains(&cat), "category {cat} shadows a short name");
+            assert_ne!(cat, crd.spec.names.plural);
+            assert_ne!(Some(&cat), crd.spec.names.singular.as_ref());
+        }
+    }
+}
+
+/// Doc comments' source line breaks would show up inside `kubectl explain`'s own wrapping.
+#[test]
+fn descriptions_are_reflowed() {
+    let mut broken = Vec::new();
+    for kind in KINDS {
+        walk(kind, &schema_of(kind), &mut |path, s| {
+            let d = s.get("description").and_then(Value::as_str).unwrap_or("");
+            if d.replace("\n\n", "").contains('\n') || d != d.trim() {
+                broken.push(format!("{path}: {d:?}"));
+            }
+        });
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+    let tee = schema_of("ConfidentialVM")["properties"]["spec"]["properties"]["tee"]["description"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(tee.contains("Immutable: delete and recreate"), "{tee}");
+    assert_eq!(cvm_crds::schema::reflow("a\nb\n\n c  d \n"), "a b\n\nc d");
+}
+
+/// The duration rules repeat the schema pattern as a guard, so that a value the pattern
+/// refuses is not also a CEL conversion error on the API server.
+#[test]
+fn duration_rules_are_guarded_by_the_pattern() {
+    let spec = "/properties/spec";
+    for (kind, ptr) in [
+        (
+            "ConfidentialVM",
+            format!("{spec}/properties/attestation/properties/reattestEvery"),
+        ),
+        (
+            "AttestationPolicy",
+            format!("{spec}/properties/maxEvidenceAge"),
+        ),
+    ] {
+        let field = schema_of(kind).pointer(&ptr).cloned().expect("field");
+        assert_eq!(
+            field["pattern"],
+            cvm_crds::common::DURATION_PATTERN,
+            "{kind}"
+        );
+        let rules = rules_at(kind, &ptr);
+        assert_eq!(rules.len(), 1, "{kind}");
+        let guard = format!(
+            "!self.matches('{}') || ",
+            cvm_crds::common::DURATION_PATTERN
+        );
+        assert!(rules[0].0.starts_with(&guard), "{kind}: {}", rules[0].0);
+    }
+}
