@@ -1,0 +1,605 @@
+//! The reconciler: dereference → (finalizer) → place → observe node → verify → write
+//! status. Decisions are the pure functions of `schedule`, `state` and `verify`; this
+//! module only reads snapshots and writes results.
+
+use crate::error::{kube as kerr, Error, Result};
+use crate::metrics::Metrics;
+use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
+use crate::state::{self, NodeHealth, Observed, OperatorStatus, Placement, Verification};
+use crate::verify;
+use cvm_crds::conditions::{self, STATUS_TRUE};
+use cvm_crds::cvm::GuestState;
+use cvm_crds::policy::AttestationPolicySpec;
+use cvm_crds::wellknown::{tee_resource, FINALIZER, LABEL_NODE, MANAGER_OPERATOR};
+use cvm_crds::{AttestationPolicy, ConditionType, ConfidentialVM, CvmPhase};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Shared state of all reconciles.
+pub struct Context {
+    pub client: Client,
+    pub nodes: Store<Node>,
+    pub cvms: Store<ConfidentialVM>,
+    /// Serialises placement, and remembers bindings the cache has not shown yet, so that
+    /// two reconciles never hand out the same last ASID.
+    pub assumed: tokio::sync::Mutex<HashMap<String, Placed>>,
+    pub metrics: Metrics,
+    pub recorder: Recorder,
+    /// Signals that capacity was freed, so pending CVMs are retried at once.
+    pub freed: futures::channel::mpsc::UnboundedSender<()>,
+}
+
+fn key(cvm: &ConfidentialVM) -> String {
+    format!(
+        "{}/{}/{}",
+        cvm.namespace().unwrap_or_default(),
+        cvm.name_any(),
+        cvm.metadata.uid.as_deref().unwrap_or_default()
+    )
+}
+
+/// Reads a Node into the scheduler's plain view.
+pub fn node_info(n: &Node) -> NodeInfo {
+    let status = n.status.as_ref();
+    let alloc = status.and_then(|s| s.allocatable.as_ref());
+    let qty = |name: &str| alloc.and_then(|a| a.get(name)).map(|q| q.0.clone());
+    let cpus = qty("cpu").and_then(|c| parse_cpu(&c)).unwrap_or(0);
+    let memory_mib = qty("memory").and_then(|m| parse_mem_mib(&m)).unwrap_or(0);
+    let mut slots = std::collections::BTreeMap::new();
+    for r in [
+        cvm_crds::wellknown::RESOURCE_SEV_ASIDS,
+        cvm_crds::wellknown::RESOURCE_SNP_ESIDS,
+        cvm_crds::wellknown::RESOURCE_TDX_KEYS,
+    ] {
+        if let Some(v) = qty(r).and_then(|v| v.parse::<u64>().ok()) {
+            slots.insert(r.to_string(), v);
+        }
+    }
+    NodeInfo {
+        name: n.name_any(),
+        ready: node_ready(n),
+        unschedulable: n
+            .spec
+            .as_ref()
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false),
+        labels: n.labels().clone(),
+        cpus,
+        memory_mib,
+        slots,
+    }
+}
+
+fn node_ready(n: &Node) -> bool {
+    n.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .is_some_and(|c| c.status == STATUS_TRUE)
+}
+
+/// Whole CPUs from a Kubernetes CPU quantity ("64", "3500m").
+pub fn parse_cpu(q: &str) -> Option<u64> {
+    match q.strip_suffix('m') {
+        Some(milli) => milli.parse::<u64>().ok().map(|m| m / 1000),
+        None => q.parse::<f64>().ok().map(|c| c.floor() as u64),
+    }
+}
+
+/// MiB from a memory quantity ("256Gi", "1024Mi", "2147483648", "4G").
+pub fn parse_mem_mib(q: &str) -> Option<u64> {
+    const UNITS: [(&str, f64); 8] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+    ];
+    for (suffix, mult) in UNITS {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().map(|v| (v * mult / 1048576.0) as u64);
+        }
+    }
+    q.parse::<f64>().ok().map(|v| (v / 1048576.0) as u64)
+}
+
+fn placed_of(cvm: &ConfidentialVM) -> Option<Placed> {
+    Some(Placed {
+        node: cvm.node_name()?.to_string(),
+        tee: cvm.tee_type(),
+        vcpus: cvm.spec.resources.vcpus,
+        memory_mib: u64::from(cvm.spec.resources.memory_mib),
+    })
+}
+
+fn request(cvm: &ConfidentialVM) -> Request {
+    Request {
+        tee: cvm.tee_type(),
+        vcpus: cvm.spec.resources.vcpus,
+        memory_mib: u64::from(cvm.spec.resources.memory_mib),
+        node_selector: cvm.spec.node_selector.clone(),
+    }
+}
+
+/// Decides where the CVM goes, under the placement lock.
+async fn place(
+    cvm: &ConfidentialVM,
+    api: &Api<ConfidentialVM>,
+    ctx: &Context,
+) -> Result<Placement> {
+    let mut assumed = ctx.assumed.lock().await;
+    // The cache may lag our own earlier write: ask the server before deciding.
+    let fresh = api
+        .get(&cvm.name_any())
+        .await
+        .map_err(kerr(format!("reading ConfidentialVM {}", cvm.name_any())))?;
+    if let Some(n) = fresh.node_name() {
+        return Ok(Placement::Bound(n.to_string()));
+    }
+    let me = key(cvm);
+    let cached = ctx.cvms.state();
+    let bound_in_cache: HashMap<String, Placed> = cached
+        .iter()
+        .filter_map(|c| placed_of(c).map(|p| (key(c), p)))
+        .collect();
+    let live: std::collections::HashSet<String> = cached.iter().map(|c| key(c)).collect();
+    // Forget assumptions the cache now shows, or whose CVM is gone.
+    assumed.retain(|k, _| live.contains(k) && !bound_in_cache.contains_key(k));
+    let placed: Vec<Placed> = bound_in_cache
+        .into_iter()
+        .chain(assumed.iter().map(|(k, p)| (k.clone(), p.clone())))
+        .filter(|(k, _)| *k != me)
+        .map(|(_, p)| p)
+        .collect();
+    let nodes: Vec<NodeInfo> = ctx.nodes.state().iter().map(|n| node_info(n)).collect();
+    match schedule::schedule(&request(cvm), &nodes, &placed) {
+        Decision::Bind(node) => {
+            // Bind now, still under the lock: status first (the source of truth), then
+            // the label the node plugin selects on.
+            let body = json!({
+                "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+                "status": {"nodeName": node},
+            });
+            api.patch_status(
+                &cvm.name_any(),
+                &PatchParams::apply(MANAGER_OPERATOR).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map_err(kerr(format!("binding {} to {node}", cvm.name_any())))?;
+            assumed.insert(
+                me,
+                Placed {
+                    node: node.clone(),
+                    tee: cvm.tee_type(),
+                    vcpus: cvm.spec.resources.vcpus,
+                    memory_mib: u64::from(cvm.spec.resources.memory_mib),
+                },
+            );
+            info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", resource = tee_resource(cvm.tee_type()), "bound");
+            Ok(Placement::Bound(node))
+        }
+        Decision::Unschedulable(why) => Ok(Placement::Unschedulable(why.to_string())),
+    }
+}
+
+async fn ensure_label(cvm: &ConfidentialVM, api: &Api<ConfidentialVM>, node: &str) -> Result<()> {
+    if cvm.labels().get(LABEL_NODE).map(String::as_str) == Some(node) {
+        return Ok(());
+    }
+    let body = json!({"metadata": {"labels": {LABEL_NODE: node}}});
+    api.patch(
+        &cvm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(kerr(format!("labelling {}", cvm.name_any())))?;
+    Ok(())
+}
+
+async fn set_finalizers(
+    cvm: &ConfidentialVM,
+    api: &Api<ConfidentialVM>,
+    list: Vec<String>,
+) -> Result<()> {
+    // resourceVersion makes this a compare-and-swap: a concurrent change gives 409 and a retry.
+    let body = json!({"metadata": {"finalizers": list, "resourceVersion": cvm.resource_version()}});
+    api.patch(
+        &cvm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(kerr(format!("updating finalizers of {}", cvm.name_any())))?;
+    Ok(())
+}
+
+async fn load_policy(name: &str, ctx: &Context) -> Result<Option<AttestationPolicy>> {
+    let api: Api<AttestationPolicy> = Api::all(ctx.client.clone());
+    api.get_opt(name)
+        .await
+        .map_err(kerr(format!("reading AttestationPolicy {name}")))
+}
+
+/// The verification to record, keeping an unchanged earlier verdict (and its time).
+async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Result<Verification> {
+    let status = cvm.status.clone().unwrap_or_default();
+    let Some(evidence) = status.evidence.as_ref() else {
+        return Ok(Verification::Awaiting(
+            "waiting for the node plugin to report evidence".into(),
+        ));
+    };
+    if !cvm.evidence_answers_nonce() {
+        return Ok(Verification::Awaiting(format!(
+            "waiting for fresh evidence answering nonce {}",
+            cvm.nonce().unwrap_or_default()
+        )));
+    }
+    let policy = match cvm.policy_ref() {
+        None => None,
+        Some(name) => match load_policy(name, ctx).await? {
+            Some(p) => Some((name.to_string(), p.spec)),
+            None => {
+                return Ok(Verification::PolicyProblem {
+                    reason: "PolicyNotFound",
+                    message: format!(
+                        "AttestationPolicy {name} does not exist: create it or fix spec.attestation.policyRef"
+                    ),
+                })
+            }
+        },
+    };
+    let policy_ref: Option<(&str, &AttestationPolicySpec)> =
+        policy.as_ref().map(|(n, s)| (n.as_str(), s));
+    let result = verify::appraise(&verify::Input {
+        cvm,
+        policy: policy_ref,
+        evidence,
+        now,
+    });
+    match status.attestation {
+        Some(old) if verify::same_verdict(&old, &result) => Ok(Verification::Result(old)),
+        _ => {
+            ctx.metrics
+                .verifications
+                .with_label_values(&[&format!("{:?}", result.status).to_lowercase()])
+                .inc();
+            Ok(Verification::Result(result))
+        }
+    }
+}
+
+fn node_health(name: &str, ctx: &Context) -> NodeHealth {
+    match ctx.nodes.get(&ObjectRef::new(name)) {
+        None => NodeHealth::Missing,
+        Some(n) if node_ready(&n) => NodeHealth::Ready,
+        Some(_) => NodeHealth::NotReady,
+    }
+}
+
+fn current_operator_view(cvm: &ConfidentialVM, derived: &OperatorStatus) -> bool {
+    let Some(s) = cvm.status.as_ref() else {
+        return false;
+    };
+    let owned = ["Scheduled", "Verified", "Ready", "LiveMigratable"];
+    let mut mine: Vec<_> = s
+        .conditions
+        .iter()
+        .filter(|c| owned.contains(&c.type_.as_str()))
+        .cloned()
+        .collect();
+    let mut want = derived.conditions.clone();
+    mine.sort_by(|a, b| a.type_.cmp(&b.type_));
+    want.sort_by(|a, b| a.type_.cmp(&b.type_));
+    s.phase == Some(derived.phase)
+        && s.node_name == derived.node_name
+        && s.observed_generation == derived.observed_generation
+        && s.attestation == derived.attestation
+        && mine == want
+}
+
+async fn write_status(
+    cvm: &ConfidentialVM,
+    api: &Api<ConfidentialVM>,
+    st: &OperatorStatus,
+) -> Result<()> {
+    if current_operator_view(cvm, st) {
+        return Ok(());
+    }
+    let body = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+        "status": st,
+    });
+    api.patch_status(
+        &cvm.name_any(),
+        &PatchParams::apply(MANAGER_OPERATOR).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kerr(format!("writing status of {}", cvm.name_any())))?;
+    Ok(())
+}
+
+async fn publish(
+    ctx: &Context,
+    cvm: &ConfidentialVM,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &cvm.object_ref(&())).await {
+        warn!(cvm = %cvm.name_any(), error = %e, "publishing an event failed");
+    }
+}
+
+/// Emits events and metrics for transitions between the old and new status.
+async fn on_transitions(ctx: &Context, cvm: &ConfidentialVM, st: &OperatorStatus, now: Timestamp) {
+    let old = cvm.status.clone().unwrap_or_default();
+    let old_cond = |t: ConditionType| {
+        conditions::find(&old.conditions, t.as_str()).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let new_cond = |t: ConditionType| st.conditions.iter().find(|c| c.type_ == t.as_str());
+    if let Some(v) = new_cond(ConditionType::Verified) {
+        if old_cond(ConditionType::Verified) != Some((v.status.clone(), v.reason.clone())) {
+            match v.status.as_str() {
+                "True" => publish(ctx, cvm, EventType::Normal, "Verified", v.message.clone()).await,
+                "False" => {
+                    publish(ctx, cvm, EventType::Warning, &v.reason, v.message.clone()).await
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(s) = new_cond(ConditionType::Scheduled) {
+        if s.status == "False"
+            && old_cond(ConditionType::Scheduled) != Some((s.status.clone(), s.reason.clone()))
+        {
+            publish(
+                ctx,
+                cvm,
+                EventType::Warning,
+                "FailedScheduling",
+                s.message.clone(),
+            )
+            .await;
+        }
+        if s.status == "True"
+            && old_cond(ConditionType::Scheduled).map(|c| c.0) != Some("True".into())
+        {
+            publish(ctx, cvm, EventType::Normal, "Scheduled", s.message.clone()).await;
+        }
+    }
+    if st.phase == CvmPhase::Verified && old.phase != Some(CvmPhase::Verified) {
+        if let Some(created) = cvm.metadata.creation_timestamp.as_ref() {
+            let secs = now.duration_since(created.0).as_secs_f64();
+            ctx.metrics.time_to_verified.observe(secs.max(0.0));
+            info!(cvm = %cvm.name_any(), node = st.node_name.as_deref().unwrap_or(""), phase = "Verified", seconds = secs, "verified");
+        }
+    }
+}
+
+pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = cvm.namespace().ok_or(Error::NoNamespace)?;
+    let api: Api<ConfidentialVM> = Api::namespaced(ctx.client.clone(), &ns);
+    let now = Timestamp::now();
+    let deleting = cvm.metadata.deletion_timestamp.is_some();
+    let has_finalizer = cvm.finalizers().iter().any(|f| f == FINALIZER);
+
+    if deleting && !has_finalizer {
+        return Ok(Action::await_change());
+    }
+    if deleting {
+        let guest_stopped = cvm
+            .status
+            .as_ref()
+            .and_then(|s| s.platform.as_ref())
+            .and_then(|p| p.guest_state)
+            .is_none_or(|g| matches!(g, GuestState::Stopped | GuestState::Failed));
+        let node_gone = cvm
+            .node_name()
+            .is_none_or(|n| node_health(n, &ctx) == NodeHealth::Missing);
+        if cvm.node_name().is_none() || node_gone || guest_stopped && launched_ever(&cvm) {
+            let rest: Vec<String> = cvm
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            set_finalizers(&cvm, &api, rest).await?;
+            let _ = ctx.freed.unbounded_send(());
+            info!(cvm = %cvm.name_any(), node = cvm.node_name().unwrap_or(""), phase = "Terminating", "guest stopped; finalizer removed");
+            return Ok(Action::await_change());
+        }
+    } else if !has_finalizer {
+        let mut list = cvm.finalizers().to_vec();
+        list.push(FINALIZER.to_string());
+        set_finalizers(&cvm, &api, list).await?;
+        // The patch triggers a new reconcile with the updated object.
+        return Ok(Action::await_change());
+    }
+
+    let placement = match cvm.node_name() {
+        Some(n) => Placement::Bound(n.to_string()),
+        None if deleting => Placement::Unschedulable("deleted before it was scheduled".into()),
+        None => place(&cvm, &api, &ctx).await?,
+    };
+    if let Placement::Bound(node) = &placement {
+        ensure_label(&cvm, &api, node).await?;
+    }
+    let node = match &placement {
+        Placement::Bound(n) => Some(node_health(n, &ctx)),
+        Placement::Unschedulable(_) => None,
+    };
+    let verification = verification(&cvm, &ctx, now).await?;
+    let st = state::derive(&Observed {
+        cvm: &cvm,
+        placement: placement.clone(),
+        node,
+        verification,
+        deleting,
+        now: Time(now),
+    });
+    on_transitions(&ctx, &cvm, &st, now).await;
+    write_status(&cvm, &api, &st).await?;
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(match st.phase {
+        CvmPhase::Pending => Action::requeue(Duration::from_secs(30)),
+        CvmPhase::Terminating => Action::requeue(Duration::from_secs(5)),
+        _ => Action::requeue(Duration::from_secs(300)),
+    })
+}
+
+/// Whether the node plugin ever reported on this guest (a guest that never launched
+/// can be released without waiting).
+fn launched_ever(cvm: &ConfidentialVM) -> bool {
+    cvm.status.as_ref().is_some_and(|s| {
+        s.platform.is_some() || conditions::find(&s.conditions, "Launched").is_some()
+    })
+}
+
+pub fn error_policy(cvm: Arc<ConfidentialVM>, err: &Error, ctx: Arc<Context>) -> Action {
+    warn!(cvm = %cvm.name_any(), error = %err, "reconcile failed; retrying");
+    ctx.metrics
+        .errors
+        .with_label_values(&[err.metric_label()])
+        .inc();
+    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+    Action::requeue(Duration::from_secs(2))
+}
+
+/// Counts CVMs by phase for the gauge.
+pub fn update_phase_gauge(ctx: &Context) {
+    let mut counts: HashMap<&'static str, i64> = HashMap::new();
+    for c in ctx.cvms.state() {
+        *counts.entry(c.phase().as_str()).or_insert(0) += 1;
+    }
+    for p in [
+        CvmPhase::Pending,
+        CvmPhase::Scheduled,
+        CvmPhase::Launching,
+        CvmPhase::Running,
+        CvmPhase::Verified,
+        CvmPhase::Stopped,
+        CvmPhase::Failed,
+        CvmPhase::Terminating,
+    ] {
+        ctx.metrics
+            .phases
+            .with_label_values(&[p.as_str()])
+            .set(*counts.get(p.as_str()).unwrap_or(&0));
+    }
+}
+
+/// Runs the controller until the stream ends (shutdown signal) or `stop` resolves.
+pub async fn run(
+    client: Client,
+    metrics: Metrics,
+    identity: &str,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let cvms: Api<ConfidentialVM> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let policies: Api<AttestationPolicy> = Api::all(client.clone());
+
+    let (node_store, node_writer) = reflector::store();
+    let node_watch = reflector(
+        node_writer,
+        watcher(nodes.clone(), watcher::Config::default()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|_| futures::future::ready(()));
+
+    let controller = Controller::new(cvms, watcher::Config::default());
+    let cvm_store = controller.store();
+    let for_nodes = cvm_store.clone();
+    let for_policies = cvm_store.clone();
+    let (freed, freed_rx) = futures::channel::mpsc::unbounded();
+    let ctx = Arc::new(Context {
+        freed,
+        client: client.clone(),
+        nodes: node_store,
+        cvms: cvm_store,
+        assumed: tokio::sync::Mutex::new(HashMap::new()),
+        metrics: metrics.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: MANAGER_OPERATOR.into(),
+                instance: Some(identity.to_string()),
+            },
+        ),
+    });
+    let gauge_ctx = ctx.clone();
+    let gauge = async move {
+        loop {
+            update_phase_gauge(&gauge_ctx);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    };
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let ctrl = controller
+        // A node that appears, frees up or changes readiness may let pending CVMs in and
+        // changes the health of those bound to it.
+        .watches(nodes, watcher::Config::default(), move |node: Node| {
+            let name = node.name_any();
+            for_nodes
+                .state()
+                .iter()
+                .filter(|c| c.node_name().is_none() || c.node_name() == Some(name.as_str()))
+                .map(|c| ObjectRef::from_obj(c.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches(
+            policies,
+            watcher::Config::default(),
+            move |p: AttestationPolicy| {
+                let name = p.name_any();
+                for_policies
+                    .state()
+                    .iter()
+                    .filter(|c| c.policy_ref() == Some(name.as_str()))
+                    .map(|c| ObjectRef::from_obj(c.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .reconcile_all_on(freed_rx)
+        .graceful_shutdown_on(stop)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    tokio::select! {
+        _ = ctrl => {},
+        _ = node_watch => {},
+        _ = gauge => {},
+    }
+}

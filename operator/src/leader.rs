@@ -1,0 +1,198 @@
+//! Leader election on a `coordination.k8s.io` Lease, so that of several replicas only
+//! one schedules: two schedulers could otherwise hand out a node's last ASID twice.
+//!
+//! The decision is a pure function over the Lease; the loop around it does the I/O and
+//! uses the Lease's resourceVersion for optimistic concurrency (a lost race is a 409).
+
+use crate::error::{Error, Result};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Api, ObjectMeta, PostParams};
+use std::time::Duration;
+
+/// What to do with the Lease as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// No Lease yet: create it holding it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Another holder let it expire: take it over.
+    TakeOver,
+    /// Another holder is live: try again later.
+    Wait,
+}
+
+/// Decides from the Lease spec, our identity and the time.
+pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseAction {
+    let Some(spec) = spec else {
+        return LeaseAction::Create;
+    };
+    if spec.holder_identity.as_deref() == Some(me) {
+        return LeaseAction::Renew;
+    }
+    if spec.holder_identity.as_deref().unwrap_or("").is_empty() {
+        return LeaseAction::TakeOver;
+    }
+    let dur = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+    match &spec.renew_time {
+        Some(MicroTime(t)) if *t + SignedDuration::from_secs(dur) > now => LeaseAction::Wait,
+        _ => LeaseAction::TakeOver,
+    }
+}
+
+pub struct Elector {
+    api: Api<Lease>,
+    name: String,
+    me: String,
+    duration: Duration,
+}
+
+impl Elector {
+    pub fn new(api: Api<Lease>, name: &str, me: &str, duration: Duration) -> Self {
+        Elector {
+            api,
+            name: name.to_string(),
+            me: me.to_string(),
+            duration,
+        }
+    }
+
+    fn spec(&self, now: Timestamp, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.me.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs() as i32),
+            acquire_time: acquire.or(Some(MicroTime(now))),
+            renew_time: Some(MicroTime(now)),
+            lease_transitions: Some(transitions),
+            ..Default::default()
+        }
+    }
+
+    /// One attempt: true when we hold the Lease afterwards.
+    pub async fn try_acquire_or_renew(&self) -> Result<bool> {
+        let now = Timestamp::now();
+        let current = self
+            .api
+            .get_opt(&self.name)
+            .await
+            .map_err(|e| Error::Leader(format!("reading Lease {}: {e}", self.name)))?;
+        let action = decide(
+            current.as_ref().and_then(|l| l.spec.as_ref()),
+            &self.me,
+            now,
+        );
+        let result = match (action, current) {
+            (LeaseAction::Wait, _) => return Ok(false),
+            (LeaseAction::Create, _) => {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(self.name.clone()),
+                        ..Default::default()
+                    },
+                    spec: Some(self.spec(now, None, 0)),
+                };
+                self.api.create(&PostParams::default(), &lease).await
+            }
+            (LeaseAction::Renew | LeaseAction::TakeOver, None) => return Ok(false),
+            (action, Some(mut lease)) => {
+                let old = lease.spec.clone().unwrap_or_default();
+                let (acquire, transitions) = if action == LeaseAction::Renew {
+                    (old.acquire_time, old.lease_transitions.unwrap_or(0))
+                } else {
+                    (None, old.lease_transitions.unwrap_or(0) + 1)
+                };
+                lease.spec = Some(self.spec(now, acquire, transitions));
+                // `replace` carries the resourceVersion we read: a concurrent writer wins
+                // and we get a 409 instead of two leaders.
+                self.api
+                    .replace(&self.name, &PostParams::default(), &lease)
+                    .await
+            }
+        };
+        match result {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(Error::Leader(format!("writing Lease {}: {e}", self.name))),
+        }
+    }
+
+    /// Blocks until we lead.
+    pub async fn acquire(&self) -> Result<()> {
+        loop {
+            match self.try_acquire_or_renew().await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+            }
+            tokio::time::sleep(self.duration / 3).await;
+        }
+    }
+
+    /// Renews until a renewal is impossible for a whole lease duration; then returns the
+    /// reason. The caller must stop acting as leader at once.
+    pub async fn keep(&self) -> Error {
+        let mut last_ok = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(self.duration / 3).await;
+            match self.try_acquire_or_renew().await {
+                Ok(true) => last_ok = std::time::Instant::now(),
+                Ok(false) => {
+                    return Error::Leader(format!("lost Lease {} to another replica", self.name))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing the leader Lease failed");
+                    // Stop before the Lease can expire for others: never two leaders.
+                    if last_ok.elapsed() > self.duration * 2 / 3 {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(holder: &str, renewed: i64, dur: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+            lease_duration_seconds: Some(dur),
+            ..Default::default()
+        }
+    }
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    #[test]
+    fn decisions() {
+        assert_eq!(decide(None, "a", at(100)), LeaseAction::Create);
+        assert_eq!(
+            decide(Some(&spec("a", 0, 15)), "a", at(100)),
+            LeaseAction::Renew
+        );
+        assert_eq!(
+            decide(Some(&spec("b", 90, 15)), "a", at(100)),
+            LeaseAction::Wait
+        );
+        assert_eq!(
+            decide(Some(&spec("b", 80, 15)), "a", at(100)),
+            LeaseAction::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&spec("", 99, 15)), "a", at(100)),
+            LeaseAction::TakeOver
+        );
+        let no_renew = LeaseSpec {
+            holder_identity: Some("b".into()),
+            ..Default::default()
+        };
+        assert_eq!(decide(Some(&no_renew), "a", at(100)), LeaseAction::TakeOver);
+    }
+}

@@ -1,0 +1,481 @@
+//! The operator's share of a CVM's status, derived by a pure function from what the
+//! reconciler observed. Server-side apply then writes exactly these fields, so anything
+//! the operator owns is recomputed on every pass (nothing is lost or left stale).
+
+use cvm_crds::conditions::{self, new_condition, unknown_condition};
+use cvm_crds::cvm::{AttestationResult, EarStatus, GuestState};
+use cvm_crds::{ConditionType, ConfidentialVM, CvmPhase, TeeType};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use serde::Serialize;
+
+/// Where the CVM stands with respect to placement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Bound to this node (now or earlier).
+    Bound(String),
+    /// Nothing fits; the scheduler's counted reasons.
+    Unschedulable(String),
+}
+
+/// Health of the bound node as the operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeHealth {
+    Ready,
+    NotReady,
+    Missing,
+}
+
+/// The verification outcome to record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verification {
+    /// No evidence yet (or none answering the current challenge).
+    Awaiting(String),
+    /// The referenced policy cannot be used.
+    PolicyProblem {
+        reason: &'static str,
+        message: String,
+    },
+    /// A result (new or carried over from the last pass).
+    Result(AttestationResult),
+}
+
+/// Everything the status derivation needs.
+#[derive(Debug, Clone)]
+pub struct Observed<'a> {
+    pub cvm: &'a ConfidentialVM,
+    pub placement: Placement,
+    pub node: Option<NodeHealth>,
+    pub verification: Verification,
+    pub deleting: bool,
+    pub now: Time,
+}
+
+/// The fields the operator owns (field manager `cvm-operator`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorStatus {
+    pub phase: CvmPhase,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+    pub observed_generation: Option<i64>,
+    pub conditions: Vec<Condition>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<AttestationResult>,
+}
+
+fn guest_state(cvm: &ConfidentialVM) -> Option<GuestState> {
+    cvm.status.as_ref()?.platform.as_ref()?.guest_state
+}
+
+fn launched(cvm: &ConfidentialVM) -> bool {
+    cvm.status
+        .as_ref()
+        .is_some_and(|s| conditions::is_true(&s.conditions, ConditionType::Launched))
+}
+
+/// Derives the operator-owned status. Keeps `lastTransitionTime` of conditions whose
+/// status did not change.
+pub fn derive(o: &Observed<'_>) -> OperatorStatus {
+    let gen = o.cvm.metadata.generation;
+    let existing: Vec<Condition> = o
+        .cvm
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut out: Vec<Condition> = Vec::new();
+    let mut set = |c: Condition| {
+        // Start from the existing entry so an unchanged status keeps its transition time.
+        let mut tmp: Vec<Condition> = existing
+            .iter()
+            .filter(|e| e.type_ == c.type_)
+            .cloned()
+            .collect();
+        conditions::set_condition(&mut tmp, c);
+        out.extend(tmp);
+    };
+    let now = o.now.clone();
+
+    let node_name = match &o.placement {
+        Placement::Bound(n) => {
+            set(new_condition(
+                ConditionType::Scheduled,
+                true,
+                "Bound",
+                format!("bound to node {n}"),
+                gen,
+                now.clone(),
+            ));
+            Some(n.clone())
+        }
+        Placement::Unschedulable(msg) => {
+            set(new_condition(
+                ConditionType::Scheduled,
+                false,
+                "Unschedulable",
+                msg.clone(),
+                gen,
+                now.clone(),
+            ));
+            None
+        }
+    };
+
+    let (verified, attestation) = match &o.verification {
+        Verification::Awaiting(msg) => {
+            set(unknown_condition(
+                ConditionType::Verified,
+                "AwaitingEvidence",
+                msg.clone(),
+                gen,
+                now.clone(),
+            ));
+            (false, None)
+        }
+        Verification::PolicyProblem { reason, message } => {
+            set(new_condition(
+                ConditionType::Verified,
+                false,
+                reason,
+                message.clone(),
+                gen,
+                now.clone(),
+            ));
+            (false, None)
+        }
+        Verification::Result(r) => {
+            let (ok, reason, msg) = verdict_text(r);
+            set(new_condition(
+                ConditionType::Verified,
+                ok,
+                reason,
+                msg,
+                gen,
+                now.clone(),
+            ));
+            (ok, Some(r.clone()))
+        }
+    };
+
+    let running = guest_state(o.cvm) == Some(GuestState::Running) && launched(o.cvm);
+    let (ready, ready_reason, ready_msg) = match (o.node, running, verified) {
+        (Some(NodeHealth::Missing), ..) => (
+            false,
+            "NodeLost",
+            format!(
+                "node {} no longer exists",
+                node_name.as_deref().unwrap_or("?")
+            ),
+        ),
+        (Some(NodeHealth::NotReady), ..) => (
+            false,
+            "NodeNotReady",
+            format!("node {} is not Ready", node_name.as_deref().unwrap_or("?")),
+        ),
+        (_, false, _) => (
+            false,
+            "GuestNotRunning",
+            "the guest is not running yet".into(),
+        ),
+        (_, true, false) => (
+            false,
+            "NotVerified",
+            "the guest's evidence is not verified".into(),
+        ),
+        (_, true, true) => (
+            true,
+            "RunningVerified",
+            "the guest runs and its evidence is verified".into(),
+        ),
+    };
+    set(new_condition(
+        ConditionType::Ready,
+        ready,
+        ready_reason,
+        ready_msg,
+        gen,
+        now.clone(),
+    ));
+
+    let (mig, mig_reason, mig_msg) = live_migratable(o.cvm);
+    set(new_condition(
+        ConditionType::LiveMigratable,
+        mig,
+        mig_reason,
+        mig_msg,
+        gen,
+        now,
+    ));
+
+    let phase = if o.deleting {
+        CvmPhase::Terminating
+    } else if node_name.is_none() {
+        CvmPhase::Pending
+    } else {
+        match guest_state(o.cvm) {
+            None => CvmPhase::Scheduled,
+            Some(GuestState::Launching) => CvmPhase::Launching,
+            Some(GuestState::Stopped) => CvmPhase::Stopped,
+            Some(GuestState::Failed) => CvmPhase::Failed,
+            Some(GuestState::Running) if verified => CvmPhase::Verified,
+            Some(GuestState::Running) => CvmPhase::Running,
+        }
+    };
+
+    OperatorStatus {
+        phase,
+        node_name,
+        observed_generation: gen,
+        conditions: out,
+        attestation,
+    }
+}
+
+/// (verified?, reason, message) for a recorded result; the message names every finding.
+pub fn verdict_text(r: &AttestationResult) -> (bool, &'static str, String) {
+    let contra: Vec<&str> = r
+        .findings
+        .iter()
+        .filter(|f| f.severity == Some(cvm_crds::cvm::FindingSeverity::Contraindicated))
+        .map(|f| f.message.as_str())
+        .collect();
+    match r.status {
+        EarStatus::Affirming => (
+            true,
+            "Affirming",
+            "evidence verified against the policy".into(),
+        ),
+        EarStatus::Warning => (
+            true,
+            "AffirmingWithWarnings",
+            format!(
+                "evidence verified with warnings: {}",
+                r.findings
+                    .iter()
+                    .map(|f| f.message.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        ),
+        EarStatus::Contraindicated | EarStatus::None => (
+            false,
+            "EvidenceRejected",
+            if contra.is_empty() {
+                "evidence was not affirmed".to_string()
+            } else {
+                contra.join("; ")
+            },
+        ),
+    }
+}
+
+/// KubeVirt's convention: `LiveMigratable=False` with a reason that says why.
+pub fn live_migratable(cvm: &ConfidentialVM) -> (bool, &'static str, String) {
+    match cvm.tee_type() {
+        TeeType::Sev | TeeType::SevEs => (
+            false,
+            "SEVNotLiveMigratable",
+            "SEV and SEV-ES guests cannot be live-migrated (no migration agent)".into(),
+        ),
+        _ if !cvm.guest_policy().migratable => (
+            false,
+            "PolicyForbidsMigration",
+            "spec.tee.policy.migratable is false".into(),
+        ),
+        _ => (
+            true,
+            "MigrationAllowed",
+            "the guest policy allows migration".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cvm_crds::cvm::{Finding, FindingSeverity, PlatformFacts, TrustworthinessVector};
+    use cvm_crds::ConfidentialVMStatus;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn t(s: i64) -> Time {
+        Time(Timestamp::from_second(s).unwrap())
+    }
+
+    fn cvm(tee: &str) -> ConfidentialVM {
+        let mut c: ConfidentialVM = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "x", "namespace": "d", "generation": 3},
+            "spec": {"tee": {"type": tee}, "resources": {"vcpus": 2, "memoryMiB": 2048},
+                     "boot": {"firmware": {"name": "ovmf"}}}
+        }))
+        .unwrap();
+        c.status = Some(ConfidentialVMStatus::default());
+        c
+    }
+
+    fn running(mut c: ConfidentialVM) -> ConfidentialVM {
+        let st = c.status.get_or_insert_with(Default::default);
+        st.platform = Some(PlatformFacts {
+            guest_state: Some(GuestState::Running),
+            ..Default::default()
+        });
+        st.conditions.push(new_condition(
+            ConditionType::Launched,
+            true,
+            "Launched",
+            "",
+            Some(3),
+            t(1),
+        ));
+        c
+    }
+
+    fn result(status: EarStatus, findings: Vec<Finding>) -> AttestationResult {
+        AttestationResult {
+            status,
+            trustworthiness_vector: TrustworthinessVector::default(),
+            policy: Some("p".into()),
+            findings,
+            verified_at: t(5),
+            verifier: "cvm-operator".into(),
+            evidence_collected_at: None,
+            nonce: None,
+        }
+    }
+
+    fn obs(c: &ConfidentialVM, placement: Placement, v: Verification) -> OperatorStatus {
+        derive(&Observed {
+            cvm: c,
+            placement,
+            node: Some(NodeHealth::Ready),
+            verification: v,
+            deleting: false,
+            now: t(10),
+        })
+    }
+
+    fn cond(s: &OperatorStatus, t: ConditionType) -> &Condition {
+        s.conditions.iter().find(|c| c.type_ == t.as_str()).unwrap()
+    }
+
+    #[test]
+    fn unschedulable_stays_pending_with_the_reason() {
+        let c = cvm("SEV-SNP");
+        let s = obs(
+            &c,
+            Placement::Unschedulable("0/2 nodes are available: 2 lack SEV-SNP".into()),
+            Verification::Awaiting("no evidence".into()),
+        );
+        assert_eq!(s.phase, CvmPhase::Pending);
+        assert_eq!(s.node_name, None);
+        let sc = cond(&s, ConditionType::Scheduled);
+        assert_eq!(
+            (sc.status.as_str(), sc.reason.as_str()),
+            ("False", "Unschedulable")
+        );
+        assert!(sc.message.contains("2 lack SEV-SNP"));
+        assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn phases_follow_the_guest_and_the_verdict() {
+        let c = cvm("SEV-SNP");
+        let bound = || Placement::Bound("n1".into());
+        assert_eq!(
+            obs(&c, bound(), Verification::Awaiting("".into())).phase,
+            CvmPhase::Scheduled
+        );
+        let r = running(c);
+        let s = obs(&r, bound(), Verification::Awaiting("waiting".into()));
+        assert_eq!(s.phase, CvmPhase::Running);
+        assert_eq!(cond(&s, ConditionType::Verified).status, "Unknown");
+        let s = obs(
+            &r,
+            bound(),
+            Verification::Result(result(EarStatus::Affirming, vec![])),
+        );
+        assert_eq!(s.phase, CvmPhase::Verified);
+        assert_eq!(cond(&s, ConditionType::Ready).status, "True");
+        assert_eq!(cond(&s, ConditionType::Verified).reason, "Affirming");
+    }
+
+    #[test]
+    fn rejected_evidence_names_its_findings() {
+        let r = running(cvm("TDX"));
+        let f = Finding {
+            check: "measurement-mismatch".into(),
+            claim: None,
+            severity: Some(FindingSeverity::Contraindicated),
+            expected: Some("ab12".into()),
+            reported: Some("cd34".into()),
+            message: "measurement mismatch: expected ab12, reported cd34".into(),
+        };
+        let s = obs(
+            &r,
+            Placement::Bound("n".into()),
+            Verification::Result(result(EarStatus::Contraindicated, vec![f])),
+        );
+        assert_eq!(s.phase, CvmPhase::Running);
+        let v = cond(&s, ConditionType::Verified);
+        assert_eq!(
+            (v.status.as_str(), v.reason.as_str()),
+            ("False", "EvidenceRejected")
+        );
+        assert!(
+            v.message.contains("expected ab12, reported cd34"),
+            "{}",
+            v.message
+        );
+        assert_eq!(cond(&s, ConditionType::Ready).reason, "NotVerified");
+    }
+
+    #[test]
+    fn lost_node_shows_on_ready_and_deletion_is_terminating() {
+        let r = running(cvm("SEV-SNP"));
+        let s = derive(&Observed {
+            cvm: &r,
+            placement: Placement::Bound("gone".into()),
+            node: Some(NodeHealth::Missing),
+            verification: Verification::Awaiting("".into()),
+            deleting: true,
+            now: t(10),
+        });
+        assert_eq!(s.phase, CvmPhase::Terminating);
+        let rd = cond(&s, ConditionType::Ready);
+        assert_eq!(rd.reason, "NodeLost");
+        assert!(rd.message.contains("gone"));
+    }
+
+    #[test]
+    fn transition_time_is_kept_when_status_is_unchanged() {
+        let mut c = cvm("SEV-SNP");
+        let first = obs(
+            &c,
+            Placement::Bound("n".into()),
+            Verification::Awaiting("".into()),
+        );
+        c.status.as_mut().unwrap().conditions = first.conditions.clone();
+        let later = derive(&Observed {
+            cvm: &c,
+            placement: Placement::Bound("n".into()),
+            node: Some(NodeHealth::Ready),
+            verification: Verification::Awaiting("".into()),
+            deleting: false,
+            now: t(99),
+        });
+        assert_eq!(
+            cond(&later, ConditionType::Scheduled).last_transition_time,
+            t(10)
+        );
+    }
+
+    #[test]
+    fn sev_is_never_live_migratable() {
+        let c = cvm("SEV");
+        let (ok, reason, _) = live_migratable(&c);
+        assert!(!ok);
+        assert_eq!(reason, "SEVNotLiveMigratable");
+        let (ok, reason, _) = live_migratable(&cvm("SEV-SNP"));
+        assert_eq!((ok, reason), (false, "PolicyForbidsMigration"));
+    }
+}
