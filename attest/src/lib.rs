@@ -9,6 +9,7 @@
 
 pub mod ear;
 pub mod finding;
+pub mod sim;
 pub mod snp;
 pub mod tdx;
 
