@@ -1,1 +1,167 @@
-fn main() {}
+//! `cvm-node-plugin`: one per TEE host. See the crate docs of `cvm_node_plugin`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use cvm_node_plugin::config::{parse_tee, SimConfig, DEFAULT_SLOTS};
+use cvm_node_plugin::{run, SimPlatform};
+
+/// Per-host agent: advertises the host's TEEs, launches the guests of the
+/// ConfidentialVMs bound to this node, and reports their evidence.
+#[derive(Debug, Parser)]
+#[command(name = "cvm-node-plugin", version)]
+struct Cli {
+    /// Name of the Node this plugin serves (the Node must exist).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Kubeconfig file; in-cluster config or $KUBECONFIG when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Directory for this host's guest state (survives plugin restarts).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Simulator configuration file (YAML or JSON); overrides the --sim-* flags.
+    #[arg(long)]
+    sim_config: Option<PathBuf>,
+    /// TEE the simulated host offers (repeat or comma-separate): sev, sev-es, sev-snp, tdx.
+    #[arg(long, value_delimiter = ',', default_value = "sev-snp")]
+    sim_tee: Vec<String>,
+    /// SEV-ES/SNP ASIDs (AMD) or TDX keys (Intel) of the simulated host.
+    #[arg(long, default_value_t = DEFAULT_SLOTS)]
+    sim_slots: u32,
+    /// Firmware version the simulated host reports.
+    #[arg(long)]
+    sim_firmware_version: Option<String>,
+    /// Simulated launch time in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    sim_launch_delay_ms: u64,
+    /// Directory of the simulated vendor roots, shared by every plugin of the cluster
+    /// (created on first use).
+    #[arg(long)]
+    sim_root_dir: PathBuf,
+    /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Full re-plan interval in seconds (also the retry interval of failed launches).
+    #[arg(long, default_value_t = 30)]
+    resync_secs: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn sim_config(cli: &Cli) -> anyhow::Result<SimConfig> {
+    if let Some(p) = &cli.sim_config {
+        return Ok(SimConfig::from_file(p)?);
+    }
+    let tees = cli
+        .sim_tee
+        .iter()
+        .map(|t| parse_tee(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cfg = SimConfig {
+        tees,
+        slots: cli.sim_slots,
+        firmware_version: cli.sim_firmware_version.clone(),
+        launch_delay_ms: cli.sim_launch_delay_ms,
+        ..SimConfig::default()
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", p.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and none inferred (in-cluster or $KUBECONFIG)")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if cli.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let cfg = sim_config(&cli)?;
+    let platform =
+        SimPlatform::open_with_roots(cfg, &cli.state_dir, &cli.sim_root_dir, &cli.node_name)?;
+    let fps = platform.root_fingerprints();
+    // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
+    if let Some(s) = &fps.snp {
+        println!("simulated SEV-SNP root (ARK): {s}");
+    }
+    if let Some(t) = &fps.tdx {
+        println!("simulated TDX root CA: {t}");
+    }
+    tracing::info!(node = %cli.node_name, roots = %fps, "simulated platform ready");
+
+    let client = client(cli.kubeconfig.as_ref()).await?;
+    let plugin = run::NodePlugin::new(
+        client,
+        Arc::new(platform),
+        run::Options {
+            node: cli.node_name.clone(),
+            state_dir: cli.state_dir.clone(),
+            resync: Duration::from_secs(cli.resync_secs.max(1)),
+        },
+    )?;
+    if let Some(addr) = cli.metrics_addr {
+        let m = plugin.metrics().clone();
+        tokio::spawn(async move {
+            if let Err(e) = cvm_node_plugin::metrics::serve(addr, m).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+    plugin
+        .run(async {
+            shutdown_signal().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,83 @@
+//! Evidence on the wire: how [`RawEvidence`] is encoded into `status.evidence`, and how a
+//! verifier reads it back. The operator and `kubectl cvm` decode with [`decode_report`] and
+//! the collateral names below.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use cvm_crds::cvm::Evidence;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use sha2::{Digest, Sha512};
+
+use crate::platform::{Challenge, RawEvidence};
+
+/// Collateral key of a TDX quote: dcap-qvl `QuoteCollateralV3` JSON, the input of
+/// `cvm_attest::tdx::verify_quote`.
+pub const COLLATERAL_TDX_QUOTE_V3: &str = "quoteCollateralV3";
+
+/// The challenge a CVM's evidence must answer: `report_data` = SHA-512 of
+/// `challenge_bytes(nonce, uid)`. `None` when the nonce is not hex (the API server's
+/// schema refuses that, so only a hand-made object gets here).
+pub fn challenge_for(nonce: Option<&str>, uid: &str) -> Option<Challenge> {
+    let bytes = cvm_crds::wellknown::challenge_bytes(nonce, uid)?;
+    Some(Challenge {
+        report_data: Sha512::digest(&bytes).into(),
+        nonce: nonce.map(str::to_string),
+    })
+}
+
+/// `status.evidence` for raw evidence collected at `now`.
+pub fn encode(raw: &RawEvidence, challenge: &Challenge, now: Time) -> Evidence {
+    Evidence {
+        format: raw.format,
+        report: base64::engine::general_purpose::STANDARD.encode(&raw.report),
+        cert_chain: raw.cert_chain.clone(),
+        collateral: raw
+            .collateral
+            .iter()
+            .cloned()
+            .collect::<BTreeMap<String, String>>(),
+        nonce: challenge.nonce.clone(),
+        collected_at: now,
+        launch_measurement: (!raw.measurement.is_empty()).then(|| hex::encode(&raw.measurement)),
+    }
+}
+
+/// The raw report bytes of `status.evidence.report`.
+pub fn decode_report(e: &Evidence) -> Result<Vec<u8>, base64::DecodeError> {
+    base64::engine::general_purpose::STANDARD.decode(e.report.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cvm_crds::EvidenceFormat;
+
+    #[test]
+    fn nonce_or_uid_is_the_challenge() {
+        let c = challenge_for(Some("00ff"), "uid-1").unwrap();
+        assert_eq!(c.report_data, <[u8; 64]>::from(Sha512::digest([0u8, 255])));
+        assert_eq!(c.nonce.as_deref(), Some("00ff"));
+        let u = challenge_for(None, "uid-1").unwrap();
+        assert_eq!(u.report_data, <[u8; 64]>::from(Sha512::digest(b"uid-1")));
+        assert_eq!(u.nonce, None);
+        assert!(challenge_for(Some("xyz"), "uid-1").is_none());
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let raw = RawEvidence {
+            format: EvidenceFormat::TdxQuote,
+            report: vec![1, 2, 3, 250],
+            cert_chain: None,
+            collateral: vec![(COLLATERAL_TDX_QUOTE_V3.into(), "{}".into())],
+            measurement: vec![0xab; 48],
+        };
+        let c = challenge_for(Some("01"), "u").unwrap();
+        let e = encode(&raw, &c, Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(decode_report(&e).unwrap(), raw.report);
+        assert_eq!(e.nonce.as_deref(), Some("01"));
+        assert_eq!(e.collateral[COLLATERAL_TDX_QUOTE_V3], "{}");
+        assert_eq!(e.launch_measurement, Some("ab".repeat(48)));
+    }
+}

@@ -1,0 +1,111 @@
+//! Prometheus counters, one registry per plugin (several plugins may share a process in
+//! tests and `cvm-dev`), and a tiny `/metrics` HTTP handler.
+
+use std::net::SocketAddr;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// The plugin's counters.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub guests_launched: IntCounter,
+    pub guests_stopped: IntCounter,
+    pub evidence_issued: IntCounter,
+    /// Failed actions by action and reason.
+    pub errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Counters labelled with the node name, registered in a fresh registry.
+    pub fn new(node: &str) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new_custom(
+            Some("cvm_node_plugin".into()),
+            Some(std::collections::HashMap::from([(
+                "node".to_string(),
+                node.to_string(),
+            )])),
+        )?;
+        let guests_launched =
+            IntCounter::new("guests_launched_total", "Guests launched by this plugin")?;
+        let guests_stopped = IntCounter::new(
+            "guests_stopped_total",
+            "Guests stopped (deletion, Halted or orphaned)",
+        )?;
+        let evidence_issued = IntCounter::new(
+            "evidence_issued_total",
+            "Evidence reports written to CVM status",
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new("action_errors_total", "Failed actions by action and reason"),
+            &["action", "reason"],
+        )?;
+        registry.register(Box::new(guests_launched.clone()))?;
+        registry.register(Box::new(guests_stopped.clone()))?;
+        registry.register(Box::new(evidence_issued.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        Ok(Metrics {
+            registry,
+            guests_launched,
+            guests_stopped,
+            evidence_issued,
+            errors,
+        })
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec only fails on a broken metric family; serve what we have.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}
+
+/// Serves `GET /metrics` (and `/healthz`) until the task is dropped. Every other path is 404.
+pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving metrics");
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (code, body) = match path {
+                "/metrics" => ("200 OK", m.render()),
+                "/healthz" => ("200 OK", "ok\n".to_string()),
+                _ => ("404 Not Found", "not found\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_with_node_label() {
+        let m = Metrics::new("n1").unwrap();
+        m.guests_launched.inc();
+        m.errors.with_label_values(&["launch", "NoCapacity"]).inc();
+        let text = m.render();
+        assert!(
+            text.contains("cvm_node_plugin_guests_launched_total{node=\"n1\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("reason=\"NoCapacity\""), "{text}");
+        // A second plugin in the same process has its own registry.
+        assert!(Metrics::new("n2").is_ok());
+    }
+}

@@ -1,0 +1,463 @@
+//! The node plugin's decisions, as pure functions: given the guests this host holds and
+//! the CVMs bound to it, what to do with each. No client, no clock, no I/O; the caller
+//! gathers the inputs ([`crate::run`]) and carries out the [`Action`]s.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cvm_crds::cvm::{ConfidentialVM, GuestState, RunStrategy};
+use cvm_crds::wellknown::ANNOTATION_REATTEST;
+use cvm_crds::ConditionType;
+use serde::{Deserialize, Serialize};
+
+/// What the latest evidence must answer: the user's nonce and the re-attest annotation.
+/// A change of either asks for fresh evidence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reattest: Option<String>,
+}
+
+/// What the CVM's status says about the guest (as last written by this plugin).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    pub guest_state: Option<GuestState>,
+    /// `Launched` condition: `Some(true)` for True, `Some(false)` for False/Unknown.
+    pub launched: Option<bool>,
+    pub has_evidence: bool,
+    pub evidence_nonce: Option<String>,
+}
+
+/// A CVM bound to this node, reduced to what decisions need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundCvm {
+    pub uid: String,
+    /// `namespace/name`, for logs.
+    pub key: String,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+    /// The run strategy asks for the guest to be stopped (`Halted`).
+    pub halted: bool,
+    pub wanted: EvidenceKey,
+    pub reported: Reported,
+}
+
+impl BoundCvm {
+    /// The view of `cvm` if it is bound to `node` (label selector *and* `status.nodeName`:
+    /// a stale label alone must not start a guest).
+    pub fn of(cvm: &ConfidentialVM, node: &str) -> Option<BoundCvm> {
+        if cvm.node_name() != Some(node) {
+            return None;
+        }
+        let uid = cvm.metadata.uid.clone()?;
+        let status = cvm.status.as_ref();
+        let evidence = status.and_then(|s| s.evidence.as_ref());
+        Some(BoundCvm {
+            uid,
+            key: format!(
+                "{}/{}",
+                cvm.metadata.namespace.as_deref().unwrap_or(""),
+                cvm.metadata.name.as_deref().unwrap_or("")
+            ),
+            deleting: cvm.metadata.deletion_timestamp.is_some(),
+            halted: cvm.spec.run_strategy == RunStrategy::Halted,
+            wanted: EvidenceKey {
+                nonce: cvm.nonce().map(str::to_string),
+                reattest: cvm
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_REATTEST))
+                    .cloned(),
+            },
+            reported: Reported {
+                guest_state: status
+                    .and_then(|s| s.platform.as_ref())
+                    .and_then(|p| p.guest_state),
+                launched: cvm
+                    .condition(ConditionType::Launched)
+                    .map(|c| c.status == cvm_crds::conditions::STATUS_TRUE),
+                has_evidence: evidence.is_some(),
+                evidence_nonce: evidence.and_then(|e| e.nonce.clone()),
+            },
+        })
+    }
+}
+
+/// A guest the platform holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldGuest {
+    pub uid: String,
+    pub state: GuestState,
+}
+
+/// Why a guest is stopped; goes into the condition's message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// The CVM is being deleted.
+    Deleted,
+    /// `runStrategy: Halted`.
+    Halted,
+}
+
+/// What to do for one CVM or held guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// No guest is held for a CVM that wants one: launch it, then report evidence.
+    Launch,
+    /// The guest runs but the reported evidence does not answer the current nonce or
+    /// re-attest request, or the status does not show the running guest.
+    RefreshEvidence,
+    /// Stop the held guest, then report it stopped.
+    Stop(StopCause),
+    /// No guest is held and none should run, but the status does not say Stopped yet
+    /// (the operator's finalizer waits for it).
+    ReportStopped(StopCause),
+    /// A held guest whose CVM is no longer bound here: stop it; there is no object to report to.
+    StopOrphan,
+}
+
+impl Action {
+    /// Name for logs (`phase`) and metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Launch => "launch",
+            Action::RefreshEvidence => "refresh-evidence",
+            Action::Stop(_) => "stop",
+            Action::ReportStopped(_) => "report-stopped",
+            Action::StopOrphan => "stop-orphan",
+        }
+    }
+}
+
+/// What one bound CVM needs, given the guest held for it (if any) and the evidence key
+/// its latest evidence answered. `None`: nothing to do.
+pub fn decide(
+    cvm: &BoundCvm,
+    held: Option<&HeldGuest>,
+    answered: Option<&EvidenceKey>,
+    retry_failed: bool,
+) -> Option<Action> {
+    let stop_cause = if cvm.deleting {
+        Some(StopCause::Deleted)
+    } else if cvm.halted {
+        Some(StopCause::Halted)
+    } else {
+        None
+    };
+    if let Some(cause) = stop_cause {
+        return match held {
+            Some(_) => Some(Action::Stop(cause)),
+            None => {
+                let shows_stopped = cvm.reported.guest_state == Some(GuestState::Stopped)
+                    && cvm.reported.launched == Some(false);
+                (!shows_stopped).then_some(Action::ReportStopped(cause))
+            }
+        };
+    }
+    let Some(held) = held else {
+        // A launch that failed is retried only when the caller says so (on a timer), so
+        // that the failure's own status write does not trigger the next attempt.
+        let failed = cvm.reported.guest_state == Some(GuestState::Failed);
+        return (!failed || retry_failed).then_some(Action::Launch);
+    };
+    match held.state {
+        // A launch in flight finishes on its own; a failed or stopped guest is left for
+        // the run strategy to decide (not yet: reported as is).
+        GuestState::Launching | GuestState::Failed | GuestState::Stopped => None,
+        GuestState::Running => {
+            let r = &cvm.reported;
+            let status_current = r.guest_state == Some(GuestState::Running)
+                && r.launched == Some(true)
+                && r.has_evidence
+                && r.evidence_nonce == cvm.wanted.nonce;
+            let answered_current = answered == Some(&cvm.wanted);
+            (!(status_current && answered_current)).then_some(Action::RefreshEvidence)
+        }
+    }
+}
+
+/// The full plan: one action per bound CVM that needs one, and a stop for every held
+/// guest with no bound CVM. Ordered by UID for stable logs and tests.
+pub fn plan(
+    held: &[HeldGuest],
+    bound: &[BoundCvm],
+    answered: &BTreeMap<String, EvidenceKey>,
+    retry_failed: bool,
+) -> Vec<(String, Action)> {
+    let held_by_uid: BTreeMap<&str, &HeldGuest> =
+        held.iter().map(|g| (g.uid.as_str(), g)).collect();
+    let bound_uids: BTreeSet<&str> = bound.iter().map(|c| c.uid.as_str()).collect();
+    let mut out: Vec<(String, Action)> = bound
+        .iter()
+        .filter_map(|c| {
+            decide(
+                c,
+                held_by_uid.get(c.uid.as_str()).copied(),
+                answered.get(&c.uid),
+                retry_failed,
+            )
+            .map(|a| (c.uid.clone(), a))
+        })
+        .collect();
+    out.extend(
+        held.iter()
+            .filter(|g| !bound_uids.contains(g.uid.as_str()))
+            .map(|g| (g.uid.clone(), Action::StopOrphan)),
+    );
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(nonce: Option<&str>, reattest: Option<&str>) -> EvidenceKey {
+        EvidenceKey {
+            nonce: nonce.map(Into::into),
+            reattest: reattest.map(Into::into),
+        }
+    }
+
+    fn running_status(nonce: Option<&str>) -> Reported {
+        Reported {
+            guest_state: Some(GuestState::Running),
+            launched: Some(true),
+            has_evidence: true,
+            evidence_nonce: nonce.map(Into::into),
+        }
+    }
+
+    fn cvm(uid: &str) -> BoundCvm {
+        BoundCvm {
+            uid: uid.into(),
+            key: format!("ns/{uid}"),
+            deleting: false,
+            halted: false,
+            wanted: key(Some("aa"), None),
+            reported: Reported::default(),
+        }
+    }
+
+    fn held(uid: &str, state: GuestState) -> HeldGuest {
+        HeldGuest {
+            uid: uid.into(),
+            state,
+        }
+    }
+
+    #[test]
+    fn decide_table() {
+        use GuestState::*;
+        let fresh = cvm("u");
+        let mut current = cvm("u");
+        current.reported = running_status(Some("aa"));
+        let mut new_nonce = current.clone();
+        new_nonce.wanted = key(Some("bb"), None);
+        let mut reattest = current.clone();
+        reattest.wanted = key(Some("aa"), Some("2"));
+        let mut lost_status = current.clone();
+        lost_status.reported = Reported::default();
+        let mut deleting = current.clone();
+        deleting.deleting = true;
+        let mut deleted_reported = deleting.clone();
+        deleted_reported.reported = Reported {
+            guest_state: Some(Stopped),
+            launched: Some(false),
+            ..Default::default()
+        };
+        let mut halted = current.clone();
+        halted.halted = true;
+
+        let aa = key(Some("aa"), None);
+        let cases: Vec<(
+            &str,
+            &BoundCvm,
+            Option<HeldGuest>,
+            Option<&EvidenceKey>,
+            Option<Action>,
+        )> = vec![
+            ("new CVM: launch", &fresh, None, None, Some(Action::Launch)),
+            (
+                "running, status current: nothing",
+                &current,
+                Some(held("u", Running)),
+                Some(&aa),
+                None,
+            ),
+            (
+                "launch in flight: nothing",
+                &fresh,
+                Some(held("u", Launching)),
+                None,
+                None,
+            ),
+            (
+                "held but never reported: evidence",
+                &fresh,
+                Some(held("u", Running)),
+                None,
+                Some(Action::RefreshEvidence),
+            ),
+            (
+                "nonce changed: evidence",
+                &new_nonce,
+                Some(held("u", Running)),
+                Some(&aa),
+                Some(Action::RefreshEvidence),
+            ),
+            (
+                "reattest annotation changed: evidence",
+                &reattest,
+                Some(held("u", Running)),
+                Some(&aa),
+                Some(Action::RefreshEvidence),
+            ),
+            (
+                "status lost: evidence again",
+                &lost_status,
+                Some(held("u", Running)),
+                Some(&aa),
+                Some(Action::RefreshEvidence),
+            ),
+            (
+                "plugin restarted, answered unknown: evidence",
+                &current,
+                Some(held("u", Running)),
+                None,
+                Some(Action::RefreshEvidence),
+            ),
+            (
+                "deleting with guest: stop",
+                &deleting,
+                Some(held("u", Running)),
+                Some(&aa),
+                Some(Action::Stop(StopCause::Deleted)),
+            ),
+            (
+                "deleting, guest gone, status old: report",
+                &deleting,
+                None,
+                None,
+                Some(Action::ReportStopped(StopCause::Deleted)),
+            ),
+            (
+                "deleting, already reported: nothing",
+                &deleted_reported,
+                None,
+                None,
+                None,
+            ),
+            (
+                "deleting, never launched: report so the finalizer can go",
+                &{
+                    let mut d = fresh.clone();
+                    d.deleting = true;
+                    d
+                },
+                None,
+                None,
+                Some(Action::ReportStopped(StopCause::Deleted)),
+            ),
+            (
+                "halted: stop",
+                &halted,
+                Some(held("u", Running)),
+                Some(&aa),
+                Some(Action::Stop(StopCause::Halted)),
+            ),
+            (
+                "deleting wins over halted",
+                &{
+                    let mut d = halted.clone();
+                    d.deleting = true;
+                    d
+                },
+                Some(held("u", Running)),
+                None,
+                Some(Action::Stop(StopCause::Deleted)),
+            ),
+        ];
+        for (name, c, h, answered, want) in cases {
+            assert_eq!(decide(c, h.as_ref(), answered, false), want, "{name}");
+        }
+        // A failed launch waits for the timer.
+        let mut failed = fresh.clone();
+        failed.reported.guest_state = Some(Failed);
+        assert_eq!(decide(&failed, None, None, false), None);
+        assert_eq!(decide(&failed, None, None, true), Some(Action::Launch));
+    }
+
+    #[test]
+    fn plan_stops_orphans_and_never_launches_a_held_guest_twice() {
+        let mut a = cvm("a");
+        a.reported = running_status(Some("aa"));
+        let b = cvm("b");
+        let held_guests = vec![
+            held("a", GuestState::Running),
+            held("orphan", GuestState::Running),
+        ];
+        let answered = BTreeMap::from([("a".to_string(), key(Some("aa"), None))]);
+        let p = plan(&held_guests, &[a.clone(), b.clone()], &answered, false);
+        assert_eq!(
+            p,
+            vec![
+                ("b".to_string(), Action::Launch),
+                ("orphan".to_string(), Action::StopOrphan),
+            ]
+        );
+        // After a restart the same inputs give the same plan: no launch for "a".
+        assert_eq!(plan(&held_guests, &[a, b], &answered, true), p);
+    }
+
+    #[test]
+    fn plan_with_nothing_bound_stops_everything_held() {
+        let p = plan(
+            &[
+                held("x", GuestState::Launching),
+                held("y", GuestState::Running),
+            ],
+            &[],
+            &BTreeMap::new(),
+            false,
+        );
+        assert_eq!(
+            p.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
+            vec![Action::StopOrphan, Action::StopOrphan]
+        );
+        assert!(plan(&[], &[], &BTreeMap::new(), true).is_empty());
+    }
+
+    #[test]
+    fn bound_view_requires_node_name_and_uid() {
+        use cvm_crds::cvm::ConfidentialVMStatus;
+        let spec: cvm_crds::ConfidentialVMSpec = serde_yaml::from_str(
+            "tee: {type: SEV-SNP}\nresources: {vcpus: 1, memoryMiB: 512}\nboot: {firmware: {name: ovmf}}\nattestation: {nonce: 'abcd'}\n",
+        )
+        .unwrap();
+        let mut c = ConfidentialVM::new("x", spec);
+        c.metadata.namespace = Some("ns".into());
+        c.metadata.uid = Some("uid-x".into());
+        c.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_REATTEST.to_string(),
+            "7".to_string(),
+        )]));
+        assert_eq!(BoundCvm::of(&c, "n1"), None, "not scheduled yet");
+        c.status = Some(ConfidentialVMStatus {
+            node_name: Some("n2".into()),
+            ..Default::default()
+        });
+        assert_eq!(BoundCvm::of(&c, "n1"), None, "bound elsewhere");
+        c.status.as_mut().unwrap().node_name = Some("n1".into());
+        let v = BoundCvm::of(&c, "n1").unwrap();
+        assert_eq!(v.key, "ns/x");
+        assert_eq!(v.wanted, key(Some("abcd"), Some("7")));
+        assert!(!v.deleting && !v.halted);
+        assert_eq!(v.reported, Reported::default());
+        c.metadata.uid = None;
+        assert_eq!(BoundCvm::of(&c, "n1"), None);
+    }
+}

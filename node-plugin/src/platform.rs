@@ -1,0 +1,226 @@
+//! The narrow interface between the node plugin and a host's TEE: what the host offers,
+//! launching and stopping guests, listing them, and producing evidence for a challenge.
+//!
+//! It holds no Kubernetes types: a [`GuestRequest`] is built from the CVM spec once, at the
+//! edge ([`GuestRequest::from_cvm`]), so a QEMU backend and the simulator see the same plain
+//! data. Implementations keep their own record of guests, so that a restarted plugin finds
+//! the guests it launched ([`Platform::list`]): the simulator in a state file, a QEMU backend
+//! in its pid files and QMP sockets.
+
+use std::future::Future;
+
+use cvm_crds::cvm::{ArtifactRef, ConfidentialVM, CpuModel, Disk, GuestState};
+use cvm_crds::{EvidenceFormat, SnpTcbVersion, TdxTcbStatus, TeeType};
+use serde::{Deserialize, Serialize};
+
+use crate::measure;
+
+/// What a host offers. `slots` count guests that can still be started per resource pool
+/// at full capacity (one ASID or TDX key per guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCapabilities {
+    /// TEEs the host can launch, implied ones included (an SNP host runs SEV and SEV-ES).
+    pub tees: Vec<TeeType>,
+    /// Legacy SEV ASIDs.
+    pub sev_asids: u32,
+    /// SEV-ES / SEV-SNP ASIDs (one pool).
+    pub es_asids: u32,
+    /// TDX private keys (HKIDs).
+    pub tdx_keys: u32,
+    /// AMD SEV firmware or Intel TDX module version.
+    pub firmware_version: Option<String>,
+    /// Current SEV-SNP TCB (SNP hosts only).
+    pub snp_tcb: Option<SnpTcbVersion>,
+    /// TDX TCB status as the host sees it (TDX hosts only).
+    pub tdx_tcb_status: Option<TdxTcbStatus>,
+    /// Evidence is signed by a simulator root, not by hardware.
+    pub simulated: bool,
+}
+
+impl HostCapabilities {
+    /// Whether the host can launch guests of `tee`.
+    pub fn supports(&self, tee: TeeType) -> bool {
+        self.tees.contains(&tee)
+    }
+
+    /// Size of the pool a guest of `tee` draws from.
+    pub fn pool_size(&self, tee: TeeType) -> u32 {
+        match tee {
+            TeeType::Sev => self.sev_asids,
+            TeeType::SevEs | TeeType::SevSnp => self.es_asids,
+            TeeType::Tdx => self.tdx_keys,
+        }
+    }
+}
+
+/// Everything a backend needs to start one guest, taken from the CVM at the edge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestRequest {
+    /// The CVM's UID: the guest's identity across restarts and renames.
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub tee: TeeType,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Effective CPU model (`None` on TDX).
+    pub cpu_model: Option<CpuModel>,
+    pub firmware: ArtifactRef,
+    pub kernel: Option<ArtifactRef>,
+    pub initrd: Option<ArtifactRef>,
+    pub cmdline: Option<String>,
+    pub disks: Vec<Disk>,
+    /// SNP guest policy, SEV policy or TDX attributes (see [`measure::launch_policy`]).
+    pub launch_policy: u64,
+    /// SNP HOST_DATA (32 bytes) or TDX MRCONFIGID (48 bytes), decoded.
+    pub host_data: Option<Vec<u8>>,
+    /// The launch measurement the boot inputs give (simulated function; a real backend
+    /// compares it with what the firmware reports).
+    pub expected_measurement: Vec<u8>,
+}
+
+/// A CVM that cannot become a [`GuestRequest`]: nothing a launch could fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RequestError {
+    #[error("the ConfidentialVM has no metadata.uid (was it read from the API server?)")]
+    MissingUid,
+    #[error("spec.tee.hostData is not hex: {0}")]
+    HostData(String),
+}
+
+impl GuestRequest {
+    /// Builds the request from a CVM as read from the API server.
+    pub fn from_cvm(cvm: &ConfidentialVM) -> Result<Self, RequestError> {
+        let spec = &cvm.spec;
+        let uid = cvm.metadata.uid.clone().ok_or(RequestError::MissingUid)?;
+        let host_data = match &spec.tee.host_data {
+            None => None,
+            Some(h) => Some(hex::decode(h).map_err(|e| RequestError::HostData(e.to_string()))?),
+        };
+        Ok(GuestRequest {
+            uid,
+            namespace: cvm.metadata.namespace.clone().unwrap_or_default(),
+            name: cvm.metadata.name.clone().unwrap_or_default(),
+            tee: spec.tee.tee_type,
+            vcpus: spec.resources.vcpus,
+            memory_mib: spec.resources.memory_mib,
+            cpu_model: measure::effective_cpu_model(spec),
+            firmware: spec.boot.firmware.clone(),
+            kernel: spec.boot.kernel.clone(),
+            initrd: spec.boot.initrd.clone(),
+            cmdline: spec.boot.cmdline.clone(),
+            disks: spec.disks.clone(),
+            launch_policy: measure::launch_policy(spec),
+            host_data,
+            expected_measurement: measure::simulated_measurement_bytes(spec),
+        })
+    }
+}
+
+/// A guest the backend holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestInfo {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub tee: TeeType,
+    pub state: GuestState,
+    /// Launch measurement as the platform reports it.
+    pub measurement: Vec<u8>,
+    pub launch_policy: u64,
+    /// Unix seconds of the launch.
+    pub launched_at: i64,
+    /// Detail of a failure or a stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What the evidence must answer: `report_data` is SHA-512 of the challenge bytes
+/// (`cvm_crds::wellknown::challenge_bytes`), `nonce` the user's hex nonce to echo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub report_data: [u8; 64],
+    pub nonce: Option<String>,
+}
+
+/// Evidence as the platform produced it, before it is encoded into the CVM status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvidence {
+    pub format: EvidenceFormat,
+    /// Report, quote or launch measurement bytes.
+    pub report: Vec<u8>,
+    /// PEM certificates (VCEK, ASK, ARK; or the PCK chain).
+    pub cert_chain: Option<String>,
+    /// Named collateral texts (see [`crate::evidence`] for the names).
+    pub collateral: Vec<(String, String)>,
+    /// The measurement the signed evidence states.
+    pub measurement: Vec<u8>,
+}
+
+/// Errors a backend reports, phrased for the CVM's `Launched` condition.
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error("this host does not offer {0}: it offers {1}")]
+    Unsupported(TeeType, String),
+    #[error("no free {what} on this host: all {total} are in use")]
+    NoCapacity { what: &'static str, total: u32 },
+    #[error("no guest with UID {0} on this host")]
+    NoSuchGuest(String),
+    #[error("guest {uid} is {state:?}, not running: cannot produce evidence")]
+    NotRunning { uid: String, state: GuestState },
+    #[error("guest state store {path}: {message}")]
+    State { path: String, message: String },
+    #[error("evidence: {0}")]
+    Evidence(String),
+    #[error("launch failed: {0}")]
+    Launch(String),
+}
+
+impl PlatformError {
+    /// Short CamelCase reason for conditions and metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PlatformError::Unsupported(..) => "TeeUnsupported",
+            PlatformError::NoCapacity { .. } => "NoCapacity",
+            PlatformError::NoSuchGuest(_) => "NoSuchGuest",
+            PlatformError::NotRunning { .. } => "GuestNotRunning",
+            PlatformError::State { .. } => "StateStoreError",
+            PlatformError::Evidence(_) => "EvidenceError",
+            PlatformError::Launch(_) => "LaunchFailed",
+        }
+    }
+}
+
+/// A host's TEE backend. Methods are async because real backends talk to QEMU over QMP
+/// and to a guest agent over vsock; the futures are `Send` so the plugin can run them on
+/// any worker.
+pub trait Platform: Send + Sync + 'static {
+    /// What the host offers (detected once at start for real hosts, configured for the sim).
+    fn capabilities(&self) -> HostCapabilities;
+
+    /// Launches a guest; idempotent per UID (a guest already held is returned as is, never
+    /// launched twice).
+    fn launch(
+        &self,
+        req: &GuestRequest,
+    ) -> impl Future<Output = Result<GuestInfo, PlatformError>> + Send;
+
+    /// Stops a guest and forgets it; stopping an unknown UID is not an error (returns `None`).
+    fn stop(
+        &self,
+        uid: &str,
+    ) -> impl Future<Output = Result<Option<GuestInfo>, PlatformError>> + Send;
+
+    /// The guests the backend holds, including those launched before a restart.
+    fn list(&self) -> impl Future<Output = Result<Vec<GuestInfo>, PlatformError>> + Send;
+
+    /// Fresh evidence of a running guest bound to `challenge`.
+    fn evidence(
+        &self,
+        uid: &str,
+        challenge: &Challenge,
+    ) -> impl Future<Output = Result<RawEvidence, PlatformError>> + Send;
+}

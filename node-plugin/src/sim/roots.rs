@@ -1,0 +1,140 @@
+//! The simulated vendor roots, shared by every plugin of a cluster like AMD's ARK or
+//! Intel's SGX root: generated once into `--sim-root-dir`, then loaded by every plugin.
+//! A policy trusts simulated evidence only when it lists these fingerprints.
+//!
+//! Layout of the directory:
+//!
+//! ```text
+//! tdx-sim-platform.pem       TDX sim root CA, PCK chain, TCB signing and QE keys (attest's bundle)
+//! snp-sim-root.pem           SNP sim ARK/ASK (attest's bundle)
+//! nodes/<node>/snp-vcek.pem  per-node chip key (VCEK) under the shared ASK
+//! ```
+//!
+//! Files are created with create-if-absent semantics, so plugins that start at the same
+//! time agree on one root.
+
+use std::path::{Path, PathBuf};
+
+use cvm_attest::tdx::SimTdxPlatform;
+
+use crate::store::{self, StoreError};
+
+/// File holding the TDX simulator bundle.
+pub const TDX_FILE: &str = "tdx-sim-platform.pem";
+
+/// Errors loading or creating simulated roots.
+#[derive(Debug, thiserror::Error)]
+pub enum RootsError {
+    #[error("cannot read simulated root {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("simulated root {path} is unusable ({message}); delete the directory to generate a new root (every policy trusting the old one must then be updated)")]
+    Invalid { path: PathBuf, message: String },
+    #[error("cannot generate a simulated {what} root: {message}")]
+    Generate { what: &'static str, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Fingerprints a policy lists to trust the simulator (`sha256:<hex>` of the root DER).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RootFingerprints {
+    pub snp: Option<String>,
+    pub tdx: Option<String>,
+}
+
+impl std::fmt::Display for RootFingerprints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.snp {
+            parts.push(format!("SEV-SNP ARK {s}"));
+        }
+        if let Some(t) = &self.tdx {
+            parts.push(format!("TDX root CA {t}"));
+        }
+        if parts.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
+/// The simulated signing material this plugin uses.
+#[derive(Clone, Default)]
+pub struct SimRoots {
+    pub tdx: Option<SimTdxPlatform>,
+    pub snp: Option<super::snp::SnpSimHost>,
+}
+
+impl std::fmt::Debug for SimRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SimRoots({})", self.fingerprints())
+    }
+}
+
+impl SimRoots {
+    /// Loads (or creates on first use) what a host of these TEEs needs: the shared TDX
+    /// bundle for TDX hosts; the shared SNP root and this node's chip key for SNP hosts.
+    pub fn load_or_create(
+        dir: &Path,
+        node: &str,
+        want_snp: bool,
+        want_tdx: bool,
+    ) -> Result<Self, RootsError> {
+        Ok(SimRoots {
+            tdx: if want_tdx {
+                Some(load_or_create_tdx(dir)?)
+            } else {
+                None
+            },
+            snp: if want_snp {
+                Some(super::snp::SnpSimHost::load_or_create(dir, node)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    pub fn fingerprints(&self) -> RootFingerprints {
+        RootFingerprints {
+            snp: self.snp.as_ref().map(|s| s.root_fingerprint()),
+            tdx: self.tdx.as_ref().map(|t| t.root_fingerprint()),
+        }
+    }
+}
+
+/// Loads or creates both roots in `dir` and returns their fingerprints: what `cvm-dev` calls
+/// before starting plugins, to write an AttestationPolicy that trusts the simulator.
+pub fn cluster_fingerprints(dir: &Path) -> Result<RootFingerprints, RootsError> {
+    Ok(RootFingerprints {
+        snp: Some(super::snp::root_fingerprint(dir)?),
+        tdx: Some(load_or_create_tdx(dir)?.root_fingerprint()),
+    })
+}
+
+fn load_or_create_tdx(dir: &Path) -> Result<SimTdxPlatform, RootsError> {
+    let path = dir.join(TDX_FILE);
+    if !path.exists() {
+        let fresh = SimTdxPlatform::generate().map_err(|e| RootsError::Generate {
+            what: "TDX",
+            message: e.to_string(),
+        })?;
+        // Losing the race is fine: the winner's bundle is read below.
+        store::create_exclusive(&path, fresh.to_pem().as_bytes())?;
+    }
+    let text = read(&path)?;
+    SimTdxPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {
+        path,
+        message: e.to_string(),
+    })
+}
+
+pub(crate) fn read(path: &Path) -> Result<String, RootsError> {
+    std::fs::read_to_string(path).map_err(|source| RootsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
