@@ -249,6 +249,15 @@ mod tests {
         }
     }
 
+    /// name, CVM, held guest, answered key, expected action.
+    type Case<'a> = (
+        &'a str,
+        &'a BoundCvm,
+        Option<HeldGuest>,
+        Option<&'a EvidenceKey>,
+        Option<Action>,
+    );
+
     #[test]
     fn decide_table() {
         use GuestState::*;
@@ -272,14 +281,12 @@ mod tests {
         let mut halted = current.clone();
         halted.halted = true;
 
+        let mut deleting_fresh = fresh.clone();
+        deleting_fresh.deleting = true;
+        let mut halted_deleting = halted.clone();
+        halted_deleting.deleting = true;
         let aa = key(Some("aa"), None);
-        let cases: Vec<(
-            &str,
-            &BoundCvm,
-            Option<HeldGuest>,
-            Option<&EvidenceKey>,
-            Option<Action>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             ("new CVM: launch", &fresh, None, None, Some(Action::Launch)),
             (
                 "running, status current: nothing",
@@ -353,11 +360,7 @@ mod tests {
             ),
             (
                 "deleting, never launched: report so the finalizer can go",
-                &{
-                    let mut d = fresh.clone();
-                    d.deleting = true;
-                    d
-                },
+                &deleting_fresh,
                 None,
                 None,
                 Some(Action::ReportStopped(StopCause::Deleted)),
@@ -371,11 +374,7 @@ mod tests {
             ),
             (
                 "deleting wins over halted",
-                &{
-                    let mut d = halted.clone();
-                    d.deleting = true;
-                    d
-                },
+                &halted_deleting,
                 Some(held("u", Running)),
                 None,
                 Some(Action::Stop(StopCause::Deleted)),

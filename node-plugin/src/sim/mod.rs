@@ -358,3 +358,112 @@ impl Platform for SimPlatform {
         self.issue(&g, challenge)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evidence::challenge_for;
+
+    fn request(uid: &str, tee: TeeType) -> GuestRequest {
+        let spec: cvm_crds::ConfidentialVMSpec = serde_yaml::from_str(&format!(
+            "tee: {{type: {tee}}}\nresources: {{vcpus: 2, memoryMiB: 1024}}\nboot: {{firmware: {{name: fw}}}}\n"
+        ))
+        .unwrap();
+        let mut cvm = cvm_crds::ConfidentialVM::new(uid, spec);
+        cvm.metadata.uid = Some(uid.into());
+        cvm.metadata.namespace = Some("ns".into());
+        GuestRequest::from_cvm(&cvm).unwrap()
+    }
+
+    fn config(tee: TeeType, slots: u32) -> SimConfig {
+        SimConfig {
+            tees: vec![tee],
+            slots,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn guests_survive_a_restart_and_launch_only_once() {
+        let state = tempfile::tempdir().unwrap();
+        let p = SimPlatform::open(config(TeeType::SevEs, 2), state.path(), SimRoots::default())
+            .unwrap();
+        let g = p.launch(&request("a", TeeType::SevEs)).await.unwrap();
+        assert_eq!(g.state, GuestState::Running);
+        let again = p.launch(&request("a", TeeType::SevEs)).await.unwrap();
+        assert_eq!(again.launched_at, g.launched_at, "no second launch");
+        drop(p);
+
+        let p = SimPlatform::open(config(TeeType::SevEs, 2), state.path(), SimRoots::default())
+            .unwrap();
+        let held = p.list().await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].uid, "a");
+        assert_eq!(held[0].measurement.len(), 32);
+        let stopped = p.stop("a").await.unwrap().unwrap();
+        assert_eq!(stopped.state, GuestState::Stopped);
+        assert!(p.stop("a").await.unwrap().is_none());
+        assert!(p.list().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn capacity_and_tee_support_are_enforced() {
+        let state = tempfile::tempdir().unwrap();
+        let p = SimPlatform::open(config(TeeType::SevEs, 1), state.path(), SimRoots::default())
+            .unwrap();
+        p.launch(&request("a", TeeType::SevEs)).await.unwrap();
+        let full = p.launch(&request("b", TeeType::SevEs)).await.unwrap_err();
+        assert!(
+            full.to_string()
+                .contains("no free ASID on this host: all 1 are in use"),
+            "{full}"
+        );
+        // Legacy SEV has its own pool.
+        p.launch(&request("c", TeeType::Sev)).await.unwrap();
+        let tdx = p.launch(&request("d", TeeType::Tdx)).await.unwrap_err();
+        assert_eq!(tdx.reason(), "TeeUnsupported");
+        assert!(tdx.to_string().contains("offers SEV, SEV-ES"), "{tdx}");
+    }
+
+    #[tokio::test]
+    async fn sev_evidence_is_the_launch_measurement() {
+        let state = tempfile::tempdir().unwrap();
+        let p =
+            SimPlatform::open(config(TeeType::Sev, 1), state.path(), SimRoots::default()).unwrap();
+        let req = request("a", TeeType::Sev);
+        p.launch(&req).await.unwrap();
+        let c = challenge_for(Some("aa"), "a").unwrap();
+        let ev = p.evidence("a", &c).await.unwrap();
+        assert_eq!(ev.format, EvidenceFormat::SevLaunchMeasure);
+        assert_eq!(ev.report, req.expected_measurement);
+        let missing = p.evidence("zz", &c).await.unwrap_err();
+        assert_eq!(missing.reason(), "NoSuchGuest");
+    }
+
+    #[tokio::test]
+    async fn tdx_quote_carries_measurement_and_challenge() {
+        let state = tempfile::tempdir().unwrap();
+        let roots = tempfile::tempdir().unwrap();
+        let p =
+            SimPlatform::open_with_roots(config(TeeType::Tdx, 1), state.path(), roots.path(), "n")
+                .unwrap();
+        let req = request("t", TeeType::Tdx);
+        p.launch(&req).await.unwrap();
+        let c = challenge_for(Some("abcd"), "t").unwrap();
+        let ev = p.evidence("t", &c).await.unwrap();
+        assert_eq!(ev.format, EvidenceFormat::TdxQuote);
+        let fp = p.root_fingerprints().tdx.unwrap();
+        let policy = cvm_attest::tdx::TdxPolicy::trusting(fp.clone().try_into().unwrap());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let ctx = cvm_attest::tdx::AppraisalContext::at(now).with_nonce(&[0xab, 0xcd]);
+        let collateral = &ev.collateral[0].1;
+        let a = cvm_attest::tdx::verify_quote(&ev.report, collateral.as_bytes(), &policy, &ctx)
+            .unwrap();
+        assert!(a.is_affirmed(), "{:#?}", a.findings);
+        assert_eq!(a.decoded.mr_td, req.expected_measurement);
+        assert_eq!(a.root_fingerprint.as_deref(), Some(fp.as_str()));
+    }
+}

@@ -1,0 +1,238 @@
+//! The node plugin's client for the guest agent: one request, one response, over vsock in
+//! production and a unix socket in tests.
+//!
+//! The client checks what it can without trusting the guest's host path: the response
+//! version, the size limit, and that `report_data` is SHA-512 of the nonce it sent. The
+//! signature over the report is the verifier's business (`cvm-attest`), not this module's.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+
+use crate::agent_proto::{
+    b64_decode, read_frame, report_data_for, write_frame, ErrorCode, ProtoError, ProviderInfo,
+    Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+};
+
+/// Default time for one request and its response.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Evidence as the agent returned it, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestEvidence {
+    /// configfs-tsm provider: `sev_guest` or `tdx_guest`.
+    pub provider: String,
+    pub report_data: [u8; 64],
+    /// SNP report or TDX quote.
+    pub outblob: Vec<u8>,
+    /// SNP certificate table, when the host provided one.
+    pub auxblob: Option<Vec<u8>>,
+    pub generation: u64,
+}
+
+/// What can go wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentClientError {
+    #[error("cannot connect to the guest agent at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("guest agent protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("guest agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("guest agent closed the connection without answering")]
+    NoAnswer,
+    #[error("guest agent error {}: {message}", code.as_str())]
+    Agent { code: ErrorCode, message: String },
+    #[error("guest agent answered {got} to a {asked} request")]
+    UnexpectedResponse {
+        asked: &'static str,
+        got: &'static str,
+    },
+    #[error("guest agent returned evidence for other report_data (expected SHA-512 of our nonce {expected}…, got {got}…): stale or replayed evidence")]
+    ReportDataMismatch { expected: String, got: String },
+    #[error("guest agent returned an empty report from provider {0}")]
+    EmptyReport(String),
+}
+
+/// A connected client.
+pub struct AgentClient<S> {
+    stream: S,
+    timeout: Duration,
+}
+
+impl AgentClient<UnixStream> {
+    /// Connects over a unix socket (tests, or a host-side vsock proxy).
+    pub async fn connect_unix(path: &Path) -> Result<Self, AgentClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| AgentClientError::Connect {
+                addr: path.display().to_string(),
+                source,
+            })?;
+        Ok(Self::new(stream))
+    }
+}
+
+impl AgentClient<tokio_vsock::VsockStream> {
+    /// Connects to the agent in the guest with context ID `cid` (QEMU's
+    /// `vhost-vsock-pci,guest-cid=…`).
+    pub async fn connect_vsock(cid: u32, port: u32) -> Result<Self, AgentClientError> {
+        let stream = tokio_vsock::VsockStream::connect(tokio_vsock::VsockAddr::new(cid, port))
+            .await
+            .map_err(|source| AgentClientError::Connect {
+                addr: format!("vsock:{cid}:{port}"),
+                source,
+            })?;
+        Ok(Self::new(stream))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
+    pub fn new(stream: S) -> Self {
+        AgentClient {
+            stream,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Sets the time allowed for each request and its response.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends one request and reads its response.
+    pub async fn call(&mut self, req: &Request) -> Result<Response, AgentClientError> {
+        let body = req.encode()?;
+        let timeout = self.timeout;
+        let exchange = async {
+            write_frame(&mut self.stream, &body, MAX_REQUEST_BYTES).await?;
+            read_frame(&mut self.stream, MAX_RESPONSE_BYTES).await
+        };
+        let reply = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| AgentClientError::Timeout(timeout))??
+            .ok_or(AgentClientError::NoAnswer)?;
+        Ok(Response::decode(&reply)?)
+    }
+
+    /// Asks which TEE provider the guest has.
+    pub async fn provider_info(&mut self) -> Result<ProviderInfo, AgentClientError> {
+        match self.call(&Request::GetProviderInfo).await? {
+            Response::ProviderInfo(info) => Ok(info),
+            Response::Error(e) => Err(AgentClientError::Agent {
+                code: e.code,
+                message: e.message,
+            }),
+            Response::Evidence(_) => Err(AgentClientError::UnexpectedResponse {
+                asked: "get-provider-info",
+                got: "evidence",
+            }),
+        }
+    }
+
+    /// Asks for fresh evidence bound to `nonce` and checks the binding.
+    pub async fn get_evidence(&mut self, nonce: &[u8]) -> Result<GuestEvidence, AgentClientError> {
+        let resp = match self.call(&Request::get_evidence(nonce)).await? {
+            Response::Evidence(ev) => ev,
+            Response::Error(e) => {
+                return Err(AgentClientError::Agent {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+            Response::ProviderInfo(_) => {
+                return Err(AgentClientError::UnexpectedResponse {
+                    asked: "get-evidence",
+                    got: "provider-info",
+                })
+            }
+        };
+        let expected = report_data_for(nonce);
+        let got = hex::decode(&resp.report_data).unwrap_or_default();
+        if got.as_slice() != expected.as_slice() {
+            return Err(AgentClientError::ReportDataMismatch {
+                expected: hex::encode(&expected[..8]),
+                got: resp.report_data.chars().take(16).collect(),
+            });
+        }
+        let outblob = b64_decode("outblob", &resp.outblob)?;
+        if outblob.is_empty() {
+            return Err(AgentClientError::EmptyReport(resp.provider));
+        }
+        let auxblob = match &resp.auxblob {
+            Some(a) => Some(b64_decode("auxblob", a)?),
+            None => None,
+        };
+        Ok(GuestEvidence {
+            provider: resp.provider,
+            report_data: expected,
+            outblob,
+            auxblob,
+            generation: resp.generation,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent_proto::{b64_encode, EvidenceResponse};
+
+    /// A one-shot fake agent that answers the first request with `resp`.
+    async fn fake_agent(resp: Response) -> AgentClient<tokio::io::DuplexStream> {
+        let (client, mut server) = tokio::io::duplex(1 << 20);
+        tokio::spawn(async move {
+            let _ = read_frame(&mut server, MAX_REQUEST_BYTES).await;
+            let body = resp.encode().unwrap();
+            let _ = write_frame(&mut server, &body, MAX_RESPONSE_BYTES).await;
+        });
+        AgentClient::new(client)
+    }
+
+    #[tokio::test]
+    async fn evidence_for_another_nonce_is_refused() {
+        let resp = Response::Evidence(EvidenceResponse {
+            provider: "sev_guest".into(),
+            report_data: hex::encode(report_data_for(b"old nonce")),
+            outblob: b64_encode(b"report"),
+            auxblob: None,
+            generation: 1,
+        });
+        let e = fake_agent(resp)
+            .await
+            .get_evidence(b"new nonce")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, AgentClientError::ReportDataMismatch { .. }),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn silent_agent_times_out() {
+        let (client, _server) = tokio::io::duplex(1024);
+        let e = AgentClient::new(client)
+            .with_timeout(Duration::from_millis(50))
+            .provider_info()
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AgentClientError::Timeout(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn agent_errors_surface_code_and_message() {
+        let resp = Response::error(ErrorCode::ProviderMissing, "no /sys/kernel/config/tsm");
+        let e = fake_agent(resp).await.provider_info().await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "guest agent error provider-missing: no /sys/kernel/config/tsm"
+        );
+    }
+}

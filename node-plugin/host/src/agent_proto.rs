@@ -1,0 +1,414 @@
+//! Messages between the node plugin (client) and the guest agent (server).
+//!
+//! Wire format (see `docs/agent-protocol.md`): each message is one frame, a 4-byte
+//! big-endian length followed by that many bytes of UTF-8 JSON. Every body carries
+//! `"version": 1`. Requests are at most [`MAX_REQUEST_BYTES`], responses at most
+//! [`MAX_RESPONSE_BYTES`]; a peer that announces a longer frame gets an error (the server
+//! answers `frame-too-large`) and the connection is closed, because the rest of the stream
+//! can no longer be trusted to be aligned on frames.
+//!
+//! Evidence is bound to the caller's nonce: the agent writes `SHA-512(nonce)` as the 64
+//! bytes of `report_data` (configfs-tsm `inblob`), the binding the whole project uses
+//! (`cvm_crds::wellknown::challenge_bytes`).
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha512};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest request frame body (64 KiB).
+pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
+/// Largest response frame body (1 MiB): an SNP report is ~1.2 KiB, a TDX quote ~5-8 KiB,
+/// the SNP certificate table a few KiB; base64 adds a third.
+pub const MAX_RESPONSE_BYTES: u32 = 1024 * 1024;
+/// Longest nonce a client may send, in bytes (it is hashed, so length only costs time).
+pub const MAX_NONCE_BYTES: usize = 1024;
+/// Default vsock port of the agent.
+pub const DEFAULT_VSOCK_PORT: u32 = 4050;
+
+/// A request as the client sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Request {
+    /// Which TEE provider the guest has, and what the agent speaks.
+    GetProviderInfo,
+    /// Fresh evidence whose `report_data` is SHA-512 of `nonce`.
+    GetEvidence {
+        /// The challenge, lowercase hex, 1 to [`MAX_NONCE_BYTES`] bytes.
+        nonce: String,
+    },
+}
+
+/// A response as the agent sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Response {
+    ProviderInfo(ProviderInfo),
+    Evidence(EvidenceResponse),
+    Error(ErrorResponse),
+}
+
+/// Answer to [`Request::GetProviderInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderInfo {
+    /// configfs-tsm provider name: `sev_guest` (SEV-SNP) or `tdx_guest` (TDX).
+    pub provider: String,
+    /// The agent's own version (its crate version).
+    pub agent_version: String,
+    /// Protocol versions the agent accepts.
+    pub protocol_versions: Vec<u32>,
+}
+
+/// Answer to [`Request::GetEvidence`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EvidenceResponse {
+    /// configfs-tsm provider that produced `outblob`.
+    pub provider: String,
+    /// The 64 bytes written to `inblob`, hex: SHA-512 of the request's nonce.
+    pub report_data: String,
+    /// The report (SNP) or quote (TDX), base64.
+    pub outblob: String,
+    /// Supplemental data (the SNP certificate table: VCEK/VLEK, ASK, ARK), base64, when the
+    /// provider gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auxblob: Option<String>,
+    /// configfs-tsm `generation` the report was read at.
+    pub generation: u64,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The body is not JSON, or not a known request.
+    BadRequest,
+    /// The `version` is not one the agent speaks.
+    UnsupportedVersion,
+    /// The frame is longer than the limit; the agent closes the connection after this.
+    FrameTooLarge,
+    /// The guest has no configfs-tsm provider (no `sev_guest`/`tdx_guest` driver, or
+    /// configfs not mounted).
+    ProviderMissing,
+    /// The kernel refused or failed to produce a report.
+    ReportFailed,
+    /// Another writer changed the report entry while it was read (`generation` moved).
+    Conflict,
+    /// The agent failed in a way not covered above.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The wire spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad-request",
+            ErrorCode::UnsupportedVersion => "unsupported-version",
+            ErrorCode::FrameTooLarge => "frame-too-large",
+            ErrorCode::ProviderMissing => "provider-missing",
+            ErrorCode::ReportFailed => "report-failed",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error the agent reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorResponse {
+    pub code: ErrorCode,
+    /// Human-readable detail, meant for a CVM condition message.
+    pub message: String,
+}
+
+/// Errors of framing and decoding, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge { len: u32, max: u32 },
+    #[error("empty frame: a message body is at least `{{}}`")]
+    EmptyFrame,
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("connection closed in the middle of a frame ({got} of {want} bytes)")]
+    Truncated { got: usize, want: usize },
+    #[error("timed out after {0:?} waiting for the peer")]
+    Timeout(Duration),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("message body is not valid JSON: {0}")]
+    Json(String),
+    #[error("message has no numeric `version` field")]
+    MissingVersion,
+    #[error("protocol version {got} is not supported (this side speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion { got: u64 },
+    #[error("message is not a known {what}: {detail}")]
+    Unknown { what: &'static str, detail: String },
+    #[error("invalid field {field}: {detail}")]
+    Invalid { field: &'static str, detail: String },
+}
+
+impl ProtoError {
+    /// The code a server answers with for this decoding error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtoError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            ProtoError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            ProtoError::Io(_) | ProtoError::Timeout(_) => ErrorCode::Internal,
+            _ => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// Reads one frame's body. `Ok(None)` when the peer closed cleanly between frames.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+) -> Result<Option<Vec<u8>>, ProtoError> {
+    let mut header = [0u8; 4];
+    let mut got = 0;
+    while got < header.len() {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(ProtoError::Truncated { got, want: 4 })
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(header);
+    if len > max {
+        return Err(ProtoError::FrameTooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(ProtoError::EmptyFrame);
+    }
+    let want = len as usize;
+    // Allocation is bounded by `max`, checked above.
+    let mut body = vec![0u8; want];
+    let mut got = 0;
+    while got < want {
+        let n = r.read(&mut body[got..]).await?;
+        if n == 0 {
+            return Err(ProtoError::Truncated { got, want });
+        }
+        got += n;
+    }
+    Ok(Some(body))
+}
+
+/// Writes one frame; refuses bodies over `max` so a sender never emits what its peer must
+/// reject.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    body: &[u8],
+    max: u32,
+) -> Result<(), ProtoError> {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    if len > max {
+        return Err(ProtoError::FrameTooLarge { len, max });
+    }
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.extend_from_slice(body);
+    w.write_all(&buf).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Adds `"version"` to a tagged message.
+fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut v = serde_json::to_value(msg).map_err(|e| ProtoError::Json(e.to_string()))?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("version".into(), PROTOCOL_VERSION.into());
+    }
+    serde_json::to_vec(&v).map_err(|e| ProtoError::Json(e.to_string()))
+}
+
+/// Checks `"version"` first, so a future version's request gets `unsupported-version`
+/// rather than a confusing `bad-request`.
+fn decode<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &'static str,
+) -> Result<T, ProtoError> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ProtoError::Json(e.to_string()))?;
+    let obj = v.as_object_mut().ok_or(ProtoError::Unknown {
+        what,
+        detail: "the body is not a JSON object".into(),
+    })?;
+    let version = obj
+        .remove("version")
+        .and_then(|v| v.as_u64())
+        .ok_or(ProtoError::MissingVersion)?;
+    if version != u64::from(PROTOCOL_VERSION) {
+        return Err(ProtoError::UnsupportedVersion { got: version });
+    }
+    serde_json::from_value(v).map_err(|e| ProtoError::Unknown {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+impl Request {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        encode(self)
+    }
+
+    /// Decodes and validates a request body.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        let req: Request = decode(body, "request")?;
+        if let Request::GetEvidence { nonce } = &req {
+            decode_nonce(nonce)?;
+        }
+        Ok(req)
+    }
+
+    /// A `get-evidence` request for these challenge bytes.
+    pub fn get_evidence(nonce: &[u8]) -> Self {
+        Request::GetEvidence {
+            nonce: hex::encode(nonce),
+        }
+    }
+}
+
+impl Response {
+    pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
+        encode(self)
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
+        decode(body, "response")
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Error(ErrorResponse {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+/// Decodes a hex nonce and enforces its length bounds.
+pub fn decode_nonce(nonce: &str) -> Result<Vec<u8>, ProtoError> {
+    let bytes = hex::decode(nonce).map_err(|e| ProtoError::Invalid {
+        field: "nonce",
+        detail: format!("not hex: {e}"),
+    })?;
+    if bytes.is_empty() || bytes.len() > MAX_NONCE_BYTES {
+        return Err(ProtoError::Invalid {
+            field: "nonce",
+            detail: format!(
+                "{} bytes; must be 1 to {MAX_NONCE_BYTES} bytes",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
+/// The `report_data` that binds evidence to a nonce: SHA-512 of its bytes.
+pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
+    let digest = Sha512::digest(nonce);
+    let mut out = [0u8; 64];
+    out.copy_from_slice(&digest);
+    out
+}
+
+/// Standard base64 with padding, the encoding of `outblob` and `auxblob`.
+pub fn b64_encode(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Decodes a base64 field, naming it in the error.
+pub fn b64_decode(field: &'static str, s: &str) -> Result<Vec<u8>, ProtoError> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .map_err(|e| ProtoError::Invalid {
+            field,
+            detail: format!("not base64: {e}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_carries_version() {
+        let req = Request::get_evidence(b"\x00\xff");
+        let body = req.encode().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["type"], "get-evidence");
+        assert_eq!(v["nonce"], "00ff");
+        assert_eq!(Request::decode(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn wrong_or_missing_version_is_refused() {
+        let e = Request::decode(br#"{"version":2,"type":"get-provider-info"}"#).unwrap_err();
+        assert!(matches!(e, ProtoError::UnsupportedVersion { got: 2 }), "{e}");
+        assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
+        let e = Request::decode(br#"{"type":"get-provider-info"}"#).unwrap_err();
+        assert!(matches!(e, ProtoError::MissingVersion), "{e}");
+    }
+
+    #[test]
+    fn bad_nonce_and_unknown_type_are_bad_requests() {
+        for body in [
+            &br#"{"version":1,"type":"get-evidence","nonce":"zz"}"#[..],
+            br#"{"version":1,"type":"get-evidence","nonce":""}"#,
+            br#"{"version":1,"type":"format-disk"}"#,
+            br#"[1,2]"#,
+            b"not json",
+        ] {
+            let e = Request::decode(body).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::BadRequest, "{e}");
+        }
+        let long = "ab".repeat(MAX_NONCE_BYTES + 1);
+        let body = format!(r#"{{"version":1,"type":"get-evidence","nonce":"{long}"}}"#);
+        assert!(Request::decode(body.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn report_data_is_sha512_of_nonce() {
+        let rd = report_data_for(b"abc");
+        assert_eq!(&hex::encode(rd)[..16], "ddaf35a193617aba");
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits_hold() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write_frame(&mut a, b"{\"x\":1}", 100).await.unwrap();
+        let got = read_frame(&mut b, 100).await.unwrap().unwrap();
+        assert_eq!(got, b"{\"x\":1}");
+
+        // A sender refuses what the receiver would refuse.
+        assert!(matches!(
+            write_frame(&mut a, &[b'x'; 101], 100).await,
+            Err(ProtoError::FrameTooLarge { len: 101, max: 100 })
+        ));
+
+        // A receiver refuses a too-long header without reading (or allocating) the body.
+        a.write_all(&1_000_000u32.to_be_bytes()).await.unwrap();
+        let e = read_frame(&mut b, 100).await.unwrap_err();
+        assert!(matches!(e, ProtoError::FrameTooLarge { len: 1_000_000, .. }));
+
+        // Clean close between frames is not an error; a torn frame is.
+        a.write_all(&10u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"abc").await.unwrap();
+        drop(a);
+        let e = read_frame(&mut b, 100).await.unwrap_err();
+        assert!(matches!(e, ProtoError::Truncated { got: 3, want: 10 }), "{e}");
+        assert!(read_frame(&mut b, 100).await.unwrap().is_none());
+    }
+}
