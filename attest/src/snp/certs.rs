@@ -14,6 +14,7 @@ use thiserror::Error;
 use x509_cert::crl::CertificateList;
 use x509_cert::Certificate as X509;
 
+use super::crypto::ReportKey;
 use super::report::Generation;
 
 /// Problems with one certificate or CRL, or with building a chain to a trusted root.
@@ -664,7 +665,12 @@ impl TrustAnchors {
                 } else {
                     VekKind::Vcek
                 };
+                let report_key = match &vek.key {
+                    PublicKey::EcP384(point) => ReportKey::new(point),
+                    _ => return Err(ChainError::VekKey(vek.subject_cn.clone())),
+                };
                 return Ok(VerifiedChain {
+                    report_key,
                     vek: vek.clone(),
                     intermediate: inter.clone(),
                     root: root.cert.clone(),
@@ -719,6 +725,8 @@ fn find_vek(supplied: &[Cert]) -> Result<&Cert, ChainError> {
 /// A chain that verified up to a trusted ARK (signatures only; see `check_time`).
 #[derive(Debug, Clone)]
 pub struct VerifiedChain {
+    /// The VEK's key, parsed once for the report-signature hot path.
+    pub report_key: ReportKey,
     pub vek: Cert,
     /// ASK for a VCEK, ASVK for a VLEK.
     pub intermediate: Cert,
@@ -740,5 +748,73 @@ impl VerifiedChain {
             PublicKey::EcP384(k) => k,
             _ => &[],
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spl_values_accept_amd_encodings_only() {
+        assert_eq!(spl_value(&[0x02, 0x01, 0x08]), Ok(8));
+        assert_eq!(spl_value(&[0x02, 0x02, 0x00, 0xA9]), Ok(0xA9));
+        assert!(spl_value(&[0x02, 0x01, 0x80]).is_err(), "negative");
+        assert!(spl_value(&[0x02, 0x02, 0x01, 0x00]).is_err(), "> 255");
+        assert!(spl_value(&[0x04, 0x01, 0x08]).is_err(), "not an INTEGER");
+        assert!(spl_value(&[]).is_err());
+    }
+
+    #[test]
+    fn hw_id_raw_or_wrapped() {
+        let raw: Vec<u8> = (0..64).collect();
+        assert_eq!(hw_id_value(&raw).unwrap(), raw);
+        let mut wrapped = vec![0x04, 0x40];
+        wrapped.extend_from_slice(&raw);
+        assert_eq!(hw_id_value(&wrapped).unwrap(), raw);
+        assert_eq!(hw_id_value(&[1; 8]).unwrap(), vec![1; 8]);
+        assert!(hw_id_value(&[0x04, 0x03, 1, 2, 3])
+            .unwrap_err()
+            .contains("3 bytes"));
+        assert!(hw_id_value(&[0xFF; 20]).is_err());
+    }
+
+    #[test]
+    fn pem_and_der_inputs() {
+        assert_eq!(pem_or_der(b""), Err(CertError::Empty));
+        assert_eq!(pem_or_der(b"\x30\x03\x02\x01\x01").unwrap().len(), 1);
+        let unterminated = b"-----BEGIN CERTIFICATE-----\nMIIB\n";
+        assert!(matches!(pem_or_der(unterminated), Err(CertError::Pem(_))));
+        let other_label = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        assert_eq!(pem_or_der(other_label), Err(CertError::Empty));
+        assert!(matches!(
+            pem_or_der_crls(other_label),
+            Err(CertError::Crl(_))
+        ));
+        assert!(parse_certs(b"\x30\x03\x02\x01\x01").is_err());
+    }
+
+    #[test]
+    fn builtin_roots_are_self_signed_and_sign_their_asks() {
+        let t = TrustAnchors::builtin_amd();
+        assert_eq!(t.roots.len(), 3);
+        for (root, ask) in t.roots.iter().zip(&t.intermediates) {
+            assert!(
+                root.cert.verify_signed_by(&root.cert).is_ok(),
+                "{}",
+                root.label
+            );
+            assert!(
+                ask.verify_signed_by(&root.cert).is_ok(),
+                "{}",
+                ask.subject_cn
+            );
+            assert!(ask.named_issuer_is(&root.cert));
+            assert!(matches!(root.cert.key, PublicKey::Rsa(_)));
+        }
+        // Cross-generation signatures never verify.
+        assert!(t.intermediates[0]
+            .verify_signed_by(&t.roots[1].cert)
+            .is_err());
     }
 }

@@ -6,6 +6,7 @@
 //! caller gives. The result holds named findings and converts to an EAR.
 
 pub mod certs;
+pub mod crypto;
 pub mod policy;
 pub mod report;
 pub mod time;

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ring::signature::{UnparsedPublicKey, ECDSA_P384_SHA384_FIXED};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -421,10 +420,7 @@ fn check_signature(report: &SnpReport, chain: &VerifiedChain, a: &mut Appraisal)
     let mut sig = [0u8; 96];
     sig[..48].copy_from_slice(&report.signature_r);
     sig[48..].copy_from_slice(&report.signature_s);
-    let ok = report.signature_well_formed
-        && UnparsedPublicKey::new(&ECDSA_P384_SHA384_FIXED, chain.vek_point())
-            .verify(report.signed_bytes(), &sig)
-            .is_ok();
+    let ok = report.signature_well_formed && chain.report_key.verify(report.signed_bytes(), &sig);
     if !ok {
         a.push(hw(
             "report-signature-invalid",
