@@ -1,0 +1,532 @@
+//! The node plugin against a real API server: each test runs a simulated plugin in-process
+//! for its own Node, binds CVMs to it as the operator would (status.nodeName and the
+//! `cvmp.io/node` label), and waits on the objects' conditions.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cvm_attest::snp::{SnpContext, SnpEvidence, SnpPolicy, SnpVerifier};
+use cvm_attest::tdx::{AppraisalContext, TdxPolicy};
+use cvm_crds::cvm::{ConfidentialVM, GuestState};
+use cvm_crds::wellknown::{
+    nfd_label, ANNOTATION_REATTEST, FINALIZER, LABEL_NODE, MANAGER_NODE_PLUGIN, MANAGER_OPERATOR,
+    RESOURCE_SNP_ESIDS,
+};
+use cvm_crds::{ConditionType, EvidenceFormat, TeeType};
+use cvm_node_plugin::evidence::{decode_report, COLLATERAL_TDX_QUOTE_V3};
+use cvm_node_plugin::{
+    simulated_measurement, spawn_sim_plugin, PluginHandle, SimConfig, SimPluginOptions,
+};
+use k8s_openapi::api::core::v1::{Namespace, Node};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn cluster() -> Client {
+    // `shared()` runs its own runtime to start the control plane: keep it off ours.
+    let info = tokio::task::spawn_blocking(cvm_e2e::shared::shared)
+        .await
+        .unwrap();
+    info.client().await.unwrap()
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let ns: Api<Namespace> = Api::all(client.clone());
+    let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match ns.create(&PostParams::default(), &obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating namespace {name}: {e}"),
+    }
+}
+
+/// A Node of our own, so no other test's plugin or the harness heartbeat touches it.
+async fn node(client: &Client, name: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let obj: Node = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    match nodes.create(&PostParams::default(), &obj).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("creating node {name}: {e}"),
+    }
+}
+
+fn example(file: &str, name: &str, ns: &str) -> ConfidentialVM {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(file);
+    let mut cvm: ConfidentialVM =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cvm.metadata.name = Some(name.into());
+    cvm.metadata.namespace = Some(ns.into());
+    cvm
+}
+
+async fn start(
+    client: &Client,
+    node: &str,
+    tee: TeeType,
+    state: &Path,
+    roots: &Path,
+) -> PluginHandle {
+    spawn_sim_plugin(
+        client.clone(),
+        SimPluginOptions {
+            node: node.into(),
+            state_dir: state.into(),
+            sim_root_dir: roots.into(),
+            config: SimConfig {
+                tees: vec![tee],
+                slots: 4,
+                launch_delay_ms: 50,
+                ..Default::default()
+            },
+            resync: Duration::from_secs(2),
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// Creates the CVM and binds it to `node` as the operator does: the finalizer, the label,
+/// then status.nodeName, phase and `Scheduled` under the operator's field manager.
+async fn create_and_bind(client: &Client, cvm: &ConfidentialVM, node: &str) -> ConfidentialVM {
+    let ns = cvm.metadata.namespace.as_deref().unwrap();
+    let name = cvm.metadata.name.as_deref().unwrap();
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), cvm).await.unwrap();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "labels": {LABEL_NODE: node},
+            "finalizers": [FINALIZER],
+        }})),
+    )
+    .await
+    .unwrap();
+    let status = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+        "status": {
+            "nodeName": node,
+            "phase": "Scheduled",
+            "conditions": [{
+                "type": "Scheduled", "status": "True", "reason": "Bound",
+                "message": format!("bound to {node}"),
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }],
+        },
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER_OPERATOR).force(),
+        &Patch::Apply(status),
+    )
+    .await
+    .unwrap()
+}
+
+/// Polls the object until `ok` holds; panics with its status when it does not in time.
+async fn wait_for(
+    api: &Api<ConfidentialVM>,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&ConfidentialVM) -> bool,
+) -> ConfidentialVM {
+    let start = Instant::now();
+    loop {
+        let last = api.get_opt(name).await.unwrap();
+        if let Some(c) = &last {
+            if ok(c) {
+                return c.clone();
+            }
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out waiting for {what} on {name}; last status: {:#?}",
+            last.and_then(|c| c.status)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `ok` (a check outside the API, e.g. a counter) until it holds.
+async fn wait_until(what: &str, ok: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < TIMEOUT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn launched(c: &ConfidentialVM) -> bool {
+    c.condition(ConditionType::Launched)
+        .is_some_and(|c| c.status == "True")
+}
+
+fn guest_state(c: &ConfidentialVM) -> Option<GuestState> {
+    c.status.as_ref()?.platform.as_ref()?.guest_state
+}
+
+fn evidence_nonce(c: &ConfidentialVM) -> Option<String> {
+    c.status.as_ref()?.evidence.as_ref()?.nonce.clone()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn verify_snp(c: &ConfidentialVM, policy: SnpPolicy) -> cvm_attest::snp::SnpAppraisal {
+    let ev = c.status.as_ref().unwrap().evidence.as_ref().unwrap();
+    assert_eq!(ev.format, EvidenceFormat::SevSnpReport);
+    let report = decode_report(ev).unwrap();
+    let certs: Vec<Vec<u8>> =
+        cvm_attest::snp::parse_certs(ev.cert_chain.as_deref().unwrap().as_bytes())
+            .unwrap()
+            .iter()
+            .map(|c| c.der().to_vec())
+            .collect();
+    let nonce = hex::decode(ev.nonce.as_deref().unwrap()).unwrap();
+    SnpVerifier::new(policy).unwrap().verify(
+        &SnpEvidence {
+            report: &report,
+            certs: &certs,
+            crls: &[],
+        },
+        &SnpContext { nonce: Some(nonce) },
+        now(),
+    )
+}
+
+fn guests_in(state: &Path) -> usize {
+    let text = std::fs::read_to_string(state.join("guests.json")).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(json!({}));
+    v["guests"].as_object().map_or(0, |g| g.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snp_guest_launches_with_verifiable_fresh_evidence_and_stops_on_delete() {
+    let client = cluster().await;
+    let (ns, node_name) = ("np-snp", "np-node-snp");
+    namespace(&client, ns).await;
+    node(&client, node_name).await;
+    let state = tempfile::tempdir().unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    let plugin = start(
+        &client,
+        node_name,
+        TeeType::SevSnp,
+        state.path(),
+        roots.path(),
+    )
+    .await;
+    let snp_root = plugin.fingerprints.snp.clone().unwrap();
+
+    let cvm = example("sev-snp-cvm.yaml", "snp-a", ns);
+    create_and_bind(&client, &cvm, node_name).await;
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    let c = wait_for(&api, "snp-a", "Launched=True", launched).await;
+
+    // Launch facts.
+    let st = c.status.clone().unwrap();
+    let p = st.platform.clone().unwrap();
+    assert_eq!(p.guest_state, Some(GuestState::Running));
+    assert!(p.simulated);
+    let expected = simulated_measurement(&cvm.spec);
+    assert_eq!(p.computed_measurement.as_deref(), Some(expected.as_str()));
+    assert_eq!(p.launch_policy.as_deref(), Some("0x30000"));
+    assert!(p.snp_tcb.is_some() && p.tdx_tcb_status.is_none());
+    // The operator's fields survive the plugin's apply.
+    assert_eq!(st.node_name.as_deref(), Some(node_name));
+    assert!(c
+        .condition(ConditionType::Scheduled)
+        .is_some_and(|s| s.status == "True"));
+    let fields = c.metadata.managed_fields.clone().unwrap_or_default();
+    let ours = fields
+        .iter()
+        .find(|f| f.manager.as_deref() == Some(MANAGER_NODE_PLUGIN))
+        .expect("the plugin's field manager owns status fields");
+    let owned = serde_json::to_string(&ours.fields_v1).unwrap();
+    assert!(
+        owned.contains("f:evidence") && owned.contains(r#"k:{\"type\":\"Launched\"}"#),
+        "{owned}"
+    );
+    assert!(
+        !owned.contains("f:nodeName") && !owned.contains("f:phase") && !owned.contains("Scheduled"),
+        "{owned}"
+    );
+
+    // Evidence: answers the nonce, verifies when the policy trusts the sim root only.
+    let ev = st.evidence.clone().unwrap();
+    assert_eq!(ev.nonce, cvm.nonce().map(String::from));
+    assert_eq!(ev.launch_measurement.as_deref(), Some(expected.as_str()));
+    let mut trusting = SnpPolicy::trusting(snp_root.parse().unwrap());
+    trusting.measurements = vec![expected.parse().unwrap()];
+    trusting.require_nonce = true;
+    let ok = verify_snp(&c, trusting.clone());
+    assert!(ok.is_affirmed(), "{:#?}", ok.findings());
+    let refused = verify_snp(&c, SnpPolicy::default());
+    assert!(!refused.is_affirmed());
+    assert!(
+        refused
+            .findings()
+            .iter()
+            .any(|f| f.check == "chain-untrusted-root"),
+        "{:#?}",
+        refused.findings()
+    );
+
+    // Node advertisement: NFD labels (SNP implies ES and SEV) and capacity.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let n = nodes.get(node_name).await.unwrap();
+    let labels = n.metadata.labels.clone().unwrap_or_default();
+    for t in [TeeType::Sev, TeeType::SevEs, TeeType::SevSnp] {
+        assert_eq!(
+            labels.get(nfd_label(t)).map(String::as_str),
+            Some("true"),
+            "{t}"
+        );
+    }
+    let cap = n.status.unwrap().capacity.unwrap_or_default();
+    assert_eq!(cap.get(RESOURCE_SNP_ESIDS).map(|q| q.0.as_str()), Some("4"));
+
+    // A new nonce gives new evidence that echoes and binds it.
+    let new_nonce = "00112233445566778899aabbccddeeff";
+    api.patch(
+        "snp-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"attestation": {"nonce": new_nonce}}})),
+    )
+    .await
+    .unwrap();
+    let c = wait_for(&api, "snp-a", "evidence for the new nonce", |c| {
+        evidence_nonce(c).as_deref() == Some(new_nonce)
+    })
+    .await;
+    let fresh = verify_snp(&c, trusting);
+    assert!(fresh.is_affirmed(), "{:#?}", fresh.findings());
+
+    // The re-attest annotation asks for evidence again with the same nonce.
+    let issued = plugin.metrics.evidence_issued.get();
+    api.patch(
+        "snp-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {ANNOTATION_REATTEST: "1"}}})),
+    )
+    .await
+    .unwrap();
+    let m = plugin.metrics.clone();
+    wait_until("evidence after the re-attest annotation", || {
+        m.evidence_issued.get() > issued
+    })
+    .await;
+    assert_eq!(plugin.metrics.guests_launched.get(), 1, "one launch in all");
+
+    // Delete: the finalizer holds the object until the plugin reports the guest stopped.
+    api.delete("snp-a", &DeleteParams::default()).await.unwrap();
+    let c = wait_for(&api, "snp-a", "guestState Stopped", |c| {
+        guest_state(c) == Some(GuestState::Stopped)
+    })
+    .await;
+    let l = c.condition(ConditionType::Launched).unwrap();
+    assert_eq!(
+        (l.status.as_str(), l.reason.as_str()),
+        ("False", "GuestStopped")
+    );
+    assert_eq!(guests_in(state.path()), 0);
+    api.patch(
+        "snp-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_one_guest_and_stops_orphans() {
+    let client = cluster().await;
+    let (ns, node_name) = ("np-restart", "np-node-tdx");
+    namespace(&client, ns).await;
+    node(&client, node_name).await;
+    let state = tempfile::tempdir().unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+
+    let plugin = start(&client, node_name, TeeType::Tdx, state.path(), roots.path()).await;
+    let tdx_root = plugin.fingerprints.tdx.clone().unwrap();
+    let keep = example("tdx-cvm.yaml", "tdx-keep", ns);
+    let gone = example("tdx-cvm.yaml", "tdx-gone", ns);
+    create_and_bind(&client, &keep, node_name).await;
+    create_and_bind(&client, &gone, node_name).await;
+    let c = wait_for(&api, "tdx-keep", "Launched=True", launched).await;
+    wait_for(&api, "tdx-gone", "Launched=True", launched).await;
+    let launched_at = c
+        .status
+        .as_ref()
+        .unwrap()
+        .platform
+        .as_ref()
+        .unwrap()
+        .launched_at
+        .clone();
+
+    // The TDX quote verifies with its collateral when the sim root is trusted.
+    let ev = c.status.as_ref().unwrap().evidence.clone().unwrap();
+    assert_eq!(ev.format, EvidenceFormat::TdxQuote);
+    let quote = decode_report(&ev).unwrap();
+    let collateral = ev.collateral.get(COLLATERAL_TDX_QUOTE_V3).unwrap();
+    let nonce = hex::decode(ev.nonce.as_deref().unwrap()).unwrap();
+    let ctx = AppraisalContext::at(now()).with_nonce(&nonce);
+    let mut policy = TdxPolicy::trusting(tdx_root.clone().try_into().unwrap());
+    policy.mrtd = vec![hex::decode(simulated_measurement(&keep.spec)).unwrap()];
+    policy.mr_config_id = Some(hex::decode(keep.spec.tee.host_data.clone().unwrap()).unwrap());
+    let a = cvm_attest::tdx::verify_quote(&quote, collateral.as_bytes(), &policy, &ctx).unwrap();
+    assert!(a.is_affirmed(), "{:#?}", a.findings);
+    let refused =
+        cvm_attest::tdx::verify_quote(&quote, collateral.as_bytes(), &TdxPolicy::default(), &ctx)
+            .unwrap();
+    assert_eq!(refused.findings[0].check, "untrusted-root");
+
+    // Stop the plugin; meanwhile one CVM vanishes for good (no finalizer left to hold it).
+    plugin.shutdown().await.unwrap();
+    assert_eq!(guests_in(state.path()), 2);
+    api.patch(
+        "tdx-gone",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    api.delete("tdx-gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    let start_wait = Instant::now();
+    while api.get_opt("tdx-gone").await.unwrap().is_some() {
+        assert!(start_wait.elapsed() < TIMEOUT, "tdx-gone still exists");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Restart on the same state: the orphan is stopped, the other guest is not relaunched.
+    let plugin = start(&client, node_name, TeeType::Tdx, state.path(), roots.path()).await;
+    assert_eq!(
+        plugin.fingerprints.tdx.as_deref(),
+        Some(tdx_root.as_str()),
+        "same shared root"
+    );
+    let m = plugin.metrics.clone();
+    wait_until("the orphan guest stopped", || m.guests_stopped.get() == 1).await;
+    assert_eq!(guests_in(state.path()), 1);
+    // A nonce change after the restart is served by the guest already running.
+    api.patch(
+        "tdx-keep",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"attestation": {"nonce": "abcdef01"}}})),
+    )
+    .await
+    .unwrap();
+    let c = wait_for(&api, "tdx-keep", "evidence for the new nonce", |c| {
+        evidence_nonce(c).as_deref() == Some("abcdef01")
+    })
+    .await;
+    assert_eq!(
+        plugin.metrics.guests_launched.get(),
+        0,
+        "no second launch after restart"
+    );
+    assert_eq!(
+        c.status
+            .as_ref()
+            .unwrap()
+            .platform
+            .as_ref()
+            .unwrap()
+            .launched_at,
+        launched_at
+    );
+    assert_eq!(guests_in(state.path()), 1);
+
+    api.delete("tdx-keep", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(&api, "tdx-keep", "guestState Stopped", |c| {
+        guest_state(c) == Some(GuestState::Stopped)
+    })
+    .await;
+    api.patch(
+        "tdx-keep",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    plugin.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sev_es_reports_launch_measure_and_wrong_tee_fails_with_reason() {
+    let client = cluster().await;
+    let (ns, node_name) = ("np-sev", "np-node-sev-es");
+    namespace(&client, ns).await;
+    node(&client, node_name).await;
+    let state = tempfile::tempdir().unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    let plugin = start(
+        &client,
+        node_name,
+        TeeType::SevEs,
+        state.path(),
+        roots.path(),
+    )
+    .await;
+    assert_eq!(
+        plugin.fingerprints.snp, None,
+        "an SEV-ES host has no SNP root"
+    );
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+
+    let es = example("sev-es-cvm.yaml", "es-a", ns);
+    create_and_bind(&client, &es, node_name).await;
+    let c = wait_for(&api, "es-a", "Launched=True", launched).await;
+    let ev = c.status.as_ref().unwrap().evidence.clone().unwrap();
+    assert_eq!(ev.format, EvidenceFormat::SevLaunchMeasure);
+    let expected = simulated_measurement(&es.spec);
+    assert_eq!(expected.len(), 64);
+    assert_eq!(hex::encode(decode_report(&ev).unwrap()), expected);
+    assert_eq!(ev.nonce, None, "no nonce asked, none echoed");
+
+    // A TDX guest bound to an AMD host cannot launch: the condition says why.
+    let tdx = example("tdx-cvm.yaml", "tdx-misplaced", ns);
+    create_and_bind(&client, &tdx, node_name).await;
+    let c = wait_for(&api, "tdx-misplaced", "Launched=False", |c| {
+        c.condition(ConditionType::Launched)
+            .is_some_and(|l| l.reason == "TeeUnsupported")
+    })
+    .await;
+    assert_eq!(guest_state(&c), Some(GuestState::Failed));
+    let msg = &c.condition(ConditionType::Launched).unwrap().message;
+    assert!(msg.contains("does not offer TDX"), "{msg}");
+
+    for name in ["es-a", "tdx-misplaced"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        wait_for(&api, name, "guestState Stopped", |c| {
+            guest_state(c) == Some(GuestState::Stopped)
+        })
+        .await;
+        api.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(guests_in(state.path()), 0);
+    plugin.shutdown().await.unwrap();
+}
