@@ -15,15 +15,19 @@ use cvm_node_plugin::{run, SimPlatform};
 #[derive(Debug, Parser)]
 #[command(name = "cvm-node-plugin", version)]
 struct Cli {
+    /// Print the simulated launch measurement of each ConfidentialVM in FILE (YAML, one
+    /// or more documents) and exit: the value for spec.attestation.expectedMeasurements.
+    #[arg(long, value_name = "FILE", exclusive = true)]
+    measure: Option<PathBuf>,
     /// Name of the Node this plugin serves (the Node must exist).
-    #[arg(long, env = "NODE_NAME")]
-    node_name: String,
+    #[arg(long, env = "NODE_NAME", required_unless_present = "measure")]
+    node_name: Option<String>,
     /// Kubeconfig file; in-cluster config or $KUBECONFIG when unset.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Directory for this host's guest state (survives plugin restarts).
-    #[arg(long)]
-    state_dir: PathBuf,
+    #[arg(long, required_unless_present = "measure")]
+    state_dir: Option<PathBuf>,
     /// Simulator configuration file (YAML or JSON); overrides the --sim-* flags.
     #[arg(long)]
     sim_config: Option<PathBuf>,
@@ -41,8 +45,8 @@ struct Cli {
     sim_launch_delay_ms: u64,
     /// Directory of the simulated vendor roots, shared by every plugin of the cluster
     /// (created on first use).
-    #[arg(long)]
-    sim_root_dir: PathBuf,
+    #[arg(long, required_unless_present = "measure")]
+    sim_root_dir: Option<PathBuf>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -90,9 +94,36 @@ async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+fn print_measurements(file: &PathBuf) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let cvm = cvm_crds::ConfidentialVM::deserialize(doc)
+            .with_context(|| format!("{} is not a ConfidentialVM manifest", file.display()))?;
+        println!(
+            "{}\t{}\t{}",
+            cvm.metadata.name.as_deref().unwrap_or("-"),
+            cvm.spec.tee.tee_type,
+            cvm_node_plugin::simulated_measurement(&cvm.spec)
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(f) = &cli.measure {
+        return print_measurements(f);
+    }
+    let (Some(node_name), Some(state_dir), Some(sim_root_dir)) = (
+        cli.node_name.clone(),
+        cli.state_dir.clone(),
+        cli.sim_root_dir.clone(),
+    ) else {
+        anyhow::bail!("--node-name, --state-dir and --sim-root-dir are required");
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
     if cli.log_json {
@@ -105,8 +136,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let cfg = sim_config(&cli)?;
-    let platform =
-        SimPlatform::open_with_roots(cfg, &cli.state_dir, &cli.sim_root_dir, &cli.node_name)?;
+    let platform = SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
     let fps = platform.root_fingerprints();
     // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
     if let Some(s) = &fps.snp {
@@ -115,15 +145,15 @@ async fn main() -> anyhow::Result<()> {
     if let Some(t) = &fps.tdx {
         println!("simulated TDX root CA: {t}");
     }
-    tracing::info!(node = %cli.node_name, roots = %fps, "simulated platform ready");
+    tracing::info!(node = %node_name, roots = %fps, "simulated platform ready");
 
     let client = client(cli.kubeconfig.as_ref()).await?;
     let plugin = run::NodePlugin::new(
         client,
         Arc::new(platform),
         run::Options {
-            node: cli.node_name.clone(),
-            state_dir: cli.state_dir.clone(),
+            node: node_name.clone(),
+            state_dir: state_dir.clone(),
             resync: Duration::from_secs(cli.resync_secs.max(1)),
         },
     )?;

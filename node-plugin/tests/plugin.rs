@@ -530,3 +530,85 @@ async fn sev_es_reports_launch_measure_and_wrong_tee_fails_with_reason() {
     assert_eq!(guests_in(state.path()), 0);
     plugin.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_advertises_its_node_prints_roots_and_serves_metrics() {
+    let client = cluster().await;
+    let info = tokio::task::spawn_blocking(cvm_e2e::shared::shared)
+        .await
+        .unwrap();
+    let node_name = "np-node-bin";
+    node(&client, node_name).await;
+    let state = tempfile::tempdir().unwrap();
+    let roots = tempfile::tempdir().unwrap();
+    let cfg = state.path().join("sim.yaml");
+    std::fs::write(
+        &cfg,
+        "tees: [TDX]\nslots: 3\ntdxTcbStatus: SWHardeningNeeded\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cvm-node-plugin"))
+        .args(["--node-name", node_name, "--kubeconfig"])
+        .arg(&info.kubeconfig)
+        .arg("--state-dir")
+        .arg(state.path().join("state"))
+        .arg("--sim-config")
+        .arg(&cfg)
+        .arg("--sim-root-dir")
+        .arg(roots.path())
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let start_wait = Instant::now();
+    loop {
+        let n = nodes.get(node_name).await.unwrap();
+        let keys = n
+            .status
+            .and_then(|s| s.allocatable)
+            .and_then(|a| a.get(cvm_crds::wellknown::RESOURCE_TDX_KEYS).cloned());
+        let labelled = n
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .contains_key(nfd_label(TeeType::Tdx));
+        if labelled && keys.as_ref().map(|q| q.0.as_str()) == Some("3") {
+            break;
+        }
+        assert!(start_wait.elapsed() < TIMEOUT, "node never advertised");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.contains("cvm_node_plugin_guests_launched_total{node=\"np-node-bin\"} 0"),
+        "{body}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fp = cvm_node_plugin::sim::roots::cluster_fingerprints(roots.path())
+        .unwrap()
+        .tdx
+        .unwrap();
+    assert!(
+        stdout.contains(&format!("simulated TDX root CA: {fp}")),
+        "{stdout}"
+    );
+}
