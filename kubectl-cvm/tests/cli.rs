@@ -326,3 +326,186 @@ fn bad_usage_and_unreadable_input_exit_2() {
         );
     }
 }
+
+#[test]
+fn tdx_quotes_go_through_the_tdx_verifier() {
+    let (Some(q), Some(c), Some(oq), Some(oc)) = (
+        vector("tdx/dcap-qvl/tdx_quote"),
+        vector("tdx/dcap-qvl/tdx_quote_collateral.json"),
+        vector("tdx/dcap-qvl/tdx_quote_outdated"),
+        vector("tdx/dcap-qvl/tdx_quote_outdated_collateral.json"),
+    ) else {
+        return;
+    };
+    // Inside the v4 sample's collateral window: UpToDate, affirmed.
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--tdx-quote",
+        s(&q),
+        "--collateral",
+        s(&c),
+        "--at",
+        "2025-06-20T00:00:00Z",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let ear: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ear["submods"]["TDX"]["ear.status"], "affirming");
+    // After the collateral expired: refused with a reason.
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--tdx-quote",
+        s(&q),
+        "--collateral",
+        s(&c),
+        "--at",
+        "2025-08-01T00:00:00Z",
+    ]);
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    // The outdated sample: refused, naming the TCB check.
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--tdx-quote",
+        s(&oq),
+        "--collateral",
+        s(&oc),
+        "--at",
+        "2026-02-19T00:00:00Z",
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("[tcb-level-unmatched]"),
+        "{}",
+        stdout(&o)
+    );
+    // Collateral that is not JSON is unreadable input.
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--tdx-quote",
+        s(&q),
+        "--collateral",
+        s(&q),
+    ]);
+    assert_eq!(code(&o), 2);
+}
+
+#[test]
+fn snp_and_tdx_together_give_two_submods() {
+    let (Some(r), Some(v), Some(q), Some(c)) = (
+        vector("snp/trustee/test-report.bin"),
+        vector("snp/trustee/test-vcek.der"),
+        vector("tdx/dcap-qvl/tdx_quote"),
+        vector("tdx/dcap-qvl/tdx_quote_collateral.json"),
+    ) else {
+        return;
+    };
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--snp-report",
+        s(&r),
+        "--certs",
+        s(&v),
+        "--tdx-quote",
+        s(&q),
+        "--collateral",
+        s(&c),
+        "--at",
+        "2025-06-20T00:00:00Z",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    let ear: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ear["submods"]["SEV-SNP"]["ear.status"], "affirming");
+    assert_eq!(ear["submods"]["TDX"]["ear.status"], "affirming");
+}
+
+#[test]
+fn simulated_evidence_needs_a_policy_naming_its_root() {
+    use cvm_attest::sim::{ReportRequest, SimSnpConfig, SimSnpPlatform};
+    let sim = SimSnpPlatform::from_seed([5; 32], SimSnpConfig::default()).unwrap();
+    let req = ReportRequest {
+        measurement: [0x6D; 48],
+        ..Default::default()
+    }
+    .with_nonce(&[0xC0, 0xFF, 0xEE]);
+    let ev = sim.issue_report(&req).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.bin");
+    std::fs::write(&report, &ev.report).unwrap();
+    // One PEM file holding VCEK, ASK and ARK.
+    let certs = dir.path().join("chain.pem");
+    std::fs::write(&certs, ev.cert_chain_pem()).unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "snp:\n  trustedRoots: [\"{}\"]\n  requireNonce: true\n",
+            sim.root_fingerprint()
+        ),
+    )
+    .unwrap();
+    let at = "2026-01-01T00:00:00Z";
+    let m = "6d".repeat(48);
+
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--snp-report",
+        s(&report),
+        "--certs",
+        s(&certs),
+        "--at",
+        at,
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        stdout(&o).contains("[chain-untrusted-root]"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        stdout(&o).contains(&sim.root_fingerprint()),
+        "the fingerprint to list is printed"
+    );
+
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--snp-report",
+        s(&report),
+        "--certs",
+        s(&certs),
+        "--at",
+        at,
+        "--policy",
+        s(&policy),
+        "--nonce",
+        "c0ffee",
+        "--expected-measurement",
+        &m,
+    ]);
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert!(stdout(&o).contains("instance-identity=2"), "{}", stdout(&o));
+
+    let o = run(&[
+        "evidence",
+        "verify",
+        "--snp-report",
+        s(&report),
+        "--certs",
+        s(&certs),
+        "--at",
+        at,
+        "--policy",
+        s(&policy),
+    ]);
+    assert_eq!(code(&o), 1, "policy requires a nonce");
+    assert!(stdout(&o).contains("[nonce-missing]"), "{}", stdout(&o));
+}

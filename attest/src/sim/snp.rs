@@ -167,6 +167,16 @@ pub struct SimSnpEvidence {
     pub cert_chain: Vec<Vec<u8>>,
 }
 
+impl SimSnpEvidence {
+    /// The chain as one PEM file (VCEK, ASK, ARK), as `--certs` takes it.
+    pub fn cert_chain_pem(&self) -> String {
+        self.cert_chain
+            .iter()
+            .map(|d| crate::snp::certs::der_to_pem(d))
+            .collect()
+    }
+}
+
 /// A simulated SNP platform.
 #[derive(Clone)]
 pub struct SimSnpPlatform {

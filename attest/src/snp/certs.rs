@@ -412,6 +412,11 @@ pub fn pem_or_der_crls(input: &[u8]) -> Result<Vec<Vec<u8>>, CertError> {
     Ok(blobs)
 }
 
+/// One DER certificate as a PEM block.
+pub fn der_to_pem(der: &[u8]) -> String {
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).unwrap_or_default()
+}
+
 /// Parse a file of certificates: one DER certificate, or PEM with one or more.
 pub fn parse_certs(input: &[u8]) -> Result<Vec<Cert>, CertError> {
     let blobs = pem_or_der_blobs(input, "CERTIFICATE")?;
