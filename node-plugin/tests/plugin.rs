@@ -440,6 +440,13 @@ async fn restart_keeps_one_guest_and_stops_orphans() {
         0,
         "no second launch after restart"
     );
+    // The evidence answered before the restart was remembered (evidence.json): the only
+    // evidence issued since is the one for the new nonce.
+    wait_until("the metric catching up with the write", || {
+        m.evidence_issued.get() >= 1
+    })
+    .await;
+    assert_eq!(plugin.metrics.evidence_issued.get(), 1);
     assert_eq!(
         c.status
             .as_ref()

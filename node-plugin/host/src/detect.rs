@@ -193,7 +193,7 @@ pub struct FeatureReport {
 }
 
 /// Guest slots the kernel manages.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Capacity {
     /// Plain SEV ASIDs (`sev.amd.com/asids`).
@@ -511,12 +511,10 @@ impl Detector {
                 "0 SEV ASIDs ({} sev 0): every ASID is reserved for SEV-ES/SNP; lower the BIOS 'SEV-ES ASID space limit' to leave some for SEV",
                 capacity.source
             )),
-            Some(n) => {
-                if capacity.sev_asids_in_use.is_some_and(|u| u >= n) {
-                    sev.notes.push(format!("all {n} SEV ASIDs are in use right now"));
-                }
+            Some(n) if capacity.sev_asids_in_use.is_some_and(|u| u >= n) => {
+                sev.notes.push(format!("all {n} SEV ASIDs are in use right now"));
             }
-            None => {}
+            _ => {}
         }
         match capacity.es_asids {
             Some(0) => {
@@ -527,16 +525,14 @@ impl Detector {
                 es.reasons.push(why.clone());
                 snp.reasons.push(why);
             }
-            Some(n) => {
-                if capacity.es_asids_in_use.is_some_and(|u| u >= n) {
-                    let note = format!(
-                        "all {n} SEV-ES/SEV-SNP ASIDs are in use right now: new guests wait for one to be freed"
-                    );
-                    es.notes.push(note.clone());
-                    snp.notes.push(note);
-                }
+            Some(n) if capacity.es_asids_in_use.is_some_and(|u| u >= n) => {
+                let note = format!(
+                    "all {n} SEV-ES/SEV-SNP ASIDs are in use right now: new guests wait for one to be freed"
+                );
+                es.notes.push(note.clone());
+                snp.notes.push(note);
             }
-            None => {}
+            _ => {}
         }
 
         // Dependencies: SEV-ES builds on SEV, SEV-SNP on SEV-ES.
