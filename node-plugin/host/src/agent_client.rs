@@ -68,12 +68,13 @@ pub struct AgentClient<S> {
 impl AgentClient<UnixStream> {
     /// Connects over a unix socket (tests, or a host-side vsock proxy).
     pub async fn connect_unix(path: &Path) -> Result<Self, AgentClientError> {
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| AgentClientError::Connect {
-                addr: path.display().to_string(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| AgentClientError::Connect {
+                    addr: path.display().to_string(),
+                    source,
+                })?;
         Ok(Self::new(stream))
     }
 }

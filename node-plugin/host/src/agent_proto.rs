@@ -356,7 +356,10 @@ mod tests {
     #[test]
     fn wrong_or_missing_version_is_refused() {
         let e = Request::decode(br#"{"version":2,"type":"get-provider-info"}"#).unwrap_err();
-        assert!(matches!(e, ProtoError::UnsupportedVersion { got: 2 }), "{e}");
+        assert!(
+            matches!(e, ProtoError::UnsupportedVersion { got: 2 }),
+            "{e}"
+        );
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
         let e = Request::decode(br#"{"type":"get-provider-info"}"#).unwrap_err();
         assert!(matches!(e, ProtoError::MissingVersion), "{e}");
@@ -401,14 +404,20 @@ mod tests {
         // A receiver refuses a too-long header without reading (or allocating) the body.
         a.write_all(&1_000_000u32.to_be_bytes()).await.unwrap();
         let e = read_frame(&mut b, 100).await.unwrap_err();
-        assert!(matches!(e, ProtoError::FrameTooLarge { len: 1_000_000, .. }));
+        assert!(matches!(
+            e,
+            ProtoError::FrameTooLarge { len: 1_000_000, .. }
+        ));
 
         // Clean close between frames is not an error; a torn frame is.
         a.write_all(&10u32.to_be_bytes()).await.unwrap();
         a.write_all(b"abc").await.unwrap();
         drop(a);
         let e = read_frame(&mut b, 100).await.unwrap_err();
-        assert!(matches!(e, ProtoError::Truncated { got: 3, want: 10 }), "{e}");
+        assert!(
+            matches!(e, ProtoError::Truncated { got: 3, want: 10 }),
+            "{e}"
+        );
         assert!(read_frame(&mut b, 100).await.unwrap().is_none());
     }
 }

@@ -113,7 +113,12 @@ impl CpuidSource for HostCpuid {
             let v = __cpuid(0);
             let e = __cpuid(0x8000_0000);
             (
-                [v.ebx.to_le_bytes(), v.edx.to_le_bytes(), v.ecx.to_le_bytes()].concat(),
+                [
+                    v.ebx.to_le_bytes(),
+                    v.edx.to_le_bytes(),
+                    v.ecx.to_le_bytes(),
+                ]
+                .concat(),
                 e.eax,
             )
         };
@@ -229,7 +234,14 @@ pub struct DetectReport {
     pub observations: Vec<Observation>,
 }
 
-const TEE_FLAGS: &[&str] = &["sev", "sev_es", "sev_snp", "tdx_host_platform", "svm", "vmx"];
+const TEE_FLAGS: &[&str] = &[
+    "sev",
+    "sev_es",
+    "sev_snp",
+    "tdx_host_platform",
+    "svm",
+    "vmx",
+];
 
 /// Detects on `root`, using the real CPUID only when `root` is this host's `/`.
 pub fn report(root: &Path) -> DetectReport {
@@ -366,7 +378,9 @@ impl Detector {
                 None
             }
             ReadOutcome::Absent => Some(format!("{} is absent", self.shown(paths::CPUINFO))),
-            ReadOutcome::Error(e) => Some(format!("cannot read {}: {e}", self.shown(paths::CPUINFO))),
+            ReadOutcome::Error(e) => {
+                Some(format!("cannot read {}: {e}", self.shown(paths::CPUINFO)))
+            }
         };
         let has_flag = |f: &str| flags.contains(f);
         let flag_reason = |flag: &str, what: &str| -> Option<String> {
@@ -382,7 +396,10 @@ impl Detector {
         // CPUID.
         let (cpuid, cpuid_note) = match cpuid_src.sev_leaf() {
             Ok(c) => (c, None),
-            Err(e) => (None, Some(format!("CPUID 0x8000001F could not be read: {e}"))),
+            Err(e) => (
+                None,
+                Some(format!("CPUID 0x8000001F could not be read: {e}")),
+            ),
         };
 
         // Capacity: the misc cgroup is what KVM enforces; CPUID is the fallback.
@@ -444,8 +461,20 @@ impl Detector {
         // Per-feature module parameter checks, each with its own remedy.
         let specs: [(&mut FeatureReport, &str, &str, &str, &str); 3] = [
             (&mut sev, paths::KVM_AMD_SEV, "sev", "SEV", "sev=1"),
-            (&mut es, paths::KVM_AMD_SEV_ES, "sev_es", "SEV-ES", "sev_es=1"),
-            (&mut snp, paths::KVM_AMD_SEV_SNP, "sev_snp", "SEV-SNP", "sev_snp=1"),
+            (
+                &mut es,
+                paths::KVM_AMD_SEV_ES,
+                "sev_es",
+                "SEV-ES",
+                "sev_es=1",
+            ),
+            (
+                &mut snp,
+                paths::KVM_AMD_SEV_SNP,
+                "sev_snp",
+                "SEV-SNP",
+                "sev_snp=1",
+            ),
         ];
         for (report, param_path, flag, name, modparam) in specs {
             if let Some(r) = &kvm_amd_reason {
@@ -542,7 +571,8 @@ impl Detector {
                 es.reasons.push("SEV-ES needs SEV, which is off".into());
             }
             if !es.reasons.is_empty() {
-                snp.reasons.push("SEV-SNP needs SEV-ES, which is off".into());
+                snp.reasons
+                    .push("SEV-SNP needs SEV-ES, which is off".into());
             }
         }
 

@@ -104,7 +104,10 @@ pub enum QemuError {
     ExitedEarly { status: String, stderr: Vec<String> },
     #[error("QEMU exited unexpectedly ({status}){}", render_stderr(stderr))]
     Exited { status: String, stderr: Vec<String> },
-    #[error("QEMU did not open its QMP socket {socket} within {seconds} s{}", render_stderr(stderr))]
+    #[error(
+        "QEMU did not open its QMP socket {socket} within {seconds} s{}",
+        render_stderr(stderr)
+    )]
     StartTimeout {
         socket: String,
         seconds: u64,
@@ -152,7 +155,8 @@ fn render_stderr(lines: &[String]) -> String {
 
 /// A path as UTF-8 text.
 fn text(p: &Path) -> Result<&str, QemuError> {
-    p.to_str().ok_or_else(|| QemuError::NonUtf8Path(p.to_path_buf()))
+    p.to_str()
+        .ok_or_else(|| QemuError::NonUtf8Path(p.to_path_buf()))
 }
 
 /// Escapes a value inside a QEMU `key=value,…` option: a comma is written twice.
@@ -206,10 +210,10 @@ impl QemuGuestSpec {
             memory_mib: spec.resources.memory_mib,
             cpu_model: match tee {
                 TeeType::Tdx => None,
-                _ => Some(cvm.effective_cpu_model().map_or_else(
-                    || DEFAULT_AMD_CPU.to_string(),
-                    |m| m.as_str().to_string(),
-                )),
+                _ => Some(
+                    cvm.effective_cpu_model()
+                        .map_or_else(|| DEFAULT_AMD_CPU.to_string(), |m| m.as_str().to_string()),
+                ),
             },
             firmware: paths.firmware.clone(),
             kernel: paths.kernel.clone(),
@@ -391,7 +395,10 @@ pub fn command_line(spec: &QemuGuestSpec, caps: &HostCaps) -> Result<Vec<String>
     }
     push(
         "-qmp",
-        format!("unix:{},server=on,wait=off", opt_value(text(&spec.qmp_socket)?)),
+        format!(
+            "unix:{},server=on,wait=off",
+            opt_value(text(&spec.qmp_socket)?)
+        ),
     );
     a.push("-nographic".into());
     a.push("-nodefaults".into());

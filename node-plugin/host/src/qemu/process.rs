@@ -129,7 +129,12 @@ impl QemuProcess {
             }
             if opts.qmp_socket.exists() {
                 let left = deadline.saturating_duration_since(Instant::now());
-                match QmpClient::connect_with_timeout(&opts.qmp_socket, left.max(Duration::from_millis(100))).await {
+                match QmpClient::connect_with_timeout(
+                    &opts.qmp_socket,
+                    left.max(Duration::from_millis(100)),
+                )
+                .await
+                {
                     Ok(qmp) => return Ok((proc, qmp)),
                     Err(e) => last_err = Some(e),
                 }

@@ -41,10 +41,7 @@ pub enum QmpError {
     #[error("QMP line longer than {MAX_LINE_BYTES} bytes")]
     LineTooLong,
     #[error("QMP {what} timed out after {timeout:?}")]
-    Timeout {
-        what: String,
-        timeout: Duration,
-    },
+    Timeout { what: String, timeout: Duration },
     #[error("malformed QMP message: {0}")]
     Malformed(String),
     #[error("unexpected QMP greeting: {0}")]

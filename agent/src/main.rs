@@ -1,0 +1,90 @@
+//! `cvm-agent`: the guest agent binary.
+//!
+//! Inside a CVM: `cvm-agent` (vsock port 4050, configfs-tsm at /sys/kernel/config/tsm).
+//! For tests and debugging: `cvm-agent --unix /tmp/agent.sock --tsm-root DIR`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use cvm_agent::server::{serve_unix, serve_vsock, EvidenceSource, ServerConfig};
+use cvm_agent::tsm::{ConfigfsTsm, DEFAULT_TSM_ROOT};
+use cvm_host::agent_proto::DEFAULT_VSOCK_PORT;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cvm-agent",
+    version,
+    about = "Serves fresh TEE evidence to the node plugin"
+)]
+struct Args {
+    /// vsock port to listen on (any CID).
+    #[arg(long, default_value_t = DEFAULT_VSOCK_PORT, env = "CVM_AGENT_VSOCK_PORT")]
+    vsock_port: u32,
+    /// Listen on this unix socket instead of vsock.
+    #[arg(long, env = "CVM_AGENT_UNIX")]
+    unix: Option<PathBuf>,
+    /// The configfs-tsm directory.
+    #[arg(long, default_value = DEFAULT_TSM_ROOT, env = "CVM_AGENT_TSM_ROOT")]
+    tsm_root: PathBuf,
+    /// Seconds a connection may stay idle.
+    #[arg(long, default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds one report may take.
+    #[arg(long, default_value_t = 60)]
+    report_timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = ServerConfig {
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+        report_timeout: Duration::from_secs(args.report_timeout_secs),
+        ..ServerConfig::default()
+    };
+    let source: Arc<dyn EvidenceSource> = Arc::new(ConfigfsTsm::new(&args.tsm_root));
+    // Say at start whether evidence can be produced at all; keep serving either way so
+    // the node plugin gets a `provider-missing` answer rather than a refused connection.
+    match source.provider() {
+        Ok(p) => tracing::info!("configfs-tsm provider: {p}"),
+        Err(e) => tracing::warn!("no evidence available: {e}"),
+    }
+    let result = match &args.unix {
+        Some(path) => {
+            let _ = std::fs::remove_file(path);
+            match tokio::net::UnixListener::bind(path) {
+                Ok(l) => {
+                    tracing::info!("listening on unix:{}", path.display());
+                    serve_unix(l, source, cfg).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, args.vsock_port);
+            match tokio_vsock::VsockListener::bind(addr) {
+                Ok(l) => {
+                    tracing::info!("listening on vsock port {}", args.vsock_port);
+                    serve_vsock(l, source, cfg).await
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cvm-agent: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
