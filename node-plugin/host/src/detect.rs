@@ -700,9 +700,11 @@ impl DetectReport {
     /// What the QEMU command line needs from the host (C-bit position and reduced
     /// physical bits come from CPUID).
     pub fn host_caps(&self) -> HostCaps {
+        // Without SEV the leaf's C-bit fields are zero, not a position.
+        let c = self.cpuid.filter(|c| c.sev);
         HostCaps {
-            cbitpos: self.cpuid.map(|c| c.cbitpos),
-            reduced_phys_bits: self.cpuid.map(|c| c.reduced_phys_bits),
+            cbitpos: c.map(|c| c.cbitpos),
+            reduced_phys_bits: c.map(|c| c.reduced_phys_bits),
         }
     }
 
@@ -720,6 +722,12 @@ impl DetectReport {
                 self.cpu_flags.join(" ")
             }
         );
+        if self.cpu_flags.iter().any(|f| f == "hypervisor") {
+            let _ = writeln!(
+                s,
+                "This system is itself a virtual machine (CPU flag hypervisor): TEE hosts are bare-metal machines."
+            );
+        }
         let on = self.available_tees();
         if on.is_empty() {
             let _ = writeln!(s, "No TEE is available on this host.");
