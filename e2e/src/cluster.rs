@@ -227,7 +227,13 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
         &api_log,
     )?;
     let admin_kc = dir.join("kubeconfig");
-    write_kubeconfig(&admin_kc, api_port, &pki.ca_pem, &pki.admin, "cvm-dev-admin")?;
+    write_kubeconfig(
+        &admin_kc,
+        api_port,
+        &pki.ca_pem,
+        &pki.admin,
+        "cvm-dev-admin",
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -290,9 +296,13 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
     )?;
     // Ready when its service-account controller has done its first work.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
-    wait_until(&sup, "kube-controller-manager", &kcm_log, READY_TIMEOUT, || {
-        rt.block_on(async { matches!(sas.get_opt("default").await, Ok(Some(_))) })
-    })?;
+    wait_until(
+        &sup,
+        "kube-controller-manager",
+        &kcm_log,
+        READY_TIMEOUT,
+        || rt.block_on(async { matches!(sas.get_opt("default").await, Ok(Some(_))) }),
+    )?;
 
     let crds = match opts.crds {
         Some(c) => c,
@@ -410,9 +420,13 @@ pub async fn install_crds(client: &Client, files: &[PathBuf]) -> Result<()> {
                     message: "a CRD document has no metadata.name".into(),
                 })?
                 .to_string();
-            api.patch(&name, &PatchParams::apply("cvm-dev").force(), &Patch::Apply(&v))
-                .await
-                .map_err(kerr(format!("installing CRD {name} from {}", f.display())))?;
+            api.patch(
+                &name,
+                &PatchParams::apply("cvm-dev").force(),
+                &Patch::Apply(&v),
+            )
+            .await
+            .map_err(kerr(format!("installing CRD {name} from {}", f.display())))?;
             names.push(name);
         }
     }

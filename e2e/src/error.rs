@@ -37,10 +37,7 @@ pub enum HarnessError {
         log: PathBuf,
     },
     #[error("Kubernetes API call failed while {doing}: {source}")]
-    Kube {
-        doing: String,
-        source: kube::Error,
-    },
+    Kube { doing: String, source: kube::Error },
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
     #[error("manifest {path}: {message}")]
@@ -51,7 +48,10 @@ pub enum HarnessError {
 
 pub type Result<T, E = HarnessError> = std::result::Result<T, E>;
 
-pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> HarnessError {
+pub(crate) fn io(
+    what: &'static str,
+    path: impl Into<PathBuf>,
+) -> impl FnOnce(std::io::Error) -> HarnessError {
     let path = path.into();
     move |source| HarnessError::Io { what, path, source }
 }

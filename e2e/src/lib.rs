@@ -14,7 +14,9 @@ pub mod nodes;
 pub mod pki;
 pub mod process;
 pub mod shared;
+pub mod system;
 pub mod tools;
+pub mod wait;
 
 pub use cluster::{ControlPlane, Options};
 pub use error::HarnessError;

@@ -85,6 +85,10 @@ pub struct SimNode {
     /// ASIDs (AMD) or keys (TDX) this host can give out.
     pub tee_slots: u32,
     pub extra_labels: BTreeMap<String, String>,
+    /// Publish TEE labels and extended resources from the harness. Off when a node
+    /// plugin runs for this node: then the plugin detects and publishes them, as on a
+    /// real host.
+    pub publish_tee: bool,
 }
 
 impl SimNode {
@@ -96,6 +100,7 @@ impl SimNode {
             memory_gib: 256,
             tee_slots: 16,
             extra_labels: BTreeMap::new(),
+            publish_tee: true,
         }
     }
 
@@ -109,7 +114,11 @@ impl SimNode {
                     Some(tees[i % tees.len()])
                 };
                 let kind = tee.map(|t| t.to_string()).unwrap_or_else(|| "plain".into());
-                SimNode::new(format!("cvm-node-{i}-{kind}"), tee)
+                let mut n = SimNode::new(format!("cvm-node-{i}-{kind}"), tee);
+                // One zone, so that the examples' nodeSelector matches the demo fleet.
+                n.extra_labels
+                    .insert("topology.kubernetes.io/zone".into(), "zone-a".into());
+                n
             })
             .collect()
     }
@@ -120,7 +129,7 @@ impl SimNode {
         l.insert("kubernetes.io/os".into(), "linux".into());
         l.insert("kubernetes.io/arch".into(), "amd64".into());
         l.insert("cvmp.io/simulated".into(), "true".into());
-        if let Some(t) = self.tee {
+        if let Some(t) = self.tee.filter(|_| self.publish_tee) {
             for f in t.implied() {
                 l.insert(f.nfd_label().into(), "true".into());
             }
@@ -134,16 +143,31 @@ impl SimNode {
         c.insert("cpu".into(), Quantity(self.cpus.to_string()));
         c.insert("memory".into(), Quantity(format!("{}Gi", self.memory_gib)));
         c.insert("pods".into(), Quantity("110".into()));
+        if !self.publish_tee {
+            return c;
+        }
         match self.tee {
             Some(Tee::Tdx) => {
-                c.insert(RESOURCE_TDX_KEYS.into(), Quantity(self.tee_slots.to_string()));
+                c.insert(
+                    RESOURCE_TDX_KEYS.into(),
+                    Quantity(self.tee_slots.to_string()),
+                );
             }
             Some(Tee::Sev) => {
-                c.insert(RESOURCE_SEV_ASIDS.into(), Quantity(self.tee_slots.to_string()));
+                c.insert(
+                    RESOURCE_SEV_ASIDS.into(),
+                    Quantity(self.tee_slots.to_string()),
+                );
             }
             Some(Tee::SevEs | Tee::SevSnp) => {
-                c.insert(RESOURCE_SNP_ESIDS.into(), Quantity(self.tee_slots.to_string()));
-                c.insert(RESOURCE_SEV_ASIDS.into(), Quantity(self.tee_slots.to_string()));
+                c.insert(
+                    RESOURCE_SNP_ESIDS.into(),
+                    Quantity(self.tee_slots.to_string()),
+                );
+                c.insert(
+                    RESOURCE_SEV_ASIDS.into(),
+                    Quantity(self.tee_slots.to_string()),
+                );
             }
             None => {}
         }
@@ -262,7 +286,10 @@ mod tests {
     fn fleet_assigns_tees_round_robin() {
         let f = SimNode::fleet(3, &[Tee::SevSnp, Tee::Tdx]);
         let tees: Vec<_> = f.iter().map(|n| n.tee).collect();
-        assert_eq!(tees, vec![Some(Tee::SevSnp), Some(Tee::Tdx), Some(Tee::SevSnp)]);
+        assert_eq!(
+            tees,
+            vec![Some(Tee::SevSnp), Some(Tee::Tdx), Some(Tee::SevSnp)]
+        );
         assert_eq!(f[1].name, "cvm-node-1-tdx");
         assert_eq!(SimNode::fleet(1, &[])[0].tee, None);
     }

@@ -84,7 +84,8 @@ impl Pki {
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         s.subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))));
-        s.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        s.distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
         s.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         s.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let server_cert = s.signed_by(&server_key, &issuer)?;

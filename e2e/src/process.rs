@@ -103,6 +103,33 @@ impl Supervisor {
         }
     }
 
+    /// Kills one child by name at once (SIGKILL), as a crash would.
+    pub fn kill(&self, name: &str) {
+        let mut children = self.lock();
+        let mut kept = Vec::new();
+        for mut m in children.drain(..) {
+            if m.name == name {
+                let _ = m.child.kill();
+                let _ = m.child.wait();
+            } else {
+                kept.push(m);
+            }
+        }
+        *children = kept;
+    }
+
+    /// Names of the children still running.
+    pub fn running(&self) -> Vec<String> {
+        let mut children = self.lock();
+        let mut names = Vec::new();
+        for m in children.iter_mut() {
+            if matches!(m.child.try_wait(), Ok(None)) {
+                names.push(m.name.clone());
+            }
+        }
+        names
+    }
+
     /// Stops one child by name.
     pub fn stop(&self, name: &str, grace: Duration) {
         let mut children = self.lock();

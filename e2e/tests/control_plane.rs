@@ -89,9 +89,16 @@ fn api_error(r: Result<DynamicObject, kube::Error>) -> Result<kube::core::Status
 async fn server_reports_pinned_version_and_ready_nodes() -> Result<()> {
     let c = shared();
     let out = c.kubectl().args(["version", "-o", "json"]).output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    assert_eq!(v["serverVersion"]["gitVersion"], cvm_e2e::tools::KUBERNETES_VERSION);
+    assert_eq!(
+        v["serverVersion"]["gitVersion"],
+        cvm_e2e::tools::KUBERNETES_VERSION
+    );
 
     let out = c
         .kubectl()
@@ -108,12 +115,29 @@ async fn server_reports_pinned_version_and_ready_nodes() -> Result<()> {
 async fn schema_violation_is_refused_with_the_servers_message() -> Result<()> {
     let c = shared();
     let api = gadgets(&c, "t-schema").await?;
-    let s = api_error(api.create(&PostParams::default(), &gadget("big", json!({"size": 100}))?).await)?;
+    let s = api_error(
+        api.create(
+            &PostParams::default(),
+            &gadget("big", json!({"size": 100}))?,
+        )
+        .await,
+    )?;
     assert_eq!(s.code, 422, "{s:?}");
     assert!(s.message.contains("spec.size"), "{}", s.message);
-    assert!(s.message.contains("less than or equal to 64"), "{}", s.message);
-    let s = api_error(api.create(&PostParams::default(), &gadget("none", json!({}))?).await)?;
-    assert!(s.message.contains("spec.size: Required value"), "{}", s.message);
+    assert!(
+        s.message.contains("less than or equal to 64"),
+        "{}",
+        s.message
+    );
+    let s = api_error(
+        api.create(&PostParams::default(), &gadget("none", json!({}))?)
+            .await,
+    )?;
+    assert!(
+        s.message.contains("spec.size: Required value"),
+        "{}",
+        s.message
+    );
     Ok(())
 }
 
@@ -122,14 +146,24 @@ async fn cel_rule_rejects_a_bad_object() -> Result<()> {
     let c = shared();
     let api = gadgets(&c, "t-cel").await?;
     let s = api_error(
-        api.create(&PostParams::default(), &gadget("over", json!({"size": 10, "max": 5}))?)
-            .await,
+        api.create(
+            &PostParams::default(),
+            &gadget("over", json!({"size": 10, "max": 5}))?,
+        )
+        .await,
     )?;
     assert_eq!(s.code, 422);
-    assert!(s.message.contains("spec.size must not exceed spec.max"), "{}", s.message);
-    api.create(&PostParams::default(), &gadget("fine", json!({"size": 5, "max": 5}))?)
-        .await
-        .context("a valid object must be accepted")?;
+    assert!(
+        s.message.contains("spec.size must not exceed spec.max"),
+        "{}",
+        s.message
+    );
+    api.create(
+        &PostParams::default(),
+        &gadget("fine", json!({"size": 5, "max": 5}))?,
+    )
+    .await
+    .context("a valid object must be accepted")?;
     Ok(())
 }
 
@@ -140,10 +174,18 @@ async fn server_side_apply_conflicts_between_field_managers() -> Result<()> {
     namespace(&client, "t-ssa").await?;
     let cms: Api<ConfigMap> = Api::namespaced(client, "t-ssa");
     let cm = |v: &str| json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shared"}, "data": {"k": v}});
-    cms.patch("shared", &PatchParams::apply("manager-a"), &Patch::Apply(cm("a")))
-        .await?;
+    cms.patch(
+        "shared",
+        &PatchParams::apply("manager-a"),
+        &Patch::Apply(cm("a")),
+    )
+    .await?;
     let err = cms
-        .patch("shared", &PatchParams::apply("manager-b"), &Patch::Apply(cm("b")))
+        .patch(
+            "shared",
+            &PatchParams::apply("manager-b"),
+            &Patch::Apply(cm("b")),
+        )
         .await;
     match err {
         Err(kube::Error::Api(s)) => {
@@ -155,9 +197,16 @@ async fn server_side_apply_conflicts_between_field_managers() -> Result<()> {
     }
     // Forcing takes ownership, as the API conventions say.
     let got = cms
-        .patch("shared", &PatchParams::apply("manager-b").force(), &Patch::Apply(cm("b")))
+        .patch(
+            "shared",
+            &PatchParams::apply("manager-b").force(),
+            &Patch::Apply(cm("b")),
+        )
         .await?;
-    assert_eq!(got.data.unwrap_or_default().get("k").map(String::as_str), Some("b"));
+    assert_eq!(
+        got.data.unwrap_or_default().get("k").map(String::as_str),
+        Some("b")
+    );
     Ok(())
 }
 
@@ -167,9 +216,15 @@ async fn watch_resumes_from_a_resource_version() -> Result<()> {
     let client = c.client().await?;
     namespace(&client, "t-watch").await?;
     let cms: Api<ConfigMap> = Api::namespaced(client, "t-watch");
-    let mk = |n: &str| -> Result<ConfigMap> { Ok(serde_json::from_value(json!({"metadata": {"name": n}}))?) };
+    let mk = |n: &str| -> Result<ConfigMap> {
+        Ok(serde_json::from_value(json!({"metadata": {"name": n}}))?)
+    };
     let first = cms.create(&PostParams::default(), &mk("one")?).await?;
-    let rv = first.metadata.resource_version.clone().context("no resourceVersion")?;
+    let rv = first
+        .metadata
+        .resource_version
+        .clone()
+        .context("no resourceVersion")?;
     // Made after `rv`: a watch from `rv` must deliver exactly these, in order.
     cms.create(&PostParams::default(), &mk("two")?).await?;
     cms.create(&PostParams::default(), &mk("three")?).await?;
@@ -198,7 +253,10 @@ async fn rbac_denies_what_a_role_does_not_grant() -> Result<()> {
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "reader"}}))?;
     let _ = sas.create(&PostParams::default(), &sa).await;
     let role = Role {
-        metadata: kube::api::ObjectMeta { name: Some("cm-reader".into()), ..Default::default() },
+        metadata: kube::api::ObjectMeta {
+            name: Some("cm-reader".into()),
+            ..Default::default()
+        },
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec!["".into()]),
             resources: Some(vec!["configmaps".into()]),
@@ -209,17 +267,35 @@ async fn rbac_denies_what_a_role_does_not_grant() -> Result<()> {
     let roles: Api<Role> = Api::namespaced(admin.clone(), ns);
     let _ = roles.create(&PostParams::default(), &role).await;
     let rb = RoleBinding {
-        metadata: kube::api::ObjectMeta { name: Some("reader".into()), ..Default::default() },
-        role_ref: RoleRef { api_group: "rbac.authorization.k8s.io".into(), kind: "Role".into(), name: "cm-reader".into() },
-        subjects: Some(vec![Subject { kind: "ServiceAccount".into(), name: "reader".into(), namespace: Some(ns.into()), ..Default::default() }]),
+        metadata: kube::api::ObjectMeta {
+            name: Some("reader".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "cm-reader".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: "reader".into(),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }]),
     };
     let rbs: Api<RoleBinding> = Api::namespaced(admin.clone(), ns);
     let _ = rbs.create(&PostParams::default(), &rb).await;
 
     // A bound token from the TokenRequest API, signed by the server's SA key.
-    let tr: TokenRequest = serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 600}}))?;
+    let tr: TokenRequest =
+        serde_json::from_value(json!({"spec": {"audiences": [], "expirationSeconds": 600}}))?;
     let tr = sas
-        .create_subresource::<TokenRequest, TokenRequest>("token", "reader", &PostParams::default(), &tr)
+        .create_subresource::<TokenRequest, TokenRequest>(
+            "token",
+            "reader",
+            &PostParams::default(),
+            &tr,
+        )
         .await?;
     let token = tr.status.context("no token issued")?.token;
 
@@ -228,17 +304,30 @@ async fn rbac_denies_what_a_role_does_not_grant() -> Result<()> {
         &Default::default(),
     )
     .await?;
-    cfg.auth_info = kube::config::AuthInfo { token: Some(token.into()), ..Default::default() };
+    cfg.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
     let as_sa = Client::try_from(cfg)?;
 
     let cms: Api<ConfigMap> = Api::namespaced(as_sa.clone(), ns);
-    cms.list(&Default::default()).await.context("the Role grants list on configmaps")?;
+    cms.list(&Default::default())
+        .await
+        .context("the Role grants list on configmaps")?;
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(as_sa, ns);
     match secrets.list(&Default::default()).await {
         Err(kube::Error::Api(s)) => {
             assert_eq!(s.code, 403, "{s:?}");
-            assert!(s.message.contains("system:serviceaccount:t-rbac:reader"), "{}", s.message);
-            assert!(s.message.contains("cannot list resource \"secrets\""), "{}", s.message);
+            assert!(
+                s.message.contains("system:serviceaccount:t-rbac:reader"),
+                "{}",
+                s.message
+            );
+            assert!(
+                s.message.contains("cannot list resource \"secrets\""),
+                "{}",
+                s.message
+            );
         }
         other => bail!("expected 403 Forbidden, got {other:?}"),
     }
@@ -249,13 +338,22 @@ async fn rbac_denies_what_a_role_does_not_grant() -> Result<()> {
 async fn kubectl_prints_custom_columns() -> Result<()> {
     let c = shared();
     let api = gadgets(&c, "t-print").await?;
-    api.create(&PostParams::default(), &gadget("g1", json!({"size": 7}))?).await?;
-    let out = c.kubectl().args(["get", "gdg", "-n", "t-print", "g1"]).output()?;
+    api.create(&PostParams::default(), &gadget("g1", json!({"size": 7}))?)
+        .await?;
+    let out = c
+        .kubectl()
+        .args(["get", "gdg", "-n", "t-print", "g1"])
+        .output()?;
     let text = String::from_utf8(out.stdout)?;
     let mut lines = text.lines();
     let header = lines.next().unwrap_or_default();
     assert!(header.contains("SIZE"), "{text}");
-    assert!(lines.next().is_some_and(|l| l.starts_with("g1") && l.contains('7')), "{text}");
+    assert!(
+        lines
+            .next()
+            .is_some_and(|l| l.starts_with("g1") && l.contains('7')),
+        "{text}"
+    );
     Ok(())
 }
 
@@ -265,7 +363,11 @@ fn helm(c: &ClusterInfo, args: &[&str]) -> Result<Output> {
     // helm built from modules defaults to an old Kubernetes; tell it the one we run.
     cmd.args(args)
         .arg(chart)
-        .args(["--kube-version", cvm_e2e::tools::KUBERNETES_VERSION]).env("HELM_CACHE_HOME", std::env::temp_dir().join("cvm-helm-cache"));
+        .args(["--kube-version", cvm_e2e::tools::KUBERNETES_VERSION])
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("cvm-helm-cache"),
+        );
     Ok(cmd.output()?)
 }
 
@@ -274,16 +376,27 @@ fn helm_lints_and_renders_the_chart() -> Result<()> {
     let c = shared();
     let lint = helm(&c, &["lint", "--strict"])?;
     let lint_out = String::from_utf8_lossy(&lint.stdout);
-    assert!(lint.status.success(), "{lint_out}{}", String::from_utf8_lossy(&lint.stderr));
+    assert!(
+        lint.status.success(),
+        "{lint_out}{}",
+        String::from_utf8_lossy(&lint.stderr)
+    );
     assert!(lint_out.contains("0 chart(s) failed"), "{lint_out}");
     let out = helm(&c, &["template", "demo"])?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_slice(&out.stdout)
         .map(serde::Deserialize::deserialize)
         .collect::<Result<Vec<serde_json::Value>, _>>()?;
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert!(kinds.contains(&"Deployment"), "{kinds:?}");
-    let dep = docs.iter().find(|d| d["kind"] == "Deployment").context("no Deployment")?;
+    let dep = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("no Deployment")?;
     assert_eq!(dep["metadata"]["name"], "demo-operator");
     Ok(())
 }

@@ -24,7 +24,15 @@ fn up_serves_ready_nodes_and_ctrl_c_cleans_up() {
         .find(|l| l.starts_with("export KUBECONFIG="))
         .expect("cvm-dev prints the export line when ready");
     let kubeconfig = line.trim_start_matches("export KUBECONFIG=").to_string();
-    assert_eq!(kubeconfig, state.canonicalize().unwrap().join("kubeconfig").display().to_string());
+    assert_eq!(
+        kubeconfig,
+        state
+            .canonicalize()
+            .unwrap()
+            .join("kubeconfig")
+            .display()
+            .to_string()
+    );
 
     let kubectl = cvm_e2e::tools::bin_dir().unwrap().join("kubectl");
     let out = Command::new(&kubectl)
@@ -33,21 +41,34 @@ fn up_serves_ready_nodes_and_ctrl_c_cleans_up() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let ready: Vec<&str> = text.lines().filter(|l| l.split_whitespace().nth(1) == Some("Ready")).collect();
+    let ready: Vec<&str> = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+        .collect();
     assert_eq!(ready.len(), 2, "{text}");
     assert!(text.contains("cvm-node-1-tdx"), "{text}");
 
     // A second `up` on the same dir is refused with a hint.
-    let second = Command::new(bin).args(["up", "--dir"]).arg(&state).output().unwrap();
+    let second = Command::new(bin)
+        .args(["up", "--dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
     assert!(!second.status.success());
     let err = String::from_utf8_lossy(&second.stderr);
-    assert!(err.contains("already runs") && err.contains("cvm-dev down"), "{err}");
+    assert!(
+        err.contains("already runs") && err.contains("cvm-dev down"),
+        "{err}"
+    );
 
     // Ctrl-C.
     // SAFETY: signal to the child we spawned.
     unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
     let status = up.wait().unwrap();
-    assert!(status.success(), "cvm-dev exits cleanly on SIGINT: {status}");
+    assert!(
+        status.success(),
+        "cvm-dev exits cleanly on SIGINT: {status}"
+    );
     let needle = state.canonicalize().unwrap().display().to_string();
     let orphans: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()

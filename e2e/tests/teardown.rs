@@ -9,7 +9,9 @@ fn processes_using(dir: &Path) -> Vec<String> {
     let needle = dir.to_string_lossy().to_string();
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(&needle) {
             found.push(cmd);
@@ -27,7 +29,10 @@ fn dropped_control_plane_leaves_no_process_or_dir() {
     .expect("control plane starts");
     eprintln!("control plane ready in {:.2} s", cp.startup.as_secs_f64());
     let dir = cp.dir().to_path_buf();
-    assert!(!processes_using(&dir).is_empty(), "etcd and the API server run under {dir:?}");
+    assert!(
+        !processes_using(&dir).is_empty(),
+        "etcd and the API server run under {dir:?}"
+    );
 
     // Panic while owning it: unwinding must stop everything.
     let handle = std::thread::spawn(move || {
@@ -38,5 +43,8 @@ fn dropped_control_plane_leaves_no_process_or_dir() {
 
     let left: Vec<String> = processes_using(&dir);
     assert!(left.is_empty(), "orphans after drop: {left:?}");
-    assert!(!PathBuf::from(&dir).exists(), "temp dir {dir:?} was not removed");
+    assert!(
+        !PathBuf::from(&dir).exists(),
+        "temp dir {dir:?} was not removed"
+    );
 }

@@ -8,6 +8,7 @@
 //!
 //! To run plugins in-process (tests, `cvm-dev`), call [`spawn_sim_plugin`] once per node.
 
+pub mod cli;
 pub mod config;
 pub mod evidence;
 pub mod measure;

@@ -4,6 +4,7 @@
 //! Pure decisions live in [`schedule`], [`state`], [`verify`] and [`leader::decide`];
 //! [`controller`] reads snapshots and writes results.
 
+pub mod cli;
 pub mod controller;
 pub mod error;
 pub mod leader;

@@ -23,7 +23,7 @@ use k8s_openapi::jiff::Timestamp;
 pub const VERIFIER: &str = "cvm-operator";
 
 /// Key under which a node plugin puts TDX collateral (dcap-qvl JSON) in `evidence.collateral`.
-pub const TDX_COLLATERAL_KEY: &str = "tdx-collateral.json";
+pub const TDX_COLLATERAL_KEY: &str = "quoteCollateralV3";
 
 /// The inputs of one appraisal.
 pub struct Input<'a> {
@@ -336,12 +336,32 @@ fn sev(input: &Input<'_>) -> Appraisal {
         .clone()
         .unwrap_or_default();
     let expected = expected_measurements(input);
-    let mut findings = vec![AFinding::new(
+    let simulated = input
+        .cvm
+        .status
+        .as_ref()
+        .and_then(|s| s.platform.as_ref())
+        .is_some_and(|p| p.simulated);
+    // Nothing signs SEV evidence, so a simulated host is accepted only when the policy
+    // explicitly trusts a simulator root, as for signed evidence.
+    let trusts_simulator = input
+        .policy
+        .is_some_and(|(_, p)| p.trusted_roots.iter().any(|r| !r.is_builtin()));
+    let mut findings = Vec::new();
+    if simulated && !trusts_simulator {
+        findings.push(AFinding::new(
+            "hardware-simulated",
+            Claim::Hardware,
+            Severity::Contraindicated,
+            "the guest runs on a simulated platform and the policy trusts no simulator root",
+        ));
+    }
+    findings.push(AFinding::new(
         "hardware-not-attestable",
         Claim::Hardware,
         Severity::Warning,
         "SEV/SEV-ES launch measurements carry no AMD signature the operator can check; verify the LAUNCH_MEASURE HMAC with your TIK to prove the hardware",
-    )];
+    ));
     let mut affirmed = vec![];
     if expected.is_empty() {
         findings.push(AFinding::new(

@@ -1,16 +1,23 @@
 //! `cvm-dev`: a local cvm-operator cluster on a real Kubernetes control plane.
 //!
-//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx]   # runs until Ctrl-C
-//!   cvm-dev down --dir DIR                                   # stops one started elsewhere
+//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx] [--no-examples]
+//!   cvm-dev down --dir DIR
+//!
+//! It is also the multi-call binary the local system runs: `cvm-dev operator …` is the
+//! operator and `cvm-dev node-plugin …` a simulated node plugin, each its own process.
 
 use clap::{Parser, Subcommand};
-use cvm_e2e::{ControlPlane, Options, SimNode, Tee};
+use cvm_e2e::system::{System, SystemOptions};
+use cvm_e2e::{SimNode, Tee};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "cvm-dev", about = "Run a local cvm-operator cluster with simulated TEE nodes")]
+#[command(
+    name = "cvm-dev",
+    about = "Run a local cvm-operator cluster with simulated TEE nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -18,8 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build or reuse the binaries, start the control plane and simulated TEE nodes, and
-    /// run in the foreground until SIGINT/SIGTERM.
+    /// Build or reuse the binaries, start the control plane, the operator and one
+    /// simulated node plugin per node, apply the examples, and run in the foreground
+    /// until SIGINT/SIGTERM.
     Up {
         /// State, certificates, logs and the kubeconfig.
         #[arg(long, default_value = ".cvm-dev")]
@@ -33,6 +41,12 @@ enum Cmd {
         /// The API server's port (default: a free one).
         #[arg(long)]
         port: Option<u16>,
+        /// Do not apply examples/ (just the cluster, operator and plugins).
+        #[arg(long)]
+        no_examples: bool,
+        /// Only the control plane and nodes: no operator, no node plugins.
+        #[arg(long)]
+        bare: bool,
     },
     /// Stop a `cvm-dev up` started elsewhere with the same --dir.
     Down {
@@ -42,10 +56,26 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // Multi-call: the components of the local system run from this same binary.
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("operator") => {
+            return cvm_operator::cli::main_with_args(
+                std::iter::once("cvm-operator".into()).chain(args[2..].iter().cloned()),
+            )
+        }
+        Some("node-plugin") => {
+            return cvm_node_plugin::cli::main_with_args(
+                std::iter::once("cvm-node-plugin".into()).chain(args[2..].iter().cloned()),
+            )
+        }
+        _ => {}
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,kube_client::client::builder=off")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -56,7 +86,9 @@ fn main() -> ExitCode {
             nodes,
             tee,
             port,
-        } => up(dir, nodes, tee, port),
+            no_examples,
+            bare,
+        } => up(dir, nodes, tee, port, !no_examples && !bare, bare),
         Cmd::Down { dir } => down(&dir),
     };
     match res {
@@ -72,7 +104,18 @@ fn pid_file(dir: &Path) -> PathBuf {
     dir.join("cvm-dev.pid")
 }
 
-fn up(dir: PathBuf, count: usize, tees: Vec<Tee>, port: Option<u16>) -> Result<(), String> {
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+fn up(
+    dir: PathBuf,
+    count: usize,
+    tees: Vec<Tee>,
+    port: Option<u16>,
+    examples: bool,
+    bare: bool,
+) -> Result<(), String> {
     if let Some(pid) = running_pid(&dir) {
         return Err(format!(
             "a cvm-dev (pid {pid}) already runs with --dir {}; stop it with `cvm-dev down --dir {}`",
@@ -82,24 +125,53 @@ fn up(dir: PathBuf, count: usize, tees: Vec<Tee>, port: Option<u16>) -> Result<(
     }
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let started = Instant::now();
-    let mut cp = ControlPlane::start(Options {
-        dir: Some(dir.clone()),
-        api_port: port,
-        nodes: SimNode::fleet(count, &tees),
-        crds: None,
-    })
-    .map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| format!("locating cvm-dev itself: {e}"))?;
+    let mut opts = SystemOptions::new(exe, SimNode::fleet(count, &tees));
+    opts.dir = Some(dir.clone());
+    opts.api_port = port;
+    opts.operator = !bare;
+    let mut sys = if bare {
+        let cp = cvm_e2e::ControlPlane::start(cvm_e2e::Options {
+            dir: Some(dir.clone()),
+            api_port: port,
+            nodes: SimNode::fleet(count, &tees),
+            crds: None,
+        })
+        .map_err(|e| e.to_string())?;
+        Running::Bare(cp)
+    } else {
+        Running::System(System::start(opts).map_err(|e| e.to_string())?)
+    };
     std::fs::write(pid_file(&dir), std::process::id().to_string())
         .map_err(|e| format!("writing {}: {e}", pid_file(&dir).display()))?;
+    let cp = sys.cp();
     eprintln!(
-        "cvm-dev: control plane ready in {:.1} s ({:.1} s in all), {} node(s); logs in {}",
+        "cvm-dev: control plane ready in {:.1} s, {} node(s){}; logs in {}",
         cp.startup.as_secs_f64(),
-        started.elapsed().as_secs_f64(),
         count,
+        if bare {
+            ""
+        } else {
+            ", operator and node plugins started"
+        },
         cp.dir().join("logs").display()
     );
-    println!("export KUBECONFIG={}", cp.kubeconfig().display());
-    eprintln!("cvm-dev: running; Ctrl-C (or `cvm-dev down --dir {}`) stops it", dir.display());
+    if examples {
+        if let Running::System(s) = &sys {
+            demo(s).map_err(|e| {
+                format!(
+                    "{e} (the cluster keeps running; see {})",
+                    s.dir().join("logs").display()
+                )
+            })?;
+        }
+    }
+    eprintln!("cvm-dev: ready in {:.1} s", started.elapsed().as_secs_f64());
+    println!("export KUBECONFIG={}", sys.cp().kubeconfig().display());
+    eprintln!(
+        "cvm-dev: running; Ctrl-C (or `cvm-dev down --dir {}`) stops it",
+        dir.display()
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -115,14 +187,98 @@ fn up(dir: PathBuf, count: usize, tees: Vec<Tee>, port: Option<u16>) -> Result<(
         }
     })?;
     eprintln!("cvm-dev: {sig}: shutting down");
-    cp.shutdown();
+    sys.shutdown();
     let _ = std::fs::remove_file(pid_file(&dir));
     eprintln!("cvm-dev: stopped");
     Ok(())
 }
 
+enum Running {
+    Bare(cvm_e2e::ControlPlane),
+    System(System),
+}
+
+impl Running {
+    fn cp(&self) -> &cvm_e2e::ControlPlane {
+        match self {
+            Running::Bare(cp) => cp,
+            Running::System(s) => &s.cp,
+        }
+    }
+    fn shutdown(&mut self) {
+        match self {
+            Running::Bare(cp) => cp.shutdown(),
+            Running::System(s) => s.shutdown(),
+        }
+    }
+}
+
+/// Applies the examples, lets the demo policy trust this cluster's simulator roots,
+/// waits for every example CVM to be Verified and shows `kubectl get cvm`.
+fn demo(sys: &System) -> Result<(), String> {
+    let kubectl = |args: &[&str]| -> Result<String, String> {
+        let out = sys
+            .cp
+            .kubectl_cmd()
+            .args(args)
+            .output()
+            .map_err(|e| format!("running kubectl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "kubectl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let fps = cvm_e2e::system::sim_root_fingerprints(sys).map_err(|e| e.to_string())?;
+    let ex = examples_dir();
+    kubectl(&["apply", "-f", &ex.display().to_string()])?;
+    // The example policy names the simulator roots with placeholders: trust this
+    // cluster's real simulator roots (demo only; production policies never list them).
+    let builtin = [("amd", None), ("intel", None)];
+    let roots: Vec<serde_json::Value> = builtin
+        .iter()
+        .map(|(n, _): &(&str, Option<&str>)| serde_json::json!({"name": n}))
+        .chain(fps.iter()
+        .map(|(name, fp)| serde_json::json!({"name": name, "sha256Fingerprint": fp, "description": "cvm-dev simulator root (demo only)"})))
+        .collect();
+    let patch = serde_json::json!({"spec": {"trustedRoots": roots}}).to_string();
+    kubectl(&[
+        "patch",
+        "attestationpolicy",
+        "demo-simulator",
+        "--type=merge",
+        "-p",
+        &patch,
+    ])?;
+    eprintln!("cvm-dev: applied examples/; waiting for the example CVMs to be Verified");
+    let t0 = Instant::now();
+    let names = kubectl(&["get", "cvm", "-o", "jsonpath={.items[*].metadata.name}"])?;
+    for name in names.split_whitespace() {
+        kubectl(&[
+            "wait",
+            "--for=condition=Verified",
+            &format!("cvm/{name}"),
+            "--timeout=120s",
+        ])?;
+    }
+    eprintln!(
+        "cvm-dev: all example CVMs Verified in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    eprint!("{}", kubectl(&["get", "cvm", "-o", "wide"])?);
+    let _ = Duration::ZERO;
+    Ok(())
+}
+
 fn running_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file(dir)).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_file(dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     // SAFETY: signal 0 only checks that the process exists.
     (pid > 0 && unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
 }
@@ -144,5 +300,7 @@ fn down(dir: &Path) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Err(format!("pid {pid} did not stop within 30 s; kill it with `kill -9 {pid}`"))
+    Err(format!(
+        "pid {pid} did not stop within 30 s; kill it with `kill -9 {pid}`"
+    ))
 }

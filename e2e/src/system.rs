@@ -1,0 +1,202 @@
+//! The whole system on the local control plane: the operator and one simulated node
+//! plugin per node, each a real process (so tests can kill and restart them), all
+//! started from one multi-call binary (`cvm-dev operator …`, `cvm-dev node-plugin …`).
+
+use crate::error::{io, HarnessError, Result};
+use crate::process::{free_port, Supervisor};
+use crate::{ControlPlane, Options, SimNode, Tee};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How to start the system.
+#[derive(Debug, Clone)]
+pub struct SystemOptions {
+    /// The multi-call binary (`cvm-dev`): `CARGO_BIN_EXE_cvm-dev` in tests, the running
+    /// executable in `cvm-dev up`.
+    pub exe: PathBuf,
+    pub dir: Option<PathBuf>,
+    pub api_port: Option<u16>,
+    pub nodes: Vec<SimNode>,
+    /// Start the operator (one replica).
+    pub operator: bool,
+    /// Milliseconds a simulated launch takes.
+    pub launch_delay_ms: u64,
+}
+
+impl SystemOptions {
+    pub fn new(exe: impl Into<PathBuf>, nodes: Vec<SimNode>) -> Self {
+        SystemOptions {
+            exe: exe.into(),
+            dir: None,
+            api_port: None,
+            nodes,
+            operator: true,
+            launch_delay_ms: 0,
+        }
+    }
+}
+
+/// A running system. Dropping it stops every process (operator and plugins first).
+pub struct System {
+    procs: Supervisor,
+    exe: PathBuf,
+    launch_delay_ms: u64,
+    pub cp: ControlPlane,
+}
+
+fn tee_flag(t: Tee) -> &'static str {
+    match t {
+        Tee::Sev => "SEV",
+        Tee::SevEs => "SEV-ES",
+        Tee::SevSnp => "SEV-SNP",
+        Tee::Tdx => "TDX",
+    }
+}
+
+impl System {
+    pub fn start(opts: SystemOptions) -> Result<System> {
+        let nodes: Vec<SimNode> = opts
+            .nodes
+            .iter()
+            .cloned()
+            .map(|mut n| {
+                n.publish_tee = false;
+                n
+            })
+            .collect();
+        let cp = ControlPlane::start(Options {
+            dir: opts.dir.clone(),
+            api_port: opts.api_port,
+            nodes: nodes.clone(),
+            crds: None,
+        })?;
+        let sys = System {
+            procs: Supervisor::new()?,
+            exe: opts.exe.clone(),
+            launch_delay_ms: opts.launch_delay_ms,
+            cp,
+        };
+        std::fs::create_dir_all(sys.sim_root_dir()).map_err(io("creating", sys.sim_root_dir()))?;
+        // Create the shared simulator roots before any plugin starts, so that all agree
+        // and the demo policy can name them.
+        sim_root_fingerprints(&sys)?;
+        for n in &nodes {
+            sys.start_plugin(n)?;
+        }
+        if opts.operator {
+            sys.start_operator("operator-0")?;
+        }
+        Ok(sys)
+    }
+
+    /// Where the simulated vendor roots live (shared by all plugins, like AMD's ARK).
+    pub fn sim_root_dir(&self) -> PathBuf {
+        self.cp.dir().join("sim-root")
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.cp.dir().join("logs").join(format!("{name}.log"))
+    }
+
+    /// Starts an operator replica named `name` (its Lease identity).
+    pub fn start_operator(&self, name: &str) -> Result<()> {
+        let port = free_port()?;
+        let args = vec![
+            "operator".to_string(),
+            format!("--kubeconfig={}", self.cp.kubeconfig().display()),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+            format!("--identity={name}"),
+            "--lease-namespace=default".into(),
+        ];
+        self.procs.spawn(name, &self.exe, &args, &self.log(name))?;
+        Ok(())
+    }
+
+    /// Starts the node plugin of `node` (state survives restarts in its state dir).
+    pub fn start_plugin(&self, node: &SimNode) -> Result<()> {
+        let name = plugin_name(&node.name);
+        let state = self.cp.dir().join("plugins").join(&node.name);
+        std::fs::create_dir_all(&state).map_err(io("creating", &state))?;
+        let port = free_port()?;
+        let mut args = vec![
+            "node-plugin".to_string(),
+            format!("--node-name={}", node.name),
+            format!("--kubeconfig={}", self.cp.kubeconfig().display()),
+            format!("--state-dir={}", state.display()),
+            format!("--sim-root-dir={}", self.sim_root_dir().display()),
+            format!("--sim-slots={}", node.tee_slots),
+            format!("--sim-launch-delay-ms={}", self.launch_delay_ms),
+            format!("--metrics-addr=127.0.0.1:{port}"),
+        ];
+        if let Some(t) = node.tee {
+            args.push(format!("--sim-tee={}", tee_flag(t)));
+        }
+        self.procs
+            .spawn(&name, &self.exe, &args, &self.log(&name))?;
+        Ok(())
+    }
+
+    /// Adds a node and starts its plugin.
+    pub async fn add_node(&self, mut node: SimNode) -> Result<()> {
+        node.publish_tee = false;
+        self.cp.add_node(node.clone()).await?;
+        self.start_plugin(&node)
+    }
+
+    /// SIGKILLs a component (`operator-0`, `plugin-<node>`), as a crash would.
+    pub fn kill(&self, name: &str) {
+        self.procs.kill(name);
+    }
+
+    /// Processes still running.
+    pub fn running(&self) -> Vec<String> {
+        self.procs.running()
+    }
+
+    /// An error when a component exited, with its log tail.
+    pub fn check_alive(&self, name: &str) -> Result<()> {
+        self.procs.check_alive(name)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.cp.dir()
+    }
+
+    /// Stops operator and plugins, then the control plane.
+    pub fn shutdown(&mut self) {
+        self.procs.stop_all(Duration::from_secs(5));
+        self.cp.shutdown();
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.procs.stop_all(Duration::from_secs(5));
+    }
+}
+
+/// `(name, sha256 hex)` of this cluster's simulated vendor roots, created on first use:
+/// what a demo AttestationPolicy lists in `trustedRoots`.
+pub fn sim_root_fingerprints(sys: &System) -> Result<Vec<(String, String)>> {
+    let fps = cvm_node_plugin::sim::roots::cluster_fingerprints(&sys.sim_root_dir())
+        .map_err(|e| HarnessError::Thread(format!("simulated roots: {e}")))?;
+    let strip = |s: String| s.trim_start_matches("sha256:").to_string();
+    let mut out = Vec::new();
+    if let Some(s) = fps.snp {
+        out.push(("cvm-sim-amd".to_string(), strip(s)));
+    }
+    if let Some(t) = fps.tdx {
+        out.push(("cvm-sim-intel".to_string(), strip(t)));
+    }
+    Ok(out)
+}
+
+/// Process name of a node's plugin.
+pub fn plugin_name(node: &str) -> String {
+    format!("plugin-{node}")
+}
+
+/// Error for callers that need a HarnessError from a message.
+pub fn harness_error(msg: impl Into<String>) -> HarnessError {
+    HarnessError::Thread(msg.into())
+}

@@ -1,0 +1,228 @@
+//! The node plugin's command line (also reachable as `cvm-dev node-plugin …`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{parse_tee, SimConfig, DEFAULT_SLOTS};
+use crate::{run, SimPlatform};
+use anyhow::Context as _;
+use clap::Parser;
+
+/// Per-host agent: advertises the host's TEEs, launches the guests of the
+/// ConfidentialVMs bound to this node, and reports their evidence.
+#[derive(Debug, Parser)]
+#[command(name = "cvm-node-plugin", version)]
+pub struct Cli {
+    /// Print the simulated launch measurement of each ConfidentialVM in FILE (YAML, one
+    /// or more documents) and exit: the value for spec.attestation.expectedMeasurements.
+    #[arg(long, value_name = "FILE", exclusive = true)]
+    measure: Option<PathBuf>,
+    /// Name of the Node this plugin serves (the Node must exist).
+    #[arg(long, env = "NODE_NAME", required_unless_present = "measure")]
+    node_name: Option<String>,
+    /// Kubeconfig file; in-cluster config or $KUBECONFIG when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Directory for this host's guest state (survives plugin restarts).
+    #[arg(long, required_unless_present = "measure")]
+    state_dir: Option<PathBuf>,
+    /// Simulator configuration file (YAML or JSON); overrides the --sim-* flags.
+    #[arg(long)]
+    sim_config: Option<PathBuf>,
+    /// TEE the simulated host offers (repeat or comma-separate): sev, sev-es, sev-snp, tdx.
+    #[arg(long, value_delimiter = ',', default_value = "sev-snp")]
+    sim_tee: Vec<String>,
+    /// SEV-ES/SNP ASIDs (AMD) or TDX keys (Intel) of the simulated host.
+    #[arg(long, default_value_t = DEFAULT_SLOTS)]
+    sim_slots: u32,
+    /// Firmware version the simulated host reports.
+    #[arg(long)]
+    sim_firmware_version: Option<String>,
+    /// Simulated launch time in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    sim_launch_delay_ms: u64,
+    /// Directory of the simulated vendor roots, shared by every plugin of the cluster
+    /// (created on first use).
+    #[arg(long, required_unless_present = "measure")]
+    sim_root_dir: Option<PathBuf>,
+    /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Full re-plan interval in seconds (also the retry interval of failed launches).
+    #[arg(long, default_value_t = 30)]
+    resync_secs: u64,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn sim_config(cli: &Cli) -> anyhow::Result<SimConfig> {
+    if let Some(p) = &cli.sim_config {
+        return Ok(SimConfig::from_file(p)?);
+    }
+    let tees = cli
+        .sim_tee
+        .iter()
+        .map(|t| parse_tee(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cfg = SimConfig {
+        tees,
+        slots: cli.sim_slots,
+        firmware_version: cli.sim_firmware_version.clone(),
+        launch_delay_ms: cli.sim_launch_delay_ms,
+        ..SimConfig::default()
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .with_context(|| format!("reading kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("using kubeconfig {}", p.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and none inferred (in-cluster or $KUBECONFIG)")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn print_measurements(file: &PathBuf) -> anyhow::Result<()> {
+    use serde::Deserialize as _;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let cvm = cvm_crds::ConfidentialVM::deserialize(doc)
+            .with_context(|| format!("{} is not a ConfidentialVM manifest", file.display()))?;
+        println!(
+            "{}\t{}\t{}",
+            cvm.metadata.name.as_deref().unwrap_or("-"),
+            cvm.spec.tee.tee_type,
+            crate::simulated_measurement(&cvm.spec)
+        );
+    }
+    Ok(())
+}
+
+/// Parses `args` (the first is the program name) and runs the plugin to completion.
+pub fn main_with_args<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                std::process::ExitCode::from(2)
+            } else {
+                std::process::ExitCode::SUCCESS
+            };
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cvm-node-plugin: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run_cli(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cvm-node-plugin: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    if let Some(f) = &cli.measure {
+        return print_measurements(f);
+    }
+    let (Some(node_name), Some(state_dir), Some(sim_root_dir)) = (
+        cli.node_name.clone(),
+        cli.state_dir.clone(),
+        cli.sim_root_dir.clone(),
+    ) else {
+        anyhow::bail!("--node-name, --state-dir and --sim-root-dir are required");
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    if cli.log_json {
+        let _ = tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .try_init();
+    } else {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
+
+    let cfg = sim_config(&cli)?;
+    let platform = SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
+    let fps = platform.root_fingerprints();
+    // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
+    if let Some(s) = &fps.snp {
+        println!("simulated SEV-SNP root (ARK): {s}");
+    }
+    if let Some(t) = &fps.tdx {
+        println!("simulated TDX root CA: {t}");
+    }
+    tracing::info!(node = %node_name, roots = %fps, "simulated platform ready");
+
+    let client = client(cli.kubeconfig.as_ref()).await?;
+    let plugin = run::NodePlugin::new(
+        client,
+        Arc::new(platform),
+        run::Options {
+            node: node_name.clone(),
+            state_dir: state_dir.clone(),
+            resync: Duration::from_secs(cli.resync_secs.max(1)),
+        },
+    )?;
+    if let Some(addr) = cli.metrics_addr {
+        let m = plugin.metrics().clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
+                tracing::error!(%addr, error = %e, "metrics server stopped");
+            }
+        });
+    }
+    plugin
+        .run(async {
+            shutdown_signal().await;
+        })
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,146 @@
+//! The operator's command line (also reachable as `cvm-dev operator …`).
+
+use crate::controller;
+use crate::leader::Elector;
+use crate::metrics::Metrics;
+use clap::Parser;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "cvm-operator",
+    about = "Reconciles ConfidentialVM resources: schedules, verifies evidence, writes status"
+)]
+pub struct Cli {
+    /// kubeconfig to use (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: String,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "cvm-operator-leader")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    log_json: bool,
+}
+
+async fn client(cli: &Cli) -> Result<kube::Client, String> {
+    let cfg = match &cli.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no cluster configuration found ({e}); pass --kubeconfig"))?,
+    };
+    kube::Client::try_from(cfg).map_err(|e| format!("building the client: {e}"))
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let client = client(&cli).await?;
+    let metrics = Metrics::new().map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&cli.metrics_addr)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} ({e}); pick another --metrics-addr",
+                cli.metrics_addr
+            )
+        })?;
+    tokio::spawn(metrics.clone().serve(listener));
+
+    let identity = cli.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &cli.lease_namespace);
+    let elector = Elector::new(leases, &cli.lease_name, &identity, Duration::from_secs(15));
+    tracing::info!(identity = %identity, lease = %cli.lease_name, "waiting to lead");
+    elector.acquire().await.map_err(|e| e.to_string())?;
+    tracing::info!(identity = %identity, "leading; starting the controller");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let signals = async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending::<()>().await;
+        };
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    };
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    let ctrl = controller::run(client, metrics, &identity, stop);
+    tokio::select! {
+        _ = ctrl => Ok(()),
+        e = elector.keep() => {
+            let _ = stop_tx.send(());
+            Err(format!("stopping: {e}"))
+        }
+        _ = signals => {
+            tracing::info!("signal received; shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// Parses `args` (the first is the program name) and runs the operator to completion.
+pub fn main_with_args<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube_runtime=warn"));
+    if cli.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cvm-operator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cvm-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
