@@ -102,7 +102,9 @@ fn snp_disabled_in_bios() {
         snp.reasons
     );
     assert!(
-        snp.reasons.iter().any(|x| x.contains("CPU flag sev_snp is missing")),
+        snp.reasons
+            .iter()
+            .any(|x| x.contains("CPU flag sev_snp is missing")),
         "{:?}",
         snp.reasons
     );
@@ -113,7 +115,11 @@ fn snp_disabled_in_bios() {
 fn snp_on_but_zero_es_asids() {
     let dir = tempfile::tempdir().unwrap();
     amd_all_on(dir.path());
-    put(dir.path(), "sys/fs/cgroup/misc.capacity", "sev 509\nsev_es 0\n");
+    put(
+        dir.path(),
+        "sys/fs/cgroup/misc.capacity",
+        "sev 509\nsev_es 0\n",
+    );
     let r = detect::report_with(dir.path(), &NoCpuid);
     assert_eq!(r.available_tees(), vec![TeeType::Sev]);
     for tee in [TeeType::SevEs, TeeType::SevSnp] {
@@ -132,11 +138,19 @@ fn snp_on_but_zero_es_asids() {
 fn all_es_asids_in_use_is_a_note_not_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     amd_all_on(dir.path());
-    put(dir.path(), "sys/fs/cgroup/misc.current", "sev 0\nsev_es 99\n");
+    put(
+        dir.path(),
+        "sys/fs/cgroup/misc.current",
+        "sev 0\nsev_es 99\n",
+    );
     let r = detect::report_with(dir.path(), &NoCpuid);
     let snp = feature(&r, TeeType::SevSnp);
     assert!(snp.available);
-    assert!(snp.notes.iter().any(|n| n.contains("all 99")), "{:?}", snp.notes);
+    assert!(
+        snp.notes.iter().any(|n| n.contains("all 99")),
+        "{:?}",
+        snp.notes
+    );
 }
 
 #[test]
@@ -218,9 +232,9 @@ fn read_errors_are_reported_not_fatal() {
     let r = detect::report_with(dir.path(), &NoCpuid);
     let sev = feature(&r, TeeType::Sev);
     assert!(
-        sev.reasons
-            .iter()
-            .any(|x| x.contains("cannot read /sys/module/kvm_amd/parameters/sev: unexpected value \"maybe\"")),
+        sev.reasons.iter().any(|x| x.contains(
+            "cannot read /sys/module/kvm_amd/parameters/sev: unexpected value \"maybe\""
+        )),
         "{:?}",
         sev.reasons
     );
@@ -257,12 +271,16 @@ fn kvm_amd_not_loaded_and_cpuinfo_unreadable() {
     assert!(r.available_tees().is_empty());
     let sev = feature(&r, TeeType::Sev);
     assert!(
-        sev.reasons.iter().any(|x| x.contains("kvm_amd is not loaded")),
+        sev.reasons
+            .iter()
+            .any(|x| x.contains("kvm_amd is not loaded")),
         "{:?}",
         sev.reasons
     );
     assert!(
-        sev.reasons.iter().any(|x| x.contains("CPU flags unknown (/proc/cpuinfo is absent)")),
+        sev.reasons
+            .iter()
+            .any(|x| x.contains("CPU flags unknown (/proc/cpuinfo is absent)")),
         "{:?}",
         sev.reasons
     );
