@@ -42,6 +42,10 @@ pub enum QmpError {
     LineTooLong,
     #[error("QMP {what} timed out after {timeout:?}")]
     Timeout { what: String, timeout: Duration },
+    /// QEMU answered `query-sev` but the guest has no SEV context (QEMU before 9.1 says so
+    /// with `enabled: false` instead of an error).
+    #[error("SEV is not enabled for this guest (query-sev: enabled=false, state {state}): the host lacks SEV or the guest was started without a sev-guest object")]
+    SevNotEnabled { state: String },
     #[error("malformed QMP message: {0}")]
     Malformed(String),
     #[error("unexpected QMP greeting: {0}")]
@@ -230,8 +234,20 @@ impl QmpClient {
         self.execute_as("query-status", None).await
     }
 
+    /// `query-sev` as QEMU answers it (possibly `enabled: false`).
     pub async fn query_sev(&mut self) -> Result<SevInfo, QmpError> {
         self.execute_as("query-sev", None).await
+    }
+
+    /// `query-sev`, with a guest that has no SEV context reported as an error, as newer
+    /// QEMUs do themselves.
+    pub async fn query_sev_enabled(&mut self) -> Result<SevInfo, QmpError> {
+        let info = self.query_sev().await?;
+        if info.enabled {
+            Ok(info)
+        } else {
+            Err(QmpError::SevNotEnabled { state: info.state })
+        }
     }
 
     /// The SEV/SEV-ES launch measurement, base64 (measurement then 16-byte mnonce).
