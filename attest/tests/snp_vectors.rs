@@ -334,3 +334,16 @@ fn flipping_any_signed_byte_is_caught() {
         }
     }
 }
+
+#[test]
+fn a_bundle_without_vek_says_so() {
+    let Some(pem) = vector("snp/go-sev-guest/ask_ark_milan.pem") else {
+        return;
+    };
+    let certs = parse_certs(&pem).unwrap();
+    let err = TrustAnchors::builtin_amd()
+        .verify_chain(&certs)
+        .unwrap_err();
+    assert_eq!(err, ChainError::NoVek);
+    assert!(err.to_string().contains("--certs"), "{err}");
+}

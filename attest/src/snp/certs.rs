@@ -719,10 +719,12 @@ fn find_vek(supplied: &[Cert]) -> Result<&Cert, ChainError> {
                 .any(|o| o.der != c.der && o.named_issuer_is(c) && !o.is_self_issued())
         })
         .collect();
+    // An ASK/ARK-only bundle has RSA leaves without AMD's extensions: that is "no VEK",
+    // not "a VEK with the wrong key".
     leaves
         .iter()
         .find(|c| c.amd.has_tcb() || c.amd.hw_id.is_some())
-        .or_else(|| leaves.first())
+        .or_else(|| leaves.iter().find(|c| matches!(c.key, PublicKey::EcP384(_))))
         .copied()
         .ok_or(ChainError::NoVek)
 }
