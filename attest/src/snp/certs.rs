@@ -724,7 +724,11 @@ fn find_vek(supplied: &[Cert]) -> Result<&Cert, ChainError> {
     leaves
         .iter()
         .find(|c| c.amd.has_tcb() || c.amd.hw_id.is_some())
-        .or_else(|| leaves.iter().find(|c| matches!(c.key, PublicKey::EcP384(_))))
+        .or_else(|| {
+            leaves
+                .iter()
+                .find(|c| matches!(c.key, PublicKey::EcP384(_)))
+        })
         .copied()
         .ok_or(ChainError::NoVek)
 }
