@@ -9,6 +9,7 @@
 //! ```
 
 pub mod cluster;
+pub mod demo;
 pub mod error;
 pub mod nodes;
 pub mod pki;

@@ -79,3 +79,39 @@ impl ClusterInfo {
         c
     }
 }
+
+static SHARED_SYSTEM: OnceLock<Mutex<Option<std::sync::Arc<crate::system::System>>>> =
+    OnceLock::new();
+
+extern "C" fn stop_shared_system() {
+    if let Some(m) = SHARED_SYSTEM.get() {
+        let taken = m.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(taken);
+    }
+}
+
+/// The whole system (control plane, operator, one plugin per default node) shared by the
+/// tests of one test binary; `exe` is the `cvm-dev` binary (`env!("CARGO_BIN_EXE_cvm-dev")`).
+///
+/// # Panics
+/// When the system cannot start; the message says why.
+pub fn shared_system(exe: &std::path::Path) -> std::sync::Arc<crate::system::System> {
+    let m = SHARED_SYSTEM.get_or_init(|| {
+        let sys =
+            crate::system::System::start(crate::system::SystemOptions::new(exe, default_nodes()))
+                .unwrap_or_else(|e| panic!("cannot start the local system: {e}"));
+        eprintln!(
+            "system ready: control plane in {:.2} s, operator and {} node plugins started",
+            sys.cp.startup.as_secs_f64(),
+            default_nodes().len()
+        );
+        // SAFETY: registering a plain extern "C" fn with no captured state.
+        unsafe { libc::atexit(stop_shared_system) };
+        Mutex::new(Some(std::sync::Arc::new(sys)))
+    });
+    let guard = m.lock().unwrap_or_else(|p| p.into_inner());
+    match guard.as_ref() {
+        Some(s) => s.clone(),
+        None => panic!("the shared system was already stopped"),
+    }
+}

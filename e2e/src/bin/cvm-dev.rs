@@ -104,10 +104,6 @@ fn pid_file(dir: &Path) -> PathBuf {
     dir.join("cvm-dev.pid")
 }
 
-fn examples_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
-}
-
 fn up(
     dir: PathBuf,
     count: usize,
@@ -213,63 +209,21 @@ impl Running {
     }
 }
 
-/// Applies the examples, lets the demo policy trust this cluster's simulator roots,
-/// waits for every example CVM to be Verified and shows `kubectl get cvm`.
+/// Applies the examples, waits for every example CVM to be Verified and shows
+/// `kubectl get cvm`.
 fn demo(sys: &System) -> Result<(), String> {
-    let kubectl = |args: &[&str]| -> Result<String, String> {
-        let out = sys
-            .cp
-            .kubectl_cmd()
-            .args(args)
-            .output()
-            .map_err(|e| format!("running kubectl: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "kubectl {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    let fps = cvm_e2e::system::sim_root_fingerprints(sys).map_err(|e| e.to_string())?;
-    let ex = examples_dir();
-    kubectl(&["apply", "-f", &ex.display().to_string()])?;
-    // The example policy names the simulator roots with placeholders: trust this
-    // cluster's real simulator roots (demo only; production policies never list them).
-    let builtin = [("amd", None), ("intel", None)];
-    let roots: Vec<serde_json::Value> = builtin
-        .iter()
-        .map(|(n, _): &(&str, Option<&str>)| serde_json::json!({"name": n}))
-        .chain(fps.iter()
-        .map(|(name, fp)| serde_json::json!({"name": name, "sha256Fingerprint": fp, "description": "cvm-dev simulator root (demo only)"})))
-        .collect();
-    let patch = serde_json::json!({"spec": {"trustedRoots": roots}}).to_string();
-    kubectl(&[
-        "patch",
-        "attestationpolicy",
-        "demo-simulator",
-        "--type=merge",
-        "-p",
-        &patch,
-    ])?;
+    let names = cvm_e2e::demo::apply_examples(sys)?;
     eprintln!("cvm-dev: applied examples/; waiting for the example CVMs to be Verified");
     let t0 = Instant::now();
-    let names = kubectl(&["get", "cvm", "-o", "jsonpath={.items[*].metadata.name}"])?;
-    for name in names.split_whitespace() {
-        kubectl(&[
-            "wait",
-            "--for=condition=Verified",
-            &format!("cvm/{name}"),
-            "--timeout=120s",
-        ])?;
-    }
+    cvm_e2e::demo::wait_verified(sys, &names, 120)?;
     eprintln!(
         "cvm-dev: all example CVMs Verified in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
-    eprint!("{}", kubectl(&["get", "cvm", "-o", "wide"])?);
-    let _ = Duration::ZERO;
+    eprint!(
+        "{}",
+        cvm_e2e::demo::kubectl(sys, &["get", "cvm", "-o", "wide"])?
+    );
     Ok(())
 }
 

@@ -1,0 +1,305 @@
+//! The product's spine, driven like a user would (kubectl and the API) against the
+//! real API server with the operator and simulated node plugins as processes.
+
+mod common_cvm;
+
+use common_cvm::*;
+use cvm_e2e::wait;
+use cvm_e2e::{SimNode, Tee};
+use kube::api::{DeleteParams, Patch, PatchParams};
+use serde_json::json;
+use sha2::{Digest, Sha512};
+
+#[tokio::test]
+async fn examples_reach_verified_on_nodes_of_their_tee() {
+    let sys = system();
+    let names = cvm_e2e::demo::apply_examples(&sys).expect("examples apply");
+    assert_eq!(names.len(), 3, "{names:?}");
+    cvm_e2e::demo::wait_verified(&sys, &names, 90).expect("every example verifies");
+    let (_, cvms) = api(&sys, "default").await;
+    for name in &names {
+        let c = cvms.get(name).await.unwrap();
+        let node = c.node_name().expect("bound");
+        let want = match c.tee_type() {
+            cvm_crds::TeeType::Tdx => "tdx",
+            _ => "sev-snp",
+        };
+        assert!(
+            node.ends_with(want),
+            "{name} ({}) landed on {node}",
+            c.tee_type()
+        );
+        let att = c
+            .status
+            .as_ref()
+            .and_then(|s| s.attestation.as_ref())
+            .expect("attestation");
+        assert_eq!(att.policy.as_deref(), Some("demo-simulator"));
+        assert_eq!(c.phase(), cvm_crds::CvmPhase::Verified);
+    }
+    let table = kubectl(&sys, &["get", "cvm", "-n", "default"]).unwrap();
+    assert!(
+        table.contains("VERIFIED") && table.contains("Verified"),
+        "{table}"
+    );
+}
+
+#[tokio::test]
+async fn pending_with_counted_reason_then_scheduled_when_a_capable_node_arrives() {
+    let sys = system();
+    let ns = "e2e-pending";
+    let (_, cvms) = api(&sys, ns).await;
+    let mut m = cvm("late", ns, "TDX");
+    m["spec"]["nodeSelector"] = json!({"cvmp.io/pool": "late"});
+    apply_json(&sys, &m).unwrap();
+    let c = wait::until(&cvms, "late", WAIT, "Scheduled=False", |c| {
+        cond_is(c, "Scheduled", "False")
+    })
+    .await
+    .unwrap();
+    let msg = &condition(&c, "Scheduled").unwrap().message;
+    assert!(
+        msg.starts_with("0/") && msg.contains("not matching nodeSelector"),
+        "{msg}"
+    );
+    assert_eq!(c.phase(), cvm_crds::CvmPhase::Pending);
+
+    let mut node = SimNode::new("cvm-node-late-tdx", Some(Tee::Tdx));
+    node.extra_labels
+        .insert("cvmp.io/pool".into(), "late".into());
+    sys.add_node(node).await.unwrap();
+    let c = wait::until(&cvms, "late", WAIT, "Verified=True", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    assert_eq!(c.node_name(), Some("cvm-node-late-tdx"));
+}
+
+#[tokio::test]
+async fn last_asid_is_never_given_twice_even_with_two_operator_replicas() {
+    let sys = system();
+    let ns = "e2e-asid";
+    let (_, cvms) = api(&sys, ns).await;
+    let mut node = SimNode::new("cvm-node-tiny-sev-snp", Some(Tee::SevSnp));
+    node.tee_slots = 2;
+    node.extra_labels
+        .insert("cvmp.io/pool".into(), "tiny".into());
+    sys.add_node(node).await.unwrap();
+    // A second replica: it must wait on the Lease, not schedule beside the first.
+    sys.start_operator("operator-1").unwrap();
+
+    let items: Vec<serde_json::Value> = (0..6)
+        .map(|i| {
+            let mut m = cvm(&format!("tiny-{i}"), ns, "SEV-SNP");
+            m["spec"]["nodeSelector"] = json!({"cvmp.io/pool": "tiny"});
+            m
+        })
+        .collect();
+    apply_json(
+        &sys,
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    )
+    .unwrap();
+
+    // Wait until every CVM is either bound or refused for want of an ASID.
+    let mut bound = Vec::new();
+    let mut refused = Vec::new();
+    for i in 0..6 {
+        let name = format!("tiny-{i}");
+        let c = wait::until(&cvms, &name, WAIT, "placed or refused", |c| {
+            c.node_name().is_some() || cond_is(c, "Scheduled", "False")
+        })
+        .await
+        .unwrap();
+        if c.node_name().is_some() {
+            bound.push(name);
+        } else {
+            let msg = condition(&c, "Scheduled").unwrap().message.clone();
+            assert!(msg.contains("no free ASID"), "{msg}");
+            refused.push(name);
+        }
+    }
+    assert_eq!(
+        bound.len(),
+        2,
+        "exactly the 2 ASIDs are given: bound={bound:?}"
+    );
+    assert_eq!(refused.len(), 4);
+    for name in &bound {
+        wait::until(&cvms, name, WAIT, "Verified", |c| {
+            cond_is(c, "Verified", "True")
+        })
+        .await
+        .unwrap();
+    }
+    // Freeing one ASID lets exactly one pending CVM in.
+    cvms.delete(&bound[0], &DeleteParams::default())
+        .await
+        .unwrap();
+    wait::gone(&cvms, &bound[0], WAIT).await.unwrap();
+    let mut newly = None;
+    let deadline = std::time::Instant::now() + WAIT;
+    while newly.is_none() && std::time::Instant::now() < deadline {
+        for name in &refused {
+            if cvms.get(name).await.unwrap().node_name().is_some() {
+                newly = Some(name.clone());
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let newly = newly.expect("a pending CVM takes the freed ASID");
+    let all = cvms.list(&Default::default()).await.unwrap();
+    let on_tiny = all
+        .items
+        .iter()
+        .filter(|c| c.node_name() == Some("cvm-node-tiny-sev-snp"))
+        .count();
+    assert_eq!(
+        on_tiny, 2,
+        "still never more than 2 on the node (new: {newly})"
+    );
+    sys.kill("operator-1");
+}
+
+#[tokio::test]
+async fn tampered_measurement_is_refused_with_a_named_finding() {
+    let sys = system();
+    let ns = "e2e-tamper";
+    let (_, cvms) = api(&sys, ns).await;
+    let mut m = cvm("tampered", ns, "SEV-SNP");
+    let real = m["spec"]["attestation"]["expectedMeasurements"][0]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let wrong = "ab".repeat(48);
+    m["spec"]["attestation"]["expectedMeasurements"] = json!([wrong]);
+    apply_json(&sys, &m).unwrap();
+    let c = wait::until(&cvms, "tampered", WAIT, "Verified=False", |c| {
+        cond_is(c, "Verified", "False")
+    })
+    .await
+    .unwrap();
+    let v = condition(&c, "Verified").unwrap();
+    assert_eq!(v.reason, "EvidenceRejected");
+    assert!(
+        v.message.contains(&wrong) && v.message.contains(&real),
+        "{}",
+        v.message
+    );
+    let att = c.status.as_ref().unwrap().attestation.as_ref().unwrap();
+    assert_eq!(att.status, cvm_crds::cvm::EarStatus::Contraindicated);
+    let f = att
+        .findings
+        .iter()
+        .find(|f| f.expected.as_deref().is_some_and(|e| e.contains(&wrong)))
+        .expect("named finding");
+    assert_eq!(f.reported.as_deref(), Some(real.as_str()));
+    assert_ne!(c.phase(), cvm_crds::CvmPhase::Verified);
+    let events = kubectl(
+        &sys,
+        &[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "involvedObject.name=tampered,reason=EvidenceRejected",
+            "-o",
+            "name",
+        ],
+    )
+    .unwrap();
+    assert!(!events.trim().is_empty(), "a Warning event is published");
+}
+
+#[tokio::test]
+async fn a_users_nonce_comes_back_bound_in_fresh_evidence() {
+    let sys = system();
+    let ns = "e2e-nonce";
+    let (_, cvms) = api(&sys, ns).await;
+    apply_json(&sys, &cvm("fresh", ns, "SEV-SNP")).unwrap();
+    let before = wait::until(&cvms, "fresh", WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let old_collected = before
+        .status
+        .as_ref()
+        .unwrap()
+        .evidence
+        .as_ref()
+        .unwrap()
+        .collected_at
+        .clone();
+
+    let nonce = "5eed".to_string() + &format!("{:016x}", std::process::id() as u64 * 7919);
+    cvms.patch(
+        "fresh",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"attestation": {"nonce": nonce}}})),
+    )
+    .await
+    .unwrap();
+    let c = wait::until(&cvms, "fresh", WAIT, "Verified for the new nonce", |c| {
+        let st = c.status.as_ref();
+        st.and_then(|s| s.attestation.as_ref())
+            .and_then(|a| a.nonce.as_deref())
+            == Some(nonce.as_str())
+            && cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let ev = c.status.as_ref().unwrap().evidence.as_ref().unwrap();
+    assert_eq!(ev.nonce.as_deref(), Some(nonce.as_str()));
+    assert!(ev.collected_at.0 >= old_collected.0);
+    // Check the binding ourselves, on the raw report: report_data = SHA-512(nonce).
+    let raw = cvm_node_plugin::evidence::decode_report(ev).unwrap();
+    let report = cvm_attest::snp::report::SnpReport::parse(&raw).unwrap();
+    let want: [u8; 64] = Sha512::digest(hex::decode(&nonce).unwrap()).into();
+    assert_eq!(report.report_data, want);
+}
+
+#[tokio::test]
+async fn delete_stops_the_guest_then_removes_the_object() {
+    let sys = system();
+    let ns = "e2e-delete";
+    let (_, cvms) = api(&sys, ns).await;
+    apply_json(&sys, &cvm("doomed", ns, "TDX")).unwrap();
+    let c = wait::until(&cvms, "doomed", WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let uid = c.metadata.uid.clone().unwrap();
+    let node = c.node_name().unwrap().to_string();
+    assert!(
+        guests_on(&sys, &node).contains(&uid),
+        "the plugin holds the guest"
+    );
+    assert!(c
+        .metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == cvm_crds::wellknown::FINALIZER)));
+
+    kubectl(
+        &sys,
+        &[
+            "delete",
+            "cvm",
+            "doomed",
+            "-n",
+            ns,
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    )
+    .unwrap();
+    wait::gone(&cvms, "doomed", WAIT).await.unwrap();
+    assert!(
+        !guests_on(&sys, &node).contains(&uid),
+        "the guest was stopped before the object went"
+    );
+}
