@@ -1,0 +1,100 @@
+//! Time from `kubectl apply` to `Verified=True`, for one CVM and for 100 applied at once.
+//! Prints the figures; asserts only that every CVM verifies (times are measured, not
+//! asserted: see the benchmark rule).
+
+mod common_cvm;
+
+use common_cvm::{apply_json, cond_is, cvm, POLICY};
+use cvm_crds::ConfidentialVM;
+use cvm_e2e::system::{System, SystemOptions};
+use cvm_e2e::{SimNode, Tee};
+use kube::api::Api;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn until_verified(cvms: &Api<ConfidentialVM>, n: usize, timeout: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let list = cvms.list(&Default::default()).await.expect("list");
+        let done = list
+            .items
+            .iter()
+            .filter(|c| cond_is(c, "Verified", "True"))
+            .count();
+        if done >= n {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < timeout,
+            "only {done}/{n} verified after {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn apply_to_verified_for_one_and_for_a_hundred() {
+    let nodes: Vec<SimNode> = (0..4)
+        .map(|i| {
+            let mut n = SimNode::new(format!("scale-{i}"), Some(Tee::SevSnp));
+            n.tee_slots = 32;
+            n
+        })
+        .collect();
+    let sys =
+        System::start(SystemOptions::new(env!("CARGO_BIN_EXE_cvm-dev"), nodes)).expect("system");
+    let roots = cvm_e2e::demo::demo_trusted_roots(&sys).unwrap();
+    apply_json(
+        &sys,
+        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
+        "metadata": {"name": POLICY}, "spec": {"trustedRoots": roots}}),
+    )
+    .unwrap();
+    let client = sys.cp.client().await.unwrap();
+    for ns in ["scale-one", "scale-many"] {
+        common_cvm::namespace(&client, ns).await;
+    }
+
+    let one: Api<ConfidentialVM> = Api::namespaced(client.clone(), "scale-one");
+    let t0 = Instant::now();
+    apply_json(&sys, &cvm("solo", "scale-one", "SEV-SNP")).unwrap();
+    until_verified(&one, 1, Duration::from_secs(60)).await;
+    let single = t0.elapsed();
+
+    let many: Api<ConfidentialVM> = Api::namespaced(client, "scale-many");
+    let items: Vec<_> = (0..100)
+        .map(|i| cvm(&format!("m{i:03}"), "scale-many", "SEV-SNP"))
+        .collect();
+    let t0 = Instant::now();
+    apply_json(
+        &sys,
+        &json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    )
+    .unwrap();
+    let applied = t0.elapsed();
+    until_verified(&many, 100, Duration::from_secs(300)).await;
+    let hundred = t0.elapsed();
+
+    println!(
+        "apply -> Verified=True, 1 CVM: {:.2} s",
+        single.as_secs_f64()
+    );
+    println!(
+        "apply -> Verified=True, 100 CVMs at once: {:.2} s for all (kubectl apply itself {:.2} s), {:.1} CVMs/s",
+        hundred.as_secs_f64(),
+        applied.as_secs_f64(),
+        100.0 / hundred.as_secs_f64()
+    );
+    let list = many.list(&Default::default()).await.unwrap();
+    let mut per_node = std::collections::BTreeMap::new();
+    for c in &list.items {
+        *per_node
+            .entry(c.node_name().unwrap_or("-").to_string())
+            .or_insert(0) += 1;
+    }
+    println!("placement: {per_node:?}");
+    assert!(
+        per_node.values().all(|&n| n <= 32),
+        "no node over its 32 ASIDs: {per_node:?}"
+    );
+}
