@@ -113,8 +113,14 @@ mod tests {
             "ab12",
             "cd34",
         );
-        assert_eq!(f.message, "measurement mismatch: expected ab12, reported cd34");
+        assert_eq!(
+            f.message,
+            "measurement mismatch: expected ab12, reported cd34"
+        );
         assert!(f.is_contraindicated());
-        assert_eq!(f.to_string(), "[measurement-mismatch] measurement mismatch: expected ab12, reported cd34");
+        assert_eq!(
+            f.to_string(),
+            "[measurement-mismatch] measurement mismatch: expected ab12, reported cd34"
+        );
     }
 }
