@@ -8,13 +8,20 @@ use std::time::Duration;
 use crate::config::{parse_tee, SimConfig, DEFAULT_SLOTS};
 use crate::{run, SimPlatform};
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Per-host agent: advertises the host's TEEs, launches the guests of the
 /// ConfidentialVMs bound to this node, and reports their evidence.
 #[derive(Debug, Parser)]
-#[command(name = "cvm-node-plugin", version)]
+#[command(
+    name = "cvm-node-plugin",
+    version,
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Sub>,
     /// Print the simulated launch measurement of each ConfidentialVM in FILE (YAML, one
     /// or more documents) and exit: the value for spec.attestation.expectedMeasurements.
     #[arg(long, value_name = "FILE", exclusive = true)]
@@ -56,6 +63,135 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+}
+
+/// Host tools that need no cluster.
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Report which TEEs this host offers and why each missing one is off (run it on a
+    /// host before joining it to the cluster).
+    ///
+    /// Example: cvm-node-plugin detect -o json
+    Detect {
+        /// Read /sys, /dev and /proc under this root (a fake tree in tests).
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Output format: text or json.
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
+    },
+    /// Print the QEMU command line the QEMU backend would run for a ConfidentialVM.
+    ///
+    /// Example: cvm-node-plugin qemu-args --cvm examples/sev-snp-cvm.yaml --host-caps caps.json
+    QemuArgs {
+        /// A ConfidentialVM manifest (YAML).
+        #[arg(long)]
+        cvm: PathBuf,
+        /// Host capabilities as JSON ({"cbitpos":51,"reducedPhysBits":1}); detected when unset.
+        #[arg(long)]
+        host_caps: Option<PathBuf>,
+        /// Where boot artifacts named in the CVM live (file name = artifact name or URL basename).
+        #[arg(long, default_value = "/var/lib/cvm/artifacts")]
+        artifacts_dir: PathBuf,
+        /// The QMP socket path to put on the command line.
+        #[arg(long, default_value = "/run/cvm/guest.qmp")]
+        qmp_socket: PathBuf,
+    },
+}
+
+fn artifact_path(dir: &std::path::Path, a: &cvm_crds::cvm::ArtifactRef) -> PathBuf {
+    let name = a
+        .name
+        .clone()
+        .or_else(|| {
+            a.url
+                .as_deref()
+                .and_then(|u| u.rsplit('/').next())
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "artifact".into());
+    dir.join(name)
+}
+
+fn run_sub(sub: &Sub) -> anyhow::Result<()> {
+    match sub {
+        Sub::Detect { root, output } => {
+            let report = cvm_host::detect::report(root);
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&report)?),
+                "text" => print!("{}", report.text()),
+                other => anyhow::bail!("unknown output format {other:?}: use text or json"),
+            }
+            Ok(())
+        }
+        Sub::QemuArgs {
+            cvm,
+            host_caps,
+            artifacts_dir,
+            qmp_socket,
+        } => {
+            use serde::Deserialize as _;
+            let text = std::fs::read_to_string(cvm)
+                .with_context(|| format!("reading {}", cvm.display()))?;
+            let doc = serde_yaml::Deserializer::from_str(&text)
+                .next()
+                .with_context(|| format!("{} is empty", cvm.display()))?;
+            let obj = cvm_crds::ConfidentialVM::deserialize(doc)
+                .with_context(|| format!("{} is not a ConfidentialVM manifest", cvm.display()))?;
+            let caps = match host_caps {
+                Some(p) => serde_json::from_str(
+                    &std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )
+                .with_context(|| format!("{} is not host-caps JSON", p.display()))?,
+                None => cvm_host::detect::report(std::path::Path::new("/")).host_caps(),
+            };
+            let boot = &obj.spec.boot;
+            let paths = cvm_host::qemu::ArtifactPaths {
+                firmware: artifact_path(artifacts_dir, &boot.firmware),
+                kernel: boot
+                    .kernel
+                    .as_ref()
+                    .map(|k| artifact_path(artifacts_dir, k)),
+                initrd: boot
+                    .initrd
+                    .as_ref()
+                    .map(|k| artifact_path(artifacts_dir, k)),
+                qmp_socket: qmp_socket.clone(),
+                quote_generation_socket: None,
+            };
+            let spec = cvm_host::qemu::QemuGuestSpec::from_cvm(&obj, &paths)?;
+            let args = cvm_host::qemu::command_line(&spec, &caps)?;
+            println!("{}", shell_lines(&args));
+            Ok(())
+        }
+    }
+}
+
+/// One option per line with its value, shell-quoted, ready to paste.
+fn shell_lines(args: &[String]) -> String {
+    let quote = |a: &str| {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c))
+        {
+            a.to_string()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    let mut lines = vec!["qemu-system-x86_64".to_string()];
+    let mut i = 0;
+    while i < args.len() {
+        let mut line = quote(&args[i]);
+        if args[i].starts_with('-') && args.get(i + 1).is_some_and(|v| !v.starts_with('-')) {
+            line.push(' ');
+            line.push_str(&quote(&args[i + 1]));
+            i += 1;
+        }
+        lines.push(line);
+        i += 1;
+    }
+    lines.join(" \\\n  ")
 }
 
 fn sim_config(cli: &Cli) -> anyhow::Result<SimConfig> {
@@ -145,6 +281,9 @@ where
 }
 
 async fn run_cli(cli: Cli) -> anyhow::Result<()> {
+    if let Some(sub) = &cli.cmd {
+        return run_sub(sub);
+    }
     if let Some(f) = &cli.measure {
         return print_measurements(f);
     }
