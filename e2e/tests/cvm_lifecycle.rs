@@ -303,3 +303,45 @@ async fn delete_stops_the_guest_then_removes_the_object() {
         "the guest was stopped before the object went"
     );
 }
+
+#[tokio::test]
+async fn a_vanished_node_shows_on_the_cvm_and_does_not_block_deletion() {
+    let sys = system();
+    let ns = "e2e-vanish";
+    let (client, cvms) = api(&sys, ns).await;
+    let mut node = SimNode::new("cvm-node-vanish-tdx", Some(Tee::Tdx));
+    node.extra_labels
+        .insert("cvmp.io/pool".into(), "vanish".into());
+    sys.add_node(node).await.unwrap();
+    let mut m = cvm("stranded", ns, "TDX");
+    m["spec"]["nodeSelector"] = json!({"cvmp.io/pool": "vanish"});
+    apply_json(&sys, &m).unwrap();
+    wait::until(&cvms, "stranded", WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+
+    // The host disappears: its plugin dies and its Node object is removed.
+    sys.kill(&cvm_e2e::system::plugin_name("cvm-node-vanish-tdx"));
+    sys.cp.stop_heartbeat("cvm-node-vanish-tdx");
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    nodes
+        .delete("cvm-node-vanish-tdx", &DeleteParams::default())
+        .await
+        .unwrap();
+    let c = wait::until(&cvms, "stranded", WAIT, "Ready=False NodeLost", |c| {
+        condition(c, "Ready").is_some_and(|r| r.status == "False" && r.reason == "NodeLost")
+    })
+    .await
+    .unwrap();
+    assert!(condition(&c, "Ready")
+        .unwrap()
+        .message
+        .contains("cvm-node-vanish-tdx"));
+    // No plugin can confirm the stop, and none is needed: the host is gone.
+    cvms.delete("stranded", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait::gone(&cvms, "stranded", WAIT).await.unwrap();
+}
