@@ -21,3 +21,17 @@ fn api_docs_are_fresh() {
         "docs/api.md is stale: run `cargo run -p cvm-crds --bin crdgen -- --write`"
     );
 }
+
+#[test]
+fn chart_crds_are_fresh() {
+    let want = cvm_crds::crds_yaml().expect("render CRDs");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/cvm-operator/crds/crds.yaml"
+    );
+    let have = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        have == want,
+        "charts/cvm-operator/crds/crds.yaml is stale: run `cargo run -p cvm-crds --bin crdgen -- --write`"
+    );
+}

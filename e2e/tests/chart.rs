@@ -1,0 +1,216 @@
+//! The Helm chart installed with helm into the real API server, and the trust boundary
+//! it sets up: a node plugin's bound token (node-name claim) may write only the CVMs bound
+//! to its own node, never the operator's verdict, and only its own Node.
+
+use anyhow::{bail, Context, Result};
+use cvm_e2e::shared::{shared, ClusterInfo};
+use k8s_openapi::api::authentication::v1::TokenRequest;
+use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::Client;
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const RELEASE: &str = "chart-test";
+const NS: &str = "cvm-system";
+
+fn helm_install(c: &ClusterInfo) -> Result<String> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator");
+    let out = std::process::Command::new(&c.helm)
+        .args(["install", RELEASE])
+        .arg(&chart)
+        .args(["-n", NS, "--create-namespace", "--kubeconfig"])
+        .arg(&c.kubeconfig)
+        .env(
+            "HELM_CACHE_HOME",
+            std::env::temp_dir().join("cvm-helm-cache"),
+        )
+        .env(
+            "HELM_CONFIG_HOME",
+            std::env::temp_dir().join("cvm-helm-config"),
+        )
+        .env("HELM_DATA_HOME", std::env::temp_dir().join("cvm-helm-data"))
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("helm install failed: {text}");
+    }
+    Ok(text)
+}
+
+async fn plugin_client(c: &ClusterInfo, admin: &Client, node: &str) -> Result<Client> {
+    let sa = format!("{RELEASE}-node-plugin");
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": format!("plugin-{node}")},
+        "spec": {"nodeName": node, "serviceAccountName": sa,
+                 "containers": [{"name": "p", "image": "cvm-operator:test"}]},
+    }))?;
+    let pod = pods.create(&PostParams::default(), &pod).await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
+    let tr: TokenRequest = serde_json::from_value(json!({"spec": {
+        "audiences": [], "expirationSeconds": 600,
+        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid},
+    }}))?;
+    let tr = sas
+        .create_subresource::<TokenRequest, TokenRequest>("token", &sa, &PostParams::default(), &tr)
+        .await?;
+    let token = tr.status.context("no token")?.token;
+    let mut cfg = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&c.kubeconfig)?,
+        &Default::default(),
+    )
+    .await?;
+    cfg.auth_info = kube::config::AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    Ok(Client::try_from(cfg)?)
+}
+
+fn cvm_api(client: Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("cvmp.io", "v1alpha1", "ConfidentialVM");
+    Api::namespaced_with(client, ns, &ApiResource::from_gvk(&gvk))
+}
+
+async fn bound_cvm(admin: &Client, ns: &str, name: &str, node: &str) -> Result<()> {
+    let api = cvm_api(admin.clone(), ns);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+        "metadata": {"name": name},
+        "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
+                 "boot": {"firmware": {"name": "ovmf"}}},
+    }))?;
+    api.create(&PostParams::default(), &obj).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"nodeName": node}})),
+    )
+    .await?;
+    Ok(())
+}
+
+fn denial(r: kube::Result<DynamicObject>) -> Option<String> {
+    match r {
+        Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s.message),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
+    let c = shared();
+    let out = helm_install(&c)?;
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    let admin = c.client().await?;
+
+    let nodes: Api<Node> = Api::all(admin.clone());
+    let names: Vec<String> = nodes
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let (mine, other) = (names[0].clone(), names[1].clone());
+
+    let ns = "chart-vap";
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+    )
+    .await?;
+    bound_cvm(&admin, ns, "mine", &mine).await?;
+    bound_cvm(&admin, ns, "other", &other).await?;
+    let plugin = plugin_client(&c, &admin, &mine).await?;
+    let as_plugin = cvm_api(plugin.clone(), ns);
+
+    // The policy takes effect once the API server's admission has loaded it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let msg = loop {
+        let r = as_plugin
+            .patch_status(
+                "other",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"platform": {"message": "x"}}})),
+            )
+            .await;
+        if let Some(m) = denial(r) {
+            break m;
+        }
+        if Instant::now() > deadline {
+            bail!("the node restriction policy never denied a write to another node's CVM");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        msg.contains(&format!(
+            "the node plugin of node {mine} may only write CVMs bound to that node"
+        )),
+        "{msg}"
+    );
+
+    // Its own CVM: platform facts are fine…
+    as_plugin
+        .patch_status(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"platform": {"message": "launching"}}})),
+        )
+        .await
+        .context("a plugin writes platform facts of its own CVM")?;
+    // …the operator's verdict is not.
+    let forged = json!({"status": {"attestation": {"status": "affirming", "verifiedAt": "2026-01-01T00:00:00Z", "verifier": "me"}}});
+    let m = denial(
+        as_plugin
+            .patch_status("mine", &PatchParams::default(), &Patch::Merge(forged))
+            .await,
+    )
+    .context("forging the verdict must be denied")?;
+    assert!(
+        m.contains("may write only status.platform, status.evidence and the Launched condition"),
+        "{m}"
+    );
+    let rebind = json!({"status": {"nodeName": other}});
+    assert!(denial(
+        as_plugin
+            .patch_status("mine", &PatchParams::default(), &Patch::Merge(rebind))
+            .await
+    )
+    .is_some());
+
+    // Nodes: its own, yes; another, no.
+    let plugin_nodes: Api<Node> = Api::all(plugin);
+    plugin_nodes
+        .patch(
+            &mine,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"cvmp.io/probe": "1"}}})),
+        )
+        .await
+        .context("a plugin labels its own Node")?;
+    match plugin_nodes
+        .patch(
+            &other,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"cvmp.io/probe": "1"}}})),
+        )
+        .await
+    {
+        Err(kube::Error::Api(s)) => assert!(
+            s.message.contains(&format!("may not modify Node {other}")),
+            "{}",
+            s.message
+        ),
+        other => bail!("labelling another node must be denied, got {other:?}"),
+    }
+    Ok(())
+}
