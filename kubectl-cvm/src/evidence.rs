@@ -77,7 +77,7 @@ pub struct Outcome {
     pub affirmed: bool,
 }
 
-fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CliError> {
+pub(crate) fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, CliError> {
     std::fs::read(path).map_err(|source| CliError::Read {
         what,
         path: path.to_path_buf(),
@@ -93,7 +93,7 @@ fn invalid(what: &'static str, path: &Path, why: impl ToString) -> CliError {
     }
 }
 
-fn decode_hex(flag: &str, text: &str) -> Result<Vec<u8>, CliError> {
+pub(crate) fn decode_hex(flag: &str, text: &str) -> Result<Vec<u8>, CliError> {
     let t = text.trim();
     let t = t.strip_prefix("0x").unwrap_or(t);
     hex::decode(t).map_err(|e| CliError::Usage(format!("{flag} {text:?} is not hex: {e}")))
@@ -101,7 +101,7 @@ fn decode_hex(flag: &str, text: &str) -> Result<Vec<u8>, CliError> {
 
 /// The policy file's SNP and TDX parts. A file with top-level `snp:`/`tdx:` keys holds
 /// both; otherwise the whole file is the policy for the evidence given.
-fn load_policies(path: Option<&Path>) -> Result<(SnpPolicy, TdxPolicy), CliError> {
+pub(crate) fn load_policies(path: Option<&Path>) -> Result<(SnpPolicy, TdxPolicy), CliError> {
     let Some(path) = path else {
         return Ok((SnpPolicy::default(), TdxPolicy::default()));
     };
@@ -244,16 +244,40 @@ fn verify_snp(
             .map_err(|e| invalid("CRL file", p, e))?;
         crls.extend(parsed);
     }
-    let verifier = SnpVerifier::new(policy).map_err(|e| CliError::Usage(e.to_string()))?;
+    appraise_snp(
+        &path.display().to_string(),
+        &report,
+        &certs,
+        &crls,
+        policy,
+        nonce,
+        now,
+    )
+    .map_err(CliError::Usage)
+}
+
+/// Verifies report bytes with their certificates and appraises them; returns the
+/// appraisal and a readable summary headed by `label`. Used for files and for evidence
+/// fetched from a cluster. An unusable policy is the only error.
+pub fn appraise_snp(
+    label: &str,
+    report: &[u8],
+    certs: &[Vec<u8>],
+    crls: &[Vec<u8>],
+    policy: SnpPolicy,
+    nonce: Option<Vec<u8>>,
+    now: u64,
+) -> Result<(Appraisal, String), String> {
+    let verifier = SnpVerifier::new(policy).map_err(|e| e.to_string())?;
     let ev = SnpEvidence {
-        report: &report,
-        certs: &certs,
-        crls: &crls,
+        report,
+        certs,
+        crls,
     };
     let a = verifier.verify(&ev, &SnpContext { nonce }, now);
 
     let mut s = String::new();
-    let _ = writeln!(s, "SEV-SNP report {}", path.display());
+    let _ = writeln!(s, "SEV-SNP report {label}");
     if let Some(r) = &a.report {
         let _ = writeln!(
             s,
@@ -293,13 +317,34 @@ fn verify_tdx(
         ));
     };
     let collateral = read("TDX collateral", cpath)?;
+    appraise_tdx(
+        &path.display().to_string(),
+        &quote,
+        &collateral,
+        policy,
+        nonce,
+        now,
+    )
+    .map_err(|e| invalid("TDX evidence", path, e))
+}
+
+/// Verifies a TDX quote against its collateral and appraises it; returns the appraisal
+/// and a readable summary headed by `label`. Errors are quotes or collateral that cannot
+/// be appraised at all.
+pub fn appraise_tdx(
+    label: &str,
+    quote: &[u8],
+    collateral: &[u8],
+    policy: TdxPolicy,
+    nonce: Option<Vec<u8>>,
+    now: u64,
+) -> Result<(Appraisal, String), tdx::TdxError> {
     let ctx = AppraisalContext {
         now_unix: now,
         nonce,
         evidence_time_unix: None,
     };
-    let t = tdx::verify_quote(&quote, &collateral, &policy, &ctx)
-        .map_err(|e| invalid("TDX evidence", path, e))?;
+    let t = tdx::verify_quote(quote, collateral, &policy, &ctx)?;
     // The TDX verifier reports findings and whether the quote verified; a verified
     // quote establishes the hardware and its memory protection.
     let mut affirmed = Vec::new();
@@ -322,7 +367,8 @@ fn verify_tdx(
         ));
     }
     let mut s = String::new();
-    let _ = writeln!(s, "TDX quote {}", path.display());
+    let _ = writeln!(s, "TDX quote {label}");
+    let _ = writeln!(s, "  MRTD {}", hex::encode(&t.decoded.mr_td));
     if let Some(status) = &t.tcb_status {
         let _ = writeln!(s, "  TCB status {status}");
     }
@@ -330,7 +376,7 @@ fn verify_tdx(
     Ok((a, s))
 }
 
-fn write_appraisal(s: &mut String, a: &Appraisal) {
+pub(crate) fn write_appraisal(s: &mut String, a: &Appraisal) {
     let vector: Vec<String> = a
         .vector()
         .iter()
