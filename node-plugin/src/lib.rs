@@ -4,7 +4,7 @@
 //!
 //! Layout: pure decisions in [`plan`], [`measure`], [`status`] and [`node`]'s patch
 //! builders; I/O at the edges in [`run`] (the loop), [`node::advertise`] and the
-//! backends ([`sim`] today).
+//! backends ([`sim`] and [`qemu`]).
 //!
 //! To run plugins in-process (tests, `cvm-dev`), call [`spawn_sim_plugin`] once per node.
 
@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod plan;
 pub mod platform;
+pub mod qemu;
 pub mod run;
 pub mod sim;
 pub mod status;

@@ -177,6 +177,14 @@ pub enum PlatformError {
     Evidence(String),
     #[error("launch failed: {0}")]
     Launch(String),
+    /// QEMU refused or lost the guest; `reason` is the QEMU backend's own CamelCase word
+    /// (`QemuExitedAtStart`, `QemuStartTimeout`, …) and `message` carries QEMU's last
+    /// stderr lines.
+    #[error("launch failed: {message}")]
+    Qemu {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl PlatformError {
@@ -190,6 +198,7 @@ impl PlatformError {
             PlatformError::State { .. } => "StateStoreError",
             PlatformError::Evidence(_) => "EvidenceError",
             PlatformError::Launch(_) => "LaunchFailed",
+            PlatformError::Qemu { reason, .. } => reason,
         }
     }
 }
