@@ -31,6 +31,9 @@ pub struct ReportArgs {
     /// Roots to trust when establishing the TDX TCB status (`sha256:<hex>`); Intel's is built in.
     #[arg(long, value_name = "ROOT")]
     pub trust_root: Vec<String>,
+    /// Time at which to judge the TDX collateral's validity (RFC 3339); default now.
+    #[arg(long, value_name = "RFC3339")]
+    pub at: Option<String>,
     /// Output format.
     #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
     pub output: Output,
@@ -321,7 +324,12 @@ fn tdx_report(
                         .map_err(|e| ClusterError::Input(format!("--trust-root {r}: {e}")))?,
                 );
             }
-            let ctx = tdx::AppraisalContext::at(now_unix());
+            let at = match &a.at {
+                Some(t) => cvm_attest::snp::time::parse_rfc3339(t)
+                    .map_err(|e| ClusterError::Input(format!("--at: {e}")))?,
+                None => now_unix(),
+            };
+            let ctx = tdx::AppraisalContext::at(at);
             match tdx::verify_quote(quote, c, &policy, &ctx) {
                 Ok(t) => match t.tcb_status {
                     Some(st) => Ok((st, t.advisory_ids)),
