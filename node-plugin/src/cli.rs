@@ -6,9 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{parse_tee, SimConfig, DEFAULT_SLOTS};
-use crate::{run, SimPlatform};
+use crate::qemu::{QemuOptions, QemuPlatform};
+use crate::{run, Platform, SimPlatform};
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Which backend launches the guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlatformKind {
+    /// Simulated host: guests kept in the plugin, evidence signed by simulated roots.
+    Sim,
+    /// Real host: guests run by QEMU, capabilities detected under --host-root.
+    Qemu,
+}
 
 /// Per-host agent: advertises the host's TEEs, launches the guests of the
 /// ConfidentialVMs bound to this node, and reports their evidence.
@@ -35,6 +45,23 @@ pub struct Cli {
     /// Directory for this host's guest state (survives plugin restarts).
     #[arg(long, required_unless_present = "measure")]
     state_dir: Option<PathBuf>,
+    /// Backend: `sim` (simulated host) or `qemu` (guests run by QEMU on a TEE host).
+    #[arg(long, value_enum, default_value = "sim")]
+    platform: PlatformKind,
+    /// QEMU binary for --platform qemu (looked up in PATH unless a path).
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu_binary: PathBuf,
+    /// Boot artifacts for --platform qemu: a CVM's artifact name (or URL basename) is a
+    /// file in this directory.
+    #[arg(long, default_value = "/var/lib/cvm/artifacts")]
+    artifacts_dir: PathBuf,
+    /// Detection root for --platform qemu (/sys, /dev and /proc are read under it).
+    #[arg(long, default_value = "/")]
+    host_root: PathBuf,
+    /// Host caps JSON for --platform qemu ({"cbitpos":51,"reducedPhysBits":1}); each field
+    /// given overrides what detection found.
+    #[arg(long)]
+    host_caps: Option<PathBuf>,
     /// Simulator configuration file (YAML or JSON); overrides the --sim-* flags.
     #[arg(long)]
     sim_config: Option<PathBuf>,
@@ -51,8 +78,8 @@ pub struct Cli {
     #[arg(long, default_value_t = 0)]
     sim_launch_delay_ms: u64,
     /// Directory of the simulated vendor roots, shared by every plugin of the cluster
-    /// (created on first use).
-    #[arg(long, required_unless_present = "measure")]
+    /// (created on first use). Required with --platform sim.
+    #[arg(long)]
     sim_root_dir: Option<PathBuf>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
@@ -99,18 +126,12 @@ enum Sub {
     },
 }
 
-fn artifact_path(dir: &std::path::Path, a: &cvm_crds::cvm::ArtifactRef) -> PathBuf {
-    let name = a
-        .name
-        .clone()
-        .or_else(|| {
-            a.url
-                .as_deref()
-                .and_then(|u| u.rsplit('/').next())
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "artifact".into());
-    dir.join(name)
+fn artifact_path(
+    dir: &std::path::Path,
+    what: &str,
+    a: &cvm_crds::cvm::ArtifactRef,
+) -> anyhow::Result<PathBuf> {
+    crate::qemu::artifact_path(dir, what, a).map_err(anyhow::Error::msg)
 }
 
 fn run_sub(sub: &Sub) -> anyhow::Result<()> {
@@ -148,15 +169,17 @@ fn run_sub(sub: &Sub) -> anyhow::Result<()> {
             };
             let boot = &obj.spec.boot;
             let paths = cvm_host::qemu::ArtifactPaths {
-                firmware: artifact_path(artifacts_dir, &boot.firmware),
+                firmware: artifact_path(artifacts_dir, "firmware", &boot.firmware)?,
                 kernel: boot
                     .kernel
                     .as_ref()
-                    .map(|k| artifact_path(artifacts_dir, k)),
+                    .map(|k| artifact_path(artifacts_dir, "kernel", k))
+                    .transpose()?,
                 initrd: boot
                     .initrd
                     .as_ref()
-                    .map(|k| artifact_path(artifacts_dir, k)),
+                    .map(|k| artifact_path(artifacts_dir, "initrd", k))
+                    .transpose()?,
                 qmp_socket: qmp_socket.clone(),
                 quote_generation_socket: None,
             };
@@ -287,12 +310,8 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     if let Some(f) = &cli.measure {
         return print_measurements(f);
     }
-    let (Some(node_name), Some(state_dir), Some(sim_root_dir)) = (
-        cli.node_name.clone(),
-        cli.state_dir.clone(),
-        cli.sim_root_dir.clone(),
-    ) else {
-        anyhow::bail!("--node-name, --state-dir and --sim-root-dir are required");
+    let (Some(node_name), Some(state_dir)) = (cli.node_name.clone(), cli.state_dir.clone()) else {
+        anyhow::bail!("--node-name and --state-dir are required");
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,kube=warn".into());
@@ -305,18 +324,48 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     }
 
-    let cfg = sim_config(&cli)?;
-    let platform = SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
-    let fps = platform.root_fingerprints();
-    // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
-    if let Some(s) = &fps.snp {
-        println!("simulated SEV-SNP root (ARK): {s}");
+    match cli.platform {
+        PlatformKind::Sim => {
+            let Some(sim_root_dir) = cli.sim_root_dir.clone() else {
+                anyhow::bail!("--sim-root-dir is required with --platform sim");
+            };
+            let cfg = sim_config(&cli)?;
+            let platform =
+                SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
+            let fps = platform.root_fingerprints();
+            // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
+            if let Some(s) = &fps.snp {
+                println!("simulated SEV-SNP root (ARK): {s}");
+            }
+            if let Some(t) = &fps.tdx {
+                println!("simulated TDX root CA: {t}");
+            }
+            tracing::info!(node = %node_name, roots = %fps, "simulated platform ready");
+            serve(&cli, platform, node_name, state_dir).await
+        }
+        PlatformKind::Qemu => {
+            let mut opts = QemuOptions::new(&state_dir, &cli.artifacts_dir);
+            opts.binary = cli.qemu_binary.clone();
+            opts.host_root = cli.host_root.clone();
+            opts.host_caps = match &cli.host_caps {
+                Some(p) => Some(crate::qemu::read_host_caps(p)?),
+                None => None,
+            };
+            let platform = QemuPlatform::open(opts).await?;
+            let caps = platform.capabilities();
+            tracing::info!(node = %node_name, tees = ?caps.tees, host_caps = ?platform.host_caps(), "QEMU platform ready");
+            serve(&cli, platform, node_name, state_dir).await
+        }
     }
-    if let Some(t) = &fps.tdx {
-        println!("simulated TDX root CA: {t}");
-    }
-    tracing::info!(node = %node_name, roots = %fps, "simulated platform ready");
+}
 
+/// Runs the loop over `platform` until SIGINT/SIGTERM.
+async fn serve<P: Platform>(
+    cli: &Cli,
+    platform: P,
+    node_name: String,
+    state_dir: PathBuf,
+) -> anyhow::Result<()> {
     let client = client(cli.kubeconfig.as_ref()).await?;
     let plugin = run::NodePlugin::new(
         client,
