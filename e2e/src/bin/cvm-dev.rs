@@ -69,6 +69,11 @@ fn main() -> ExitCode {
                 std::iter::once("cvm-node-plugin".into()).chain(args[2..].iter().cloned()),
             )
         }
+        Some("kubectl-cvm") => {
+            return kubectl_cvm::cli::main_with_args(
+                std::iter::once("kubectl-cvm".into()).chain(args[2..].iter().cloned()),
+            )
+        }
         _ => {}
     }
     tracing_subscriber::fmt()

@@ -297,7 +297,7 @@ fn compute(
                         .into(),
                 ));
             };
-            if ovmf.data.len() % PAGE != 0 {
+            if !ovmf.data.len().is_multiple_of(PAGE) {
                 return Err(MeasureError::Ovmf(format!(
                     "{} bytes is not a whole number of 4 KiB pages",
                     ovmf.data.len()
