@@ -204,12 +204,26 @@ fn set_parent_death_signal(cmd: &mut Command) {
     }
 }
 
-/// A free TCP port on loopback (the OS picks it; nothing holds it after return).
+/// A free TCP port on loopback (the OS picks it; nothing holds it after return). Never
+/// the same port twice in one process: a port handed out may not be bound yet by the
+/// child it was meant for, and the OS may offer it again.
 pub fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding", "127.0.0.1:0"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(io("reading address of", "127.0.0.1:0"))
+    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding", "127.0.0.1:0"))?;
+        let port = l
+            .local_addr()
+            .map(|a| a.port())
+            .map_err(io("reading address of", "127.0.0.1:0"))?;
+        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !seen.contains(&port) {
+            seen.push(port);
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Thread(
+        "no fresh loopback port after 100 tries".into(),
+    ))
 }
 
 /// True when something already listens on `127.0.0.1:port`.

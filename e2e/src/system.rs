@@ -39,6 +39,8 @@ impl SystemOptions {
 /// A running system. Dropping it stops every process (operator and plugins first).
 pub struct System {
     procs: Supervisor,
+    /// Metrics ports of the running components, by process name.
+    ports: std::sync::Mutex<std::collections::HashMap<String, u16>>,
     exe: PathBuf,
     launch_delay_ms: u64,
     pub cp: ControlPlane,
@@ -72,6 +74,7 @@ impl System {
         })?;
         let sys = System {
             procs: Supervisor::new()?,
+            ports: Default::default(),
             exe: opts.exe.clone(),
             launch_delay_ms: opts.launch_delay_ms,
             cp,
@@ -109,7 +112,20 @@ impl System {
             "--lease-namespace=default".into(),
         ];
         self.procs.spawn(name, &self.exe, &args, &self.log(name))?;
+        self.ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), port);
         Ok(())
+    }
+
+    /// `127.0.0.1:PORT` of a component's metrics/health endpoint.
+    pub fn metrics_addr(&self, name: &str) -> Option<String> {
+        self.ports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|p| format!("127.0.0.1:{p}"))
     }
 
     /// Starts the node plugin of `node` (state survives restarts in its state dir).

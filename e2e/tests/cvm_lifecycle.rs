@@ -345,3 +345,68 @@ async fn a_vanished_node_shows_on_the_cvm_and_does_not_block_deletion() {
         .unwrap();
     wait::gone(&cvms, "stranded", WAIT).await.unwrap();
 }
+
+/// A plain HTTP GET on loopback: (status line, body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn operator_serves_metrics_and_health() {
+    let sys = system();
+    let ns = "e2e-metrics";
+    let (_, cvms) = api(&sys, ns).await;
+    apply_json(&sys, &cvm("counted", ns, "SEV-SNP")).unwrap();
+    wait::until(&cvms, "counted", WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let addr = sys
+        .metrics_addr("operator-0")
+        .expect("operator metrics port");
+    assert!(http_get(&addr, "/healthz").0.contains("200"));
+    assert!(http_get(&addr, "/readyz").0.contains("200"));
+    // The phase gauge refreshes every 5 s: wait for it rather than assume.
+    let deadline = std::time::Instant::now() + WAIT;
+    let body = loop {
+        let (status, body) = http_get(&addr, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        let verified_gauge = body
+            .lines()
+            .find(|l| l.starts_with("cvm_operator_cvms{phase=\"Verified\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if verified_gauge >= 1.0 || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for needle in [
+        "cvm_operator_reconciles_total{result=\"ok\"}",
+        "cvm_operator_time_to_verified_seconds_count",
+        "cvm_operator_verifications_total{status=\"affirming\"}",
+        "cvm_operator_cvms{phase=\"Verified\"}",
+    ] {
+        assert!(body.contains(needle), "{needle} missing from:\n{body}");
+    }
+    let count: f64 = body
+        .lines()
+        .find(|l| l.starts_with("cvm_operator_time_to_verified_seconds_count"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(count >= 1.0, "the histogram observed at least this CVM");
+    assert_eq!(http_get(&addr, "/nope").0.contains("404"), true);
+}

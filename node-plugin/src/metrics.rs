@@ -4,7 +4,6 @@
 use std::net::SocketAddr;
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// The plugin's counters.
@@ -64,30 +63,17 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` (and `/healthz`) until the task is dropped. Every other path is 404.
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
 pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving metrics");
-    loop {
-        let (mut sock, _) = listener.accept().await?;
-        let m = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = sock.read(&mut buf).await.unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("");
-            let (code, body) = match path {
-                "/metrics" => ("200 OK", m.render()),
-                "/healthz" => ("200 OK", "ok\n".to_string()),
-                _ => ("404 Not Found", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
+    let endpoints = cvm_telemetry::Endpoints {
+        registry: metrics.registry.clone(),
+        // The plugin serves only once its platform is open.
+        ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    };
+    cvm_telemetry::serve(listener, endpoints).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,11 +1,8 @@
 //! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
-};
-use std::sync::atomic::{AtomicBool, Ordering};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 #[derive(Clone)]
@@ -69,49 +66,15 @@ impl Metrics {
         })
     }
 
-    fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    }
-
-    /// Serves the endpoints until the task is dropped. A deliberately tiny HTTP/1.0
-    /// responder: three fixed GET routes need no web framework.
+    /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
     pub async fn serve(self, listener: TcpListener) {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 2048];
-                let n = match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf),
-                )
-                .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let req = String::from_utf8_lossy(&buf[..n]);
-                let path = req.split_whitespace().nth(1).unwrap_or("/");
-                let (code, body) = match path {
-                    "/metrics" => ("200 OK", me.render()),
-                    "/healthz" | "/livez" => ("200 OK", "ok\n".to_string()),
-                    "/readyz" if me.ready.load(Ordering::SeqCst) => ("200 OK", "ok\n".to_string()),
-                    "/readyz" => (
-                        "503 Service Unavailable",
-                        "not leading or caches not synced\n".to_string(),
-                    ),
-                    _ => ("404 Not Found", "not found\n".to_string()),
-                };
-                let resp = format!(
-                    "HTTP/1.0 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = sock.write_all(resp.as_bytes()).await;
-            });
-        }
+        cvm_telemetry::serve(
+            listener,
+            cvm_telemetry::Endpoints {
+                registry: self.registry,
+                ready: self.ready,
+            },
+        )
+        .await
     }
 }
