@@ -12,5 +12,6 @@ pub mod finding;
 pub mod sim;
 pub mod snp;
 pub mod tdx;
+pub mod time;
 
 pub use finding::{Claim, Finding, Severity};

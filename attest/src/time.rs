@@ -97,6 +97,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_750_291_200), "2025-06-19T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
     fn round_trips_and_offsets() {
         for t in [0u64, 951_782_400, 1_717_200_000, 4_102_444_799] {
             assert_eq!(parse_rfc3339(&rfc3339(t)).unwrap(), t);
