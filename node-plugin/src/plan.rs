@@ -117,6 +117,8 @@ pub enum Action {
     ReportStopped(StopCause),
     /// A held guest whose CVM is no longer bound here: stop it; there is no object to report to.
     StopOrphan,
+    /// The held guest failed (e.g. its QEMU exited) and the status does not say so yet.
+    ReportFailed,
 }
 
 impl Action {
@@ -128,6 +130,7 @@ impl Action {
             Action::Stop(_) => "stop",
             Action::ReportStopped(_) => "report-stopped",
             Action::StopOrphan => "stop-orphan",
+            Action::ReportFailed => "report-failed",
         }
     }
 }
@@ -164,9 +167,12 @@ pub fn decide(
         return (!failed || retry_failed).then_some(Action::Launch);
     };
     match held.state {
-        // A launch in flight finishes on its own; a failed or stopped guest is left for
-        // the run strategy to decide (not yet: reported as is).
-        GuestState::Launching | GuestState::Failed | GuestState::Stopped => None,
+        // A launch in flight finishes on its own; a stopped guest is left for the run
+        // strategy to decide (not yet). A failed one is reported once, not restarted.
+        GuestState::Launching | GuestState::Stopped => None,
+        GuestState::Failed => {
+            (cvm.reported.guest_state != Some(GuestState::Failed)).then_some(Action::ReportFailed)
+        }
         GuestState::Running => {
             let r = &cvm.reported;
             let status_current = r.guest_state == Some(GuestState::Running)
@@ -388,6 +394,15 @@ mod tests {
         failed.reported.guest_state = Some(Failed);
         assert_eq!(decide(&failed, None, None, false), None);
         assert_eq!(decide(&failed, None, None, true), Some(Action::Launch));
+        // A guest that died after its launch is reported once, and not relaunched.
+        let mut running = fresh.clone();
+        running.reported = running_status(None);
+        let dead = held("u", GuestState::Failed);
+        assert_eq!(
+            decide(&running, Some(&dead), None, true),
+            Some(Action::ReportFailed)
+        );
+        assert_eq!(decide(&failed, Some(&dead), None, true), None);
     }
 
     #[test]

@@ -1058,7 +1058,10 @@ mod tests {
         // VCEK (…0b) comes before ARK (…0a).
         let vcek_pem = cvm_attest::snp::certs::der_to_pem(&vcek);
         assert!(pem.starts_with(&vcek_pem), "{pem}");
-        assert!(pem.ends_with(&cvm_attest::snp::certs::der_to_pem(&ark)), "{pem}");
+        assert!(
+            pem.ends_with(&cvm_attest::snp::certs::der_to_pem(&ark)),
+            "{pem}"
+        );
 
         let mut bad = t.clone();
         bad[16..20].copy_from_slice(&10_000u32.to_le_bytes());

@@ -263,6 +263,13 @@ impl<P: Platform> NodePlugin<P> {
             (Action::ReportStopped(cause), Some((cvm, _))) => {
                 self.report_stopped(&cvm, *cause, None).await
             }
+            (Action::ReportFailed, Some((cvm, _))) => {
+                let why = guest
+                    .and_then(|g| g.message)
+                    .unwrap_or_else(|| "the guest failed".into());
+                let msg = format!("guest failed on node {}: {why}", self.opts.node);
+                self.report_failed(&cvm, status::REASON_FAILED, msg).await
+            }
         }
     }
 

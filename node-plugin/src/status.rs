@@ -20,6 +20,8 @@ pub const FIELD_MANAGER: &str = MANAGER_NODE_PLUGIN;
 pub const REASON_RUNNING: &str = "GuestRunning";
 /// Condition reason when the guest was stopped (deletion or `Halted`).
 pub const REASON_STOPPED: &str = "GuestStopped";
+/// Condition reason when a launched guest died (its QEMU exited).
+pub const REASON_FAILED: &str = "GuestFailed";
 
 /// Unix seconds as a Kubernetes time.
 pub fn time_from_unix(secs: i64) -> Time {

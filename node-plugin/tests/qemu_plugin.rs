@@ -104,6 +104,12 @@ fn recorded_pid(state: &Path, uid: &str) -> Option<u32> {
     v["guests"][uid]["pid"].as_u64().map(|p| p as u32)
 }
 
+fn recorded_state(state: &Path, uid: &str) -> Option<String> {
+    let text = std::fs::read_to_string(state.join(GUESTS_FILE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v["guests"][uid]["info"]["state"].as_str().map(String::from)
+}
+
 fn recorded_guests(state: &Path) -> usize {
     let text = std::fs::read_to_string(state.join(GUESTS_FILE)).unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(json!({}));
@@ -451,6 +457,96 @@ async fn snp_cvm_on_a_host_whose_qemu_refuses_snp_says_so_in_its_condition() {
     api.delete("snp-qemu", &DeleteParams::default())
         .await
         .unwrap();
+    let _ = stop_tx.send(());
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_whose_qemu_dies_after_launch_is_reported_failed_with_how() {
+    let Some(bin) = qemu() else { return };
+    let client = cluster().await;
+    let (ns, node_name) = ("np-qemu-dies", "np-node-qemu-dies");
+    create_ok::<Namespace>(&Api::all(client.clone()), json!({"metadata": {"name": ns}})).await;
+    create_ok::<Node>(
+        &Api::all(client.clone()),
+        json!({"metadata": {"name": node_name}}),
+    )
+    .await;
+
+    let wrap_dir = tempfile::tempdir().unwrap();
+    let h = host(tcg_wrapper(wrap_dir.path(), &bin));
+    let state = h.opts.state_dir.clone();
+    let platform = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    let plugin = run::NodePlugin::new(
+        client.clone(),
+        Arc::new(platform),
+        run::Options {
+            node: node_name.into(),
+            state_dir: state.clone(),
+            resync: Duration::from_secs(2),
+        },
+    )
+    .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        plugin
+            .run(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    create_and_bind(&api, &snp_cvm("snp-dies", ns), node_name).await;
+    let uid = api.get("snp-dies").await.unwrap().metadata.uid.unwrap();
+    let st = state.clone();
+    let u = uid.clone();
+    // Running, not just started: a kill before `cont` would be a failed launch instead.
+    wait_until("the guest to be recorded running", move || {
+        recorded_state(&st, &u).as_deref() == Some("Running")
+    })
+    .await;
+    let pid = recorded_pid(&state, &uid).unwrap();
+    let _guard = KillOnDrop(vec![pid]);
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+
+    let start = Instant::now();
+    let cond = loop {
+        let c = api.get("snp-dies").await.unwrap();
+        if let Some(l) = c.condition(ConditionType::Launched) {
+            if l.reason == "GuestFailed" {
+                break l.clone();
+            }
+        }
+        assert!(start.elapsed() < TIMEOUT, "last status: {:#?}", c.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(cond.status, "False");
+    assert!(
+        cond.message
+            .contains("QEMU exited unexpectedly (killed by signal 9)"),
+        "{}",
+        cond.message
+    );
+    // Reported, not relaunched: the record stays Failed with the same pid.
+    assert_eq!(recorded_pid(&state, &uid), Some(pid));
+
+    // Deleting the CVM clears the dead guest's record and reports it stopped.
+    api.delete("snp-dies", &DeleteParams::default())
+        .await
+        .unwrap();
+    let st = state.clone();
+    wait_until("the record to go", move || recorded_guests(&st) == 0).await;
+    api.patch(
+        "snp-dies",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
     let _ = stop_tx.send(());
     task.await.unwrap().unwrap();
 }
