@@ -604,7 +604,7 @@ async fn binary_advertises_its_node_prints_roots_and_serves_metrics() {
     };
     child.kill().unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.starts_with("HTTP/1.0 200"), "{body}");
     assert!(
         body.contains("cvm_node_plugin_guests_launched_total{node=\"np-node-bin\"} 0"),
         "{body}"
