@@ -28,6 +28,9 @@ pub struct Reported {
     pub launched: Option<bool>,
     pub has_evidence: bool,
     pub evidence_nonce: Option<String>,
+    /// The evidence is older than `spec.attestation.reattestEvery` (judged by the caller's
+    /// clock, see [`BoundCvm::of_at`]).
+    pub reattest_due: bool,
 }
 
 /// A CVM bound to this node, reduced to what decisions need.
@@ -48,6 +51,12 @@ impl BoundCvm {
     /// The view of `cvm` if it is bound to `node` (label selector *and* `status.nodeName`:
     /// a stale label alone must not start a guest).
     pub fn of(cvm: &ConfidentialVM, node: &str) -> Option<BoundCvm> {
+        Self::of_at(cvm, node, None)
+    }
+
+    /// Like [`BoundCvm::of`], also judging whether the re-attestation period has passed
+    /// at `now_unix` (seconds).
+    pub fn of_at(cvm: &ConfidentialVM, node: &str, now_unix: Option<i64>) -> Option<BoundCvm> {
         if cvm.node_name() != Some(node) {
             return None;
         }
@@ -81,12 +90,33 @@ impl BoundCvm {
                     .map(|c| c.status == cvm_crds::conditions::STATUS_TRUE),
                 has_evidence: evidence.is_some(),
                 evidence_nonce: evidence.and_then(|e| e.nonce.clone()),
+                reattest_due: reattest_due(cvm, now_unix),
             },
         })
     }
 }
 
 /// A guest the platform holds.
+/// Whether the evidence is older than `spec.attestation.reattestEvery` at `now_unix`.
+pub fn reattest_due(cvm: &ConfidentialVM, now_unix: Option<i64>) -> bool {
+    let (Some(now), Some(period)) = (
+        now_unix,
+        cvm.spec
+            .attestation
+            .as_ref()
+            .and_then(|a| a.reattest_every.as_deref())
+            .and_then(cvm_crds::validate::parse_duration_ms),
+    ) else {
+        return false;
+    };
+    let collected = cvm
+        .status
+        .as_ref()
+        .and_then(|s| s.evidence.as_ref())
+        .map(|e| e.collected_at.0.as_second());
+    collected.is_some_and(|t| now.saturating_sub(t) >= (period / 1000) as i64)
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldGuest {
     pub uid: String,
@@ -178,6 +208,7 @@ pub fn decide(
             let status_current = r.guest_state == Some(GuestState::Running)
                 && r.launched == Some(true)
                 && r.has_evidence
+                && !r.reattest_due
                 && r.evidence_nonce == cvm.wanted.nonce;
             let answered_current = answered == Some(&cvm.wanted);
             (!(status_current && answered_current)).then_some(Action::RefreshEvidence)
@@ -234,7 +265,45 @@ mod tests {
             launched: Some(true),
             has_evidence: true,
             evidence_nonce: nonce.map(Into::into),
+            reattest_due: false,
         }
+    }
+
+    #[test]
+    fn evidence_older_than_the_reattest_period_is_refreshed() {
+        let mut c = cvm("u1");
+        c.reported = running_status(Some("aa"));
+        let g = held("u1", GuestState::Running);
+        let answered = key(Some("aa"), None);
+        assert_eq!(decide(&c, Some(&g), Some(&answered), false), None);
+        c.reported.reattest_due = true;
+        assert_eq!(
+            decide(&c, Some(&g), Some(&answered), false),
+            Some(Action::RefreshEvidence)
+        );
+    }
+
+    #[test]
+    fn reattest_due_compares_evidence_age_with_the_period() {
+        let mut obj: ConfidentialVM = serde_json::from_value(serde_json::json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "x", "uid": "u"},
+            "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
+                     "boot": {"firmware": {"name": "f"}},
+                     "attestation": {"reattestEvery": "1h"}},
+            "status": {"evidence": {"format": "sev-snp-report", "report": "",
+                       "collectedAt": "2026-01-01T00:00:00Z"}}
+        }))
+        .unwrap();
+        let t0 = 1_767_225_600; // 2026-01-01T00:00:00Z
+        assert!(!reattest_due(&obj, Some(t0 + 3599)));
+        assert!(reattest_due(&obj, Some(t0 + 3600)));
+        assert!(!reattest_due(&obj, None), "no clock, no judgement");
+        obj.spec.attestation = None;
+        assert!(
+            !reattest_due(&obj, Some(t0 + 99_999)),
+            "no period, never due"
+        );
     }
 
     fn cvm(uid: &str) -> BoundCvm {

@@ -184,7 +184,10 @@ impl<P: Platform> NodePlugin<P> {
             .collect();
         let by_uid: BTreeMap<String, (Arc<ConfidentialVM>, BoundCvm)> = cvms
             .iter()
-            .filter_map(|c| BoundCvm::of(c, node).map(|b| (b.uid.clone(), (c.clone(), b))))
+            .filter_map(|c| {
+                BoundCvm::of_at(c, node, Some(Timestamp::now().as_second()))
+                    .map(|b| (b.uid.clone(), (c.clone(), b)))
+            })
             .collect();
         let bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
         let answered = self.lock_answered().clone();

@@ -469,7 +469,9 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
     Ok(match st.phase {
         CvmPhase::Pending => Action::requeue(Duration::from_secs(30)),
         CvmPhase::Terminating => Action::requeue(Duration::from_secs(5)),
-        _ => Action::requeue(Duration::from_secs(300)),
+        // Re-appraise each minute: evidence ages past the policy's maxEvidenceAge
+        // without any event to say so.
+        _ => Action::requeue(Duration::from_secs(60)),
     })
 }
 
