@@ -433,6 +433,7 @@ fn usage_errors_exit_2() {
         vec!["measure", "--ovmf", s(&ovmf), "--ovmf-hash", "abcd"],
         vec!["measure", "--ovmf", s(&ovmf), "--initrd", "/dev/null"],
         vec!["measure", "--ovmf", s(&ovmf), "--vcpus", "0"],
+        vec!["measure", "--ovmf", s(&ovmf), "--vcpus", "100000"],
         vec!["measure", "--ovmf", "/nonexistent/OVMF.fd"],
         vec!["measure"],
     ] {

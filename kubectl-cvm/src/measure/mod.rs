@@ -19,6 +19,9 @@ use thiserror::Error;
 use gctx::{Gctx, PageType, PAGE, VMSA_GPA};
 use ovmf::{Ovmf, SectionKind, MAX_OVMF_LEN};
 
+/// Most vCPUs a QEMU x86 guest can have.
+pub const MAX_VCPUS: u32 = 4096;
+
 #[derive(Debug, Error)]
 pub enum MeasureError {
     #[error("cannot read {what} {path}: {source}")]
@@ -212,6 +215,13 @@ pub fn measure(inp: &Inputs) -> Result<Measurement, MeasureError> {
     }
     if inp.mode != Mode::Sev && inp.vcpus == 0 {
         return Err(MeasureError::Usage("--vcpus must be at least 1".into()));
+    }
+    // QEMU's x86 limit; also keeps a typo from hashing for minutes.
+    if inp.vcpus > MAX_VCPUS {
+        return Err(MeasureError::Usage(format!(
+            "--vcpus {} is more than QEMU's {MAX_VCPUS}",
+            inp.vcpus
+        )));
     }
     if inp.ovmf_hash.is_some() && inp.mode != Mode::Snp {
         return Err(MeasureError::Usage(
