@@ -233,3 +233,21 @@ pub trait Platform: Send + Sync + 'static {
         challenge: &Challenge,
     ) -> impl Future<Output = Result<RawEvidence, PlatformError>> + Send;
 }
+
+/// The held guest `uid`, if it is running: what every backend checks before it produces
+/// evidence.
+pub fn running_guest<G>(
+    uid: &str,
+    guest: Option<G>,
+    info: impl Fn(&G) -> &GuestInfo,
+) -> Result<G, PlatformError> {
+    let g = guest.ok_or_else(|| PlatformError::NoSuchGuest(uid.to_string()))?;
+    let state = info(&g).state;
+    if state != GuestState::Running {
+        return Err(PlatformError::NotRunning {
+            uid: uid.to_string(),
+            state,
+        });
+    }
+    Ok(g)
+}

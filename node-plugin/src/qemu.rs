@@ -901,18 +901,8 @@ impl Platform for QemuPlatform {
         uid: &str,
         challenge: &Challenge,
     ) -> Result<RawEvidence, PlatformError> {
-        let g = self
-            .lock()
-            .guests
-            .get(uid)
-            .cloned()
-            .ok_or_else(|| PlatformError::NoSuchGuest(uid.to_string()))?;
-        if g.info.state != GuestState::Running {
-            return Err(PlatformError::NotRunning {
-                uid: uid.to_string(),
-                state: g.info.state,
-            });
-        }
+        let found = self.lock().guests.get(uid).cloned();
+        let g = crate::platform::running_guest(uid, found, |g| &g.info)?;
         match g.info.tee {
             TeeType::Sev | TeeType::SevEs => {
                 // Unsigned: the guest owner checks the HMAC with their TIK; report the blob
