@@ -12,6 +12,8 @@ pub mod finding;
 pub mod sim;
 pub mod snp;
 pub mod tdx;
+#[doc(hidden)]
+pub mod testvectors;
 pub mod time;
 
 pub use finding::{Claim, Finding, Severity};

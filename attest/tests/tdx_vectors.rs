@@ -2,8 +2,6 @@
 //! in place. Set `CVM_VECTORS` to another vectors directory; under `CI=true` a
 //! missing vector fails the test, elsewhere the test is skipped with a note.
 
-use std::path::PathBuf;
-
 use cvm_attest::tdx::{
     self, report_data_for_nonce, AppraisalContext, DecodedTdQuote, TdReportKind, TdxError,
     TdxPolicy, TdxTcbStatus, TrustedRoot,
@@ -19,28 +17,9 @@ const T_SPR_E4: u64 = 1_687_132_800; // 2023-06-19
 const T_AFTER_V4_COLLATERAL: u64 = 1_754_006_400; // 2025-08-01, TCB info expired 07-19
 const T_BEFORE_V4_COLLATERAL: u64 = 1_748_736_000; // 2025-06-01, TCB info issued 06-19
 
-fn vectors_dir() -> PathBuf {
-    std::env::var_os("CVM_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"))
-}
-
-/// Read a vector, or `None` (skip) when absent outside CI.
+/// A vector's bytes; see `cvm_attest::testvectors`.
 fn vector(rel: &str) -> Option<Vec<u8>> {
-    let path = vectors_dir().join(rel);
-    match std::fs::read(&path) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("test vector {} missing under CI: {e}", path.display());
-            }
-            eprintln!(
-                "note: skipping, test vector {} not readable: {e}",
-                path.display()
-            );
-            None
-        }
-    }
+    cvm_attest::testvectors::read(rel)
 }
 
 /// (quote, collateral JSON) of a dcap-qvl sample.

@@ -7,25 +7,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_kubectl-cvm");
 /// Inside every vector certificate's validity.
 const AT: &str = "2025-06-01T00:00:00Z";
 
-fn vectors_dir() -> PathBuf {
-    std::env::var_os("CVM_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"))
-}
-
-/// Path of a vector; under CI=true a missing one fails, otherwise the test skips.
+/// A vector's path; see `cvm_attest::testvectors`.
 fn vector(rel: &str) -> Option<PathBuf> {
-    let p = vectors_dir().join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "vector {} is missing under CI=true",
-        p.display()
-    );
-    eprintln!("note: skipping, vector {} not found", p.display());
-    None
+    cvm_attest::testvectors::path(rel)
 }
 
 fn run(args: &[&str]) -> Output {

@@ -5,21 +5,9 @@ use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kubectl-cvm");
 
+/// A vector's path; see `cvm_attest::testvectors`.
 fn vector(rel: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("CVM_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"));
-    let p = dir.join(rel);
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "vector {} is missing under CI=true",
-        p.display()
-    );
-    eprintln!("note: skipping, vector {} not found", p.display());
-    None
+    cvm_attest::testvectors::path(rel)
 }
 
 fn run(args: &[&str]) -> Output {

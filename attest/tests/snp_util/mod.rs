@@ -11,26 +11,14 @@ pub fn at() -> u64 {
     cvm_attest::snp::time::parse_rfc3339(AT).unwrap()
 }
 
-/// `$CVM_VECTORS`, else `<repo>/../shared/vectors`.
+/// See `cvm_attest::testvectors`.
 pub fn vectors_dir() -> PathBuf {
-    std::env::var_os("CVM_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors"))
+    cvm_attest::testvectors::dir()
 }
 
-/// Read a vector; under CI=true a missing one fails, otherwise the test is skipped.
+/// A vector's bytes; see `cvm_attest::testvectors`.
 pub fn vector(rel: &str) -> Option<Vec<u8>> {
-    let p = vectors_dir().join(rel);
-    match std::fs::read(&p) {
-        Ok(b) => Some(b),
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("vector {} is missing under CI=true: {e}", p.display());
-            }
-            eprintln!("note: skipping, vector {} not readable: {e}", p.display());
-            None
-        }
-    }
+    cvm_attest::testvectors::read(rel)
 }
 
 /// Certificates of a DER or PEM file, as DER blobs.
