@@ -312,6 +312,9 @@ async fn a_vanished_node_shows_on_the_cvm_and_does_not_block_deletion() {
     let mut node = SimNode::new("cvm-node-vanish-tdx", Some(Tee::Tdx));
     node.extra_labels
         .insert("cvmp.io/pool".into(), "vanish".into());
+    // One key only: the scheduler prefers nodes with more free keys, so other tests'
+    // CVMs never land on this node that is about to vanish.
+    node.tee_slots = 1;
     sys.add_node(node).await.unwrap();
     let mut m = cvm("stranded", ns, "TDX");
     m["spec"]["nodeSelector"] = json!({"cvmp.io/pool": "vanish"});
