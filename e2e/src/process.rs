@@ -204,18 +204,31 @@ fn set_parent_death_signal(cmd: &mut Command) {
     }
 }
 
-/// A free TCP port on loopback (the OS picks it; nothing holds it after return). Never
-/// the same port twice in one process: a port handed out may not be bound yet by the
-/// child it was meant for, and the OS may offer it again.
+/// A free TCP port on loopback for a child to listen on. Never the same port twice in
+/// one process (a port handed out may not be bound yet by its child), and, when the
+/// kernel says where its ephemeral range starts, taken from below it: an outgoing
+/// connection can then never grab the port between our check and the child's bind.
 pub fn free_port() -> Result<u16> {
     static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((low, high)) = non_ephemeral_range() {
+        let span = u32::from(high - low);
+        // Spread concurrent processes apart: each starts at its own offset.
+        let offset = (std::process::id().wrapping_mul(7919)) % span;
+        for i in 0..span {
+            let port = low + ((offset + i * 13) % span) as u16;
+            if !seen.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                seen.push(port);
+                return Ok(port);
+            }
+        }
+    }
     for _ in 0..100 {
         let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("binding", "127.0.0.1:0"))?;
         let port = l
             .local_addr()
             .map(|a| a.port())
             .map_err(io("reading address of", "127.0.0.1:0"))?;
-        let mut seen = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
         if !seen.contains(&port) {
             seen.push(port);
             return Ok(port);
@@ -224,6 +237,13 @@ pub fn free_port() -> Result<u16> {
     Err(HarnessError::Thread(
         "no fresh loopback port after 100 tries".into(),
     ))
+}
+
+/// Ports from 20000 up to the start of the kernel's ephemeral range, if that leaves room.
+fn non_ephemeral_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let start: u16 = text.split_whitespace().next()?.parse().ok()?;
+    (start > 21000).then_some((20000, start - 1))
 }
 
 /// True when something already listens on `127.0.0.1:port`.
@@ -253,5 +273,26 @@ pub fn wait_until(
             });
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_fresh_and_outside_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..20).map(|_| free_port().unwrap()).collect();
+        let mut uniq = ports.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        assert_eq!(
+            uniq.len(),
+            ports.len(),
+            "a port was handed out twice: {ports:?}"
+        );
+        if let Some((low, high)) = non_ephemeral_range() {
+            assert!(ports.iter().all(|p| (low..=high).contains(p)), "{ports:?}");
+        }
     }
 }
