@@ -554,11 +554,7 @@ async fn binary_advertises_its_node_prints_roots_and_serves_metrics() {
         "tees: [TDX]\nslots: 3\ntdxTcbStatus: SWHardeningNeeded\n",
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = cvm_e2e::process::free_port().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cvm-node-plugin"))
         .args(["--node-name", node_name, "--kubeconfig"])
         .arg(&info.kubeconfig)
