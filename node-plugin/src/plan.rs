@@ -43,6 +43,8 @@ pub struct BoundCvm {
     pub deleting: bool,
     /// The run strategy asks for the guest to be stopped (`Halted`).
     pub halted: bool,
+    /// When a guest that ended on its own is started again (from `spec.runStrategy`).
+    pub restart: Restart,
     pub wanted: EvidenceKey,
     pub reported: Reported,
 }
@@ -72,6 +74,7 @@ impl BoundCvm {
             ),
             deleting: cvm.metadata.deletion_timestamp.is_some(),
             halted: cvm.spec.run_strategy == RunStrategy::Halted,
+            restart: Restart::of(cvm.spec.run_strategy),
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
                 reattest: cvm
@@ -117,6 +120,28 @@ pub fn reattest_due(cvm: &ConfidentialVM, now_unix: Option<i64>) -> bool {
     collected.is_some_and(|t| now.saturating_sub(t) >= (period / 1000) as i64)
 }
 
+/// Restart behaviour of a run strategy (KubeVirt's meanings).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Restart {
+    /// `Always`: start it again whenever it stops or fails.
+    #[default]
+    Always,
+    /// `RerunOnFailure`: start it again only when it failed.
+    OnFailure,
+    /// `Manual` (and `Halted`): never start it again by itself.
+    Never,
+}
+
+impl Restart {
+    pub fn of(s: RunStrategy) -> Self {
+        match s {
+            RunStrategy::Always => Restart::Always,
+            RunStrategy::RerunOnFailure => Restart::OnFailure,
+            RunStrategy::Manual | RunStrategy::Halted => Restart::Never,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldGuest {
     pub uid: String,
@@ -137,6 +162,8 @@ pub enum StopCause {
 pub enum Action {
     /// No guest is held for a CVM that wants one: launch it, then report evidence.
     Launch,
+    /// Forget a held guest that ended and launch it again, as the run strategy asks.
+    Relaunch,
     /// The guest runs but the reported evidence does not answer the current nonce or
     /// re-attest request, or the status does not show the running guest.
     RefreshEvidence,
@@ -156,6 +183,7 @@ impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Action::Launch => "launch",
+            Action::Relaunch => "relaunch",
             Action::RefreshEvidence => "refresh-evidence",
             Action::Stop(_) => "stop",
             Action::ReportStopped(_) => "report-stopped",
@@ -194,14 +222,24 @@ pub fn decide(
         // A launch that failed is retried only when the caller says so (on a timer), so
         // that the failure's own status write does not trigger the next attempt.
         let failed = cvm.reported.guest_state == Some(GuestState::Failed);
-        return (!failed || retry_failed).then_some(Action::Launch);
+        let retry = retry_failed && cvm.restart != Restart::Never;
+        return (!failed || retry).then_some(Action::Launch);
     };
     match held.state {
-        // A launch in flight finishes on its own; a stopped guest is left for the run
-        // strategy to decide (not yet). A failed one is reported once, not restarted.
-        GuestState::Launching | GuestState::Stopped => None,
+        // A launch in flight finishes on its own.
+        GuestState::Launching => None,
+        // A guest that ended is restarted as the run strategy says, on the retry timer
+        // (so the failure's own status write does not trigger it); a failure is
+        // reported first.
+        GuestState::Stopped => {
+            (retry_failed && cvm.restart == Restart::Always).then_some(Action::Relaunch)
+        }
         GuestState::Failed => {
-            (cvm.reported.guest_state != Some(GuestState::Failed)).then_some(Action::ReportFailed)
+            if cvm.reported.guest_state != Some(GuestState::Failed) {
+                Some(Action::ReportFailed)
+            } else {
+                (retry_failed && cvm.restart != Restart::Never).then_some(Action::Relaunch)
+            }
         }
         GuestState::Running => {
             let r = &cvm.reported;
@@ -312,6 +350,7 @@ mod tests {
             key: format!("ns/{uid}"),
             deleting: false,
             halted: false,
+            restart: Restart::Always,
             wanted: key(Some("aa"), None),
             reported: Reported::default(),
         }
@@ -471,7 +510,33 @@ mod tests {
             decide(&running, Some(&dead), None, true),
             Some(Action::ReportFailed)
         );
-        assert_eq!(decide(&failed, Some(&dead), None, true), None);
+        // Once reported, the run strategy decides, on the retry timer.
+        assert_eq!(decide(&failed, Some(&dead), None, false), None);
+        assert_eq!(
+            decide(&failed, Some(&dead), None, true),
+            Some(Action::Relaunch)
+        );
+        let mut manual = failed.clone();
+        manual.restart = Restart::Never;
+        assert_eq!(decide(&manual, Some(&dead), None, true), None);
+        assert_eq!(decide(&manual, None, None, true), None, "Manual: no retry");
+        let mut on_failure = failed.clone();
+        on_failure.restart = Restart::OnFailure;
+        assert_eq!(
+            decide(&on_failure, Some(&dead), None, true),
+            Some(Action::Relaunch)
+        );
+        // A guest that stopped cleanly: only Always starts it again.
+        let ended = held("u", GuestState::Stopped);
+        assert_eq!(
+            decide(&running, Some(&ended), None, true),
+            Some(Action::Relaunch)
+        );
+        let mut rerun = running.clone();
+        rerun.restart = Restart::OnFailure;
+        assert_eq!(decide(&rerun, Some(&ended), None, true), None);
+        assert_eq!(Restart::of(RunStrategy::Manual), Restart::Never);
+        assert_eq!(Restart::of(RunStrategy::RerunOnFailure), Restart::OnFailure);
     }
 
     #[test]

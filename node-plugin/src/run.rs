@@ -248,6 +248,14 @@ impl<P: Platform> NodePlugin<P> {
                 self.record_answered(uid, None)
             }
             (Action::Launch, Some((cvm, bound))) => self.launch(&cvm, &bound).await,
+            (Action::Relaunch, Some((cvm, bound))) => {
+                if self.platform.stop(uid).await?.is_some() {
+                    self.metrics.guests_stopped.inc();
+                }
+                self.record_answered(uid, None)?;
+                info!(cvm = %bound.key, node = %self.opts.node, phase = "relaunch", "restarting the guest as its run strategy asks");
+                self.launch(&cvm, &bound).await
+            }
             (Action::RefreshEvidence, Some((cvm, bound))) => {
                 let guest = match guest {
                     Some(g) => g,
