@@ -89,6 +89,13 @@ impl Finding {
         }
     }
 
+    /// The same finding, naming what was expected and what was reported.
+    pub fn with_values(mut self, expected: impl Into<String>, reported: impl Into<String>) -> Self {
+        self.expected = expected.into();
+        self.reported = reported.into();
+        self
+    }
+
     pub fn is_contraindicated(&self) -> bool {
         self.severity == Severity::Contraindicated
     }

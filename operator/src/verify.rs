@@ -391,15 +391,13 @@ fn staleness(input: &Input<'_>) -> Option<AFinding> {
     let max_secs = cvm_crds::validate::parse_duration_ms(max)? / 1000;
     let age = input.now.as_second() - input.evidence.collected_at.0.as_second();
     (age > max_secs as i64).then(|| {
-        let mut f = AFinding::new(
+        AFinding::new(
             "evidence-stale",
             Claim::InstanceIdentity,
             Severity::Contraindicated,
             format!("evidence is {age} s old; the policy accepts at most {max} ({max_secs} s)"),
-        );
-        f.expected = format!("<= {max_secs} s");
-        f.reported = format!("{age} s");
-        f
+        )
+        .with_values(format!("<= {max_secs} s"), format!("{age} s"))
     })
 }
 

@@ -347,7 +347,7 @@ fn appraise_guest_policy(report: &SnpReport, policy: &SnpPolicy, out: &mut Vec<F
                 "guest policy allows debugging (accepted by policy): the host can read guest memory",
             ));
         } else {
-            let mut f = Finding::new(
+            let f = Finding::new(
                 "debug-enabled",
                 Claim::Configuration,
                 Severity::Contraindicated,
@@ -355,14 +355,13 @@ fn appraise_guest_policy(report: &SnpReport, policy: &SnpPolicy, out: &mut Vec<F
                     "guest policy {:#x} allows debugging (bit 19), which the policy forbids",
                     gp.0
                 ),
-            );
-            f.expected = "debug off".into();
-            f.reported = "debug allowed".into();
+            )
+            .with_values("debug off", "debug allowed");
             out.push(f);
         }
     }
     if gp.migrate_ma_allowed() && !policy.allow_migration_agent {
-        let mut f = Finding::new(
+        let f = Finding::new(
             "migration-agent-allowed",
             Claim::Configuration,
             Severity::Contraindicated,
@@ -370,13 +369,12 @@ fn appraise_guest_policy(report: &SnpReport, policy: &SnpPolicy, out: &mut Vec<F
                 "guest policy {:#x} allows a migration agent (bit 18), which the policy forbids",
                 gp.0
             ),
-        );
-        f.expected = "no migration agent".into();
-        f.reported = "migration agent allowed".into();
+        )
+        .with_values("no migration agent", "migration agent allowed");
         out.push(f);
     }
     if gp.smt_allowed() && !policy.allow_smt {
-        let mut f = Finding::new(
+        let f = Finding::new(
             "smt-allowed",
             Claim::Configuration,
             Severity::Contraindicated,
@@ -384,9 +382,8 @@ fn appraise_guest_policy(report: &SnpReport, policy: &SnpPolicy, out: &mut Vec<F
                 "guest policy {:#x} allows SMT (bit 16), which the policy forbids",
                 gp.0
             ),
-        );
-        f.expected = "SMT disallowed".into();
-        f.reported = "SMT allowed".into();
+        )
+        .with_values("SMT disallowed", "SMT allowed");
         out.push(f);
     }
     if let Some(max) = policy.max_vmpl {
@@ -414,14 +411,13 @@ fn appraise_tcb(reported: TcbVersion, min: &MinimumTcb, out: &mut Vec<Finding>) 
     }
     for (name, want, got) in parts {
         if got < want {
-            let mut f = Finding::new(
+            let f = Finding::new(
                 format!("tcb-{name}-below-minimum"),
                 Claim::FileSystem,
                 Severity::Contraindicated,
                 format!("reported TCB {name} SPL {got} is below the minimum {want}"),
-            );
-            f.expected = format!(">= {want}");
-            f.reported = got.to_string();
+            )
+            .with_values(format!(">= {want}"), got.to_string());
             out.push(f);
         }
     }

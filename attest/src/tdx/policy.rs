@@ -307,7 +307,7 @@ fn appraise_tcb(tcb: &TcbVerdict, policy: &TdxPolicy, out: &mut Vec<Finding>) {
     };
     let accepted = policy.accepted_tcb_statuses.contains(&tcb.status);
     if !accepted {
-        let mut f = Finding::new(
+        let f = Finding::new(
             "tcb-status-not-accepted",
             Claim::FileSystem,
             Severity::Contraindicated,
@@ -316,12 +316,11 @@ fn appraise_tcb(tcb: &TcbVerdict, policy: &TdxPolicy, out: &mut Vec<Finding>) {
                 tcb.status,
                 list(&policy.accepted_tcb_statuses)
             ),
-        );
-        f.expected = list(&policy.accepted_tcb_statuses);
-        f.reported = tcb.status.to_string();
+        )
+        .with_values(list(&policy.accepted_tcb_statuses), tcb.status.to_string());
         out.push(f);
     } else if tcb.status != TdxTcbStatus::UpToDate {
-        let mut f = Finding::new(
+        let f = Finding::new(
             "tcb-status-warning",
             Claim::FileSystem,
             Severity::Warning,
@@ -329,9 +328,8 @@ fn appraise_tcb(tcb: &TcbVerdict, policy: &TdxPolicy, out: &mut Vec<Finding>) {
                 "TCB status {} is accepted by policy but the platform needs attention{advisories}",
                 tcb.status
             ),
-        );
-        f.expected = TdxTcbStatus::UpToDate.to_string();
-        f.reported = tcb.status.to_string();
+        )
+        .with_values(TdxTcbStatus::UpToDate.to_string(), tcb.status.to_string());
         out.push(f);
     }
     let rejected: Vec<&String> = tcb
@@ -415,7 +413,7 @@ fn appraise_attributes(q: &DecodedTdQuote, policy: &TdxPolicy, out: &mut Vec<Fin
         } else {
             Severity::Contraindicated
         };
-        let mut f = Finding::new(
+        let f = Finding::new(
             "td-debug-enabled",
             Claim::Configuration,
             severity,
@@ -423,9 +421,8 @@ fn appraise_attributes(q: &DecodedTdQuote, policy: &TdxPolicy, out: &mut Vec<Fin
                 "TD attributes {raw:#018x} have {what} set: the host can read and change the TD's memory{}",
                 if policy.allow_debug { " (allowed by policy)" } else { "" }
             ),
-        );
-        f.expected = "DEBUG off".into();
-        f.reported = format!("{raw:#018x}");
+        )
+        .with_values("DEBUG off", format!("{raw:#018x}"));
         out.push(f);
     }
 }
@@ -488,7 +485,7 @@ fn appraise_binding(
                 ));
             }
             Some(t) if ctx.now_unix.saturating_sub(t) > max => {
-                let mut f = Finding::new(
+                let f = Finding::new(
                     "evidence-too-old",
                     Claim::InstanceIdentity,
                     Severity::Contraindicated,
@@ -497,9 +494,8 @@ fn appraise_binding(
                         ctx.now_unix - t,
                         super::rfc3339(t)
                     ),
-                );
-                f.expected = format!("<= {max} s");
-                f.reported = format!("{} s", ctx.now_unix - t);
+                )
+                .with_values(format!("<= {max} s"), format!("{} s", ctx.now_unix - t));
                 out.push(f);
             }
             Some(_) => {}

@@ -159,15 +159,10 @@ impl TdxVerifier {
         } else {
             format!("root {seen} (not Intel's SGX Root CA)")
         };
-        let mut f = hardware(
-            "untrusted-root",
-            format!(
-                "the PCK certificate chain ends at {what}, which this policy does not trust (trusted roots: {names})"
-            ),
+        let message = format!(
+            "the PCK certificate chain ends at {what}, which this policy does not trust (trusted roots: {names})"
         );
-        f.expected = names;
-        f.reported = seen.to_string();
-        findings.push(f);
+        findings.push(hardware("untrusted-root", message).with_values(names, seen.to_string()));
         None
     }
 }
