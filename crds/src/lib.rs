@@ -18,7 +18,10 @@ pub use common::{
 };
 pub use conditions::{set_condition, ConditionType};
 pub use cvm::{ConfidentialVM, ConfidentialVMSpec, ConfidentialVMStatus, CvmPhase};
-pub use migration::{ConfidentialVMMigration, ConfidentialVMMigrationSpec, MigrationPhase};
+pub use migration::{
+    ConfidentialVMMigration, ConfidentialVMMigrationSpec, ConfidentialVMMigrationStatus,
+    MigrationPhase,
+};
 pub use policy::{AttestationPolicy, AttestationPolicySpec};
 pub use schema::{crds, crds_yaml};
 pub use validate::{Validate, ValidationError};

@@ -1,4 +1,20 @@
-//! `ConfidentialVMMigration`: a request to live-migrate a ConfidentialVM (sketch).
+//! `ConfidentialVMMigration`: a request to live-migrate a ConfidentialVM.
+//!
+//! The protocol, all through this object's status (each party writes only its share):
+//! 1. The operator accepts or refuses the request, and picks `targetNode` (phase Pending).
+//! 2. The target's node plugin prepares a receiving guest from the same launch inputs and
+//!    reports its evidence, answering the challenge [`migration_challenge`]
+//!    (`targetEvidence`, condition `TargetPrepared`); the operator moves to TargetReady.
+//! 3. The operator verifies that evidence against the CVM's own policy
+//!    (`targetAttestation`): TargetAttested, or Failed before any guest state moves.
+//! 4. The source's node plugin transfers the guest (condition `Transferred`: Unknown while
+//!    it runs, then True or False); the operator shows Transferring.
+//! 5. On `Transferred=True` the operator rebinds the CVM to the target (condition
+//!    `Switched`); the target's plugin adopts the guest and reports fresh evidence; once
+//!    the CVM is Verified on the target with evidence newer than the switch: Succeeded.
+//!
+//! A failure before the switch leaves the guest running on the source (rolled back): the
+//! target's plugin stops its receiving guest when the migration ends.
 
 use std::fmt;
 
@@ -8,6 +24,22 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::DNS_SUBDOMAIN_PATTERN;
+use crate::cvm::{AttestationResult, Evidence};
+
+/// Condition the target's node plugin sets: True once the receiving guest is ready and its
+/// evidence is in `targetEvidence`; False (with the reason) when it cannot be prepared.
+pub const CONDITION_TARGET_PREPARED: &str = "TargetPrepared";
+/// Condition the source's node plugin sets: Unknown while guest state is being sent, True
+/// when the transfer completed, False when it failed (the guest keeps running at the source).
+pub const CONDITION_TRANSFERRED: &str = "Transferred";
+/// Condition the operator sets when it rebinds the CVM to the target node.
+pub const CONDITION_SWITCHED: &str = "Switched";
+
+/// The challenge the receiving guest's evidence answers: the migration's UID, so that
+/// evidence cannot be replayed from another migration (its SHA-512 is the report data).
+pub fn migration_challenge(migration_uid: &str) -> Vec<u8> {
+    migration_uid.as_bytes().to_vec()
+}
 
 /// A request to live-migrate one ConfidentialVM to another node.
 // clippy reads the repeated `type_ = "string"` of separate printcolumn(...) groups as
@@ -86,6 +118,13 @@ pub struct ConfidentialVMMigrationStatus {
     #[schemars(length(max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+    /// Evidence of the receiving guest on the target node, answering the migration's
+    /// challenge (written by the target's node plugin; untrusted until verified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_evidence: Option<Evidence>,
+    /// The operator's appraisal of `targetEvidence` under the CVM's attestation policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_attestation: Option<AttestationResult>,
     /// Why the migration failed or was refused, e.g. "SEVNotLiveMigratable: spec.tee.policy.migratable is false".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
