@@ -19,6 +19,11 @@ pub const MANAGER_NODE_PLUGIN: &str = "cvm-node-plugin";
 /// Annotation a user (or `kubectl cvm`) may set to ask for evidence again with no new nonce.
 pub const ANNOTATION_REATTEST: &str = "cvmp.io/reattest";
 
+/// Annotation the operator sets on a CVM when a live migration rebinds it to the target
+/// node (RFC 3339 time of the switch). Evidence collected before it came from the source
+/// host: the operator does not count it, and the target's plugin reports fresh evidence.
+pub const ANNOTATION_MIGRATED_AT: &str = "cvmp.io/migrated-at";
+
 /// Extended resource counting SEV (legacy) ASIDs on a host.
 pub const RESOURCE_SEV_ASIDS: &str = "sev.amd.com/asids";
 /// Extended resource counting SEV-ES / SEV-SNP ASIDs (one shared pool on AMD hosts).
