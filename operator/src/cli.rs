@@ -33,6 +33,30 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// How long a live migration may take to switch the guest to its target, counted from
+    /// the ConfidentialVMMigration's creation (and again from the switch until the guest is
+    /// verified there), e.g. 90s, 5m or 1h30m; plain numbers are seconds.
+    #[arg(long, env = "CVM_MIGRATION_TIMEOUT", default_value = "5m", value_parser = parse_timeout)]
+    migration_timeout: Duration,
+}
+
+/// A positive duration: Go-style (`90s`, `5m`, `1h30m`, `500ms`) or whole seconds (`300`).
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let ms = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>().ok().and_then(|n| n.checked_mul(1000))
+    } else {
+        cvm_crds::validate::parse_duration_ms(s)
+    };
+    match ms {
+        Some(0) => Err(format!(
+            "{s:?} is zero: give a positive duration such as 5m"
+        )),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+        None => Err(format!(
+            "{s:?} is not a duration: use e.g. 90s, 5m or 1h30m, or a number of seconds"
+        )),
+    }
 }
 
 async fn client(cli: &Cli) -> Result<kube::Client, String> {
@@ -72,7 +96,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let elector = Elector::new(leases, &cli.lease_name, &identity, Duration::from_secs(15));
     tracing::info!(identity = %identity, lease = %cli.lease_name, "waiting to lead");
     elector.acquire().await.map_err(|e| e.to_string())?;
-    tracing::info!(identity = %identity, "leading; starting the controller");
+    tracing::info!(identity = %identity, migration_timeout = ?cli.migration_timeout, "leading; starting the controllers");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signals = async move {
@@ -88,7 +112,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     let stop = async move {
         let _ = stop_rx.await;
     };
-    let ctrl = controller::run(client, metrics, &identity, stop);
+    let ctrl = controller::run(client, metrics, &identity, cli.migration_timeout, stop);
     tokio::select! {
         _ = ctrl => Ok(()),
         e = elector.keep() => {
@@ -142,5 +166,32 @@ where
             eprintln!("cvm-operator: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_timeout_takes_durations_or_seconds() {
+        assert_eq!(parse_timeout("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_timeout("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_timeout("300"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_timeout("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_timeout("0s").unwrap_err().contains("positive"));
+        assert!(parse_timeout("soon")
+            .unwrap_err()
+            .contains("not a duration"));
+        assert!(parse_timeout("").is_err());
+    }
+
+    #[test]
+    fn migration_timeout_defaults_to_five_minutes() {
+        let cli = Cli::try_parse_from(["cvm-operator"]).unwrap();
+        assert_eq!(cli.migration_timeout, Duration::from_secs(300));
+        let cli = Cli::try_parse_from(["cvm-operator", "--migration-timeout=20s"]).unwrap();
+        assert_eq!(cli.migration_timeout, Duration::from_secs(20));
+        assert!(Cli::try_parse_from(["cvm-operator", "--migration-timeout=x"]).is_err());
     }
 }

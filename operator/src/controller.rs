@@ -4,15 +4,22 @@
 
 use crate::error::{kube as kerr, Error, Result};
 use crate::metrics::Metrics;
+use crate::migrate;
+use crate::migration_controller;
 use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
 use crate::state::{self, NodeHealth, Observed, OperatorStatus, Placement, Verification};
 use crate::verify;
 use cvm_crds::conditions::{self, STATUS_TRUE};
 use cvm_crds::cvm::GuestState;
 use cvm_crds::policy::AttestationPolicySpec;
-use cvm_crds::wellknown::{tee_resource, FINALIZER, LABEL_NODE, MANAGER_OPERATOR};
-use cvm_crds::{AttestationPolicy, ConditionType, ConfidentialVM, CvmPhase};
-use futures::StreamExt;
+use cvm_crds::wellknown::{
+    tee_resource, ANNOTATION_MIGRATED_AT, FINALIZER, LABEL_NODE, MANAGER_OPERATOR,
+};
+use cvm_crds::{
+    AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase,
+    MigrationPhase,
+};
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -23,31 +30,80 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::RwLockReadGuard;
 use tracing::{info, warn};
 
-/// Shared state of all reconciles.
+/// Shared state of all reconciles (CVMs and migrations).
 pub struct Context {
     pub client: Client,
     pub nodes: Store<Node>,
     pub cvms: Store<ConfidentialVM>,
-    /// Serialises placement, and remembers bindings the cache has not shown yet, so that
-    /// two reconciles never hand out the same last ASID.
-    pub assumed: tokio::sync::Mutex<HashMap<String, Placed>>,
+    /// Migrations, for the capacity their targets hold.
+    pub migrations: Store<ConfidentialVMMigration>,
+    /// Serialises placement (of CVMs and of migration targets), and remembers decisions
+    /// the cache has not shown yet, so that two reconciles never hand out the same last ASID.
+    pub assumed: tokio::sync::Mutex<Assumed>,
+    /// CVMs a migration rebound, by CVM key, until the cache shows it: the CVM's own
+    /// reconcile must not write status from an older view meanwhile (both write
+    /// `status.nodeName` as the operator, so the older view would bind it back).
+    pub rebinds: tokio::sync::RwLock<HashMap<String, Rebind>>,
     pub metrics: Metrics,
     pub recorder: Recorder,
     /// Signals that capacity was freed, so pending CVMs are retried at once.
     pub freed: futures::channel::mpsc::UnboundedSender<()>,
+    /// How long a migration may take to switch (`--migration-timeout`).
+    pub migration_timeout: Duration,
 }
 
-fn key(cvm: &ConfidentialVM) -> String {
+/// Placement decisions not yet in the cache.
+#[derive(Debug, Default)]
+pub struct Assumed {
+    /// CVM bindings, by CVM key.
+    pub cvms: HashMap<String, Placed>,
+    /// Migration targets, by migration key.
+    pub targets: HashMap<String, Placed>,
+}
+
+/// A migration's rebind of a CVM, which the cache may not show yet.
+#[derive(Debug, Clone)]
+pub struct Rebind {
+    pub node: String,
+    /// The `cvmp.io/migrated-at` value it set.
+    pub migrated_at: String,
+    pub since: std::time::Instant,
+}
+
+/// The longest a rebind holds off its CVM's status writes: the cache shows it within
+/// moments; this only bounds one that never completed (its migration was deleted).
+const REBIND_HOLD: Duration = Duration::from_secs(30);
+
+impl Rebind {
+    /// Whether a view of the CVM is at least as new as this rebind (or it is too old to wait for).
+    pub fn settled_in(&self, cvm: &ConfidentialVM) -> bool {
+        let shown = cvm.node_name() == Some(self.node.as_str())
+            && cvm.annotations().get(ANNOTATION_MIGRATED_AT) == Some(&self.migrated_at);
+        shown || self.since.elapsed() > REBIND_HOLD
+    }
+}
+
+pub(crate) fn key(cvm: &ConfidentialVM) -> String {
     format!(
         "{}/{}/{}",
         cvm.namespace().unwrap_or_default(),
         cvm.name_any(),
         cvm.metadata.uid.as_deref().unwrap_or_default()
+    )
+}
+
+pub(crate) fn migration_key(m: &ConfidentialVMMigration) -> String {
+    format!(
+        "migration/{}/{}/{}",
+        m.namespace().unwrap_or_default(),
+        m.name_any(),
+        m.metadata.uid.as_deref().unwrap_or_default()
     )
 }
 
@@ -128,13 +184,71 @@ fn placed_of(cvm: &ConfidentialVM) -> Option<Placed> {
     })
 }
 
-fn request(cvm: &ConfidentialVM) -> Request {
+pub(crate) fn request(cvm: &ConfidentialVM) -> Request {
     Request {
         tee: cvm.tee_type(),
         vcpus: cvm.spec.resources.vcpus,
         memory_mib: u64::from(cvm.spec.resources.memory_mib),
         node_selector: cvm.spec.node_selector.clone(),
     }
+}
+
+/// Capacity in use, for a decision under the placement lock: CVMs bound in the cache,
+/// bindings and migration targets decided but not in the cache yet, and the targets that
+/// migrations in progress hold. Leaves out `except` (the CVM or migration deciding).
+pub(crate) fn occupied(ctx: &Context, assumed: &mut Assumed, except: &str) -> Vec<Placed> {
+    let cached = ctx.cvms.state();
+    let bound_in_cache: HashMap<String, Placed> = cached
+        .iter()
+        .filter_map(|c| placed_of(c).map(|p| (key(c), p)))
+        .collect();
+    let live: HashSet<String> = cached.iter().map(|c| key(c)).collect();
+    // Forget assumptions the cache now shows, or whose CVM is gone.
+    assumed
+        .cvms
+        .retain(|k, _| live.contains(k) && !bound_in_cache.contains_key(k));
+
+    let by_name: HashMap<(String, String), &ConfidentialVM> = cached
+        .iter()
+        .map(|c| {
+            (
+                (c.namespace().unwrap_or_default(), c.name_any()),
+                c.as_ref(),
+            )
+        })
+        .collect();
+    let mut holds: HashMap<String, Placed> = HashMap::new();
+    let mut target_unseen: HashSet<String> = HashSet::new();
+    for m in ctx.migrations.state() {
+        let st = m.status.as_ref();
+        if st
+            .and_then(|s| s.phase)
+            .is_some_and(MigrationPhase::is_terminal)
+        {
+            continue;
+        }
+        let k = migration_key(&m);
+        if st.and_then(|s| s.target_node.as_ref()).is_none() {
+            target_unseen.insert(k.clone());
+        }
+        let cvm = by_name
+            .get(&(m.namespace().unwrap_or_default(), m.spec.cvm_name.clone()))
+            .copied();
+        if let Some(p) = migrate::target_hold(&m, cvm) {
+            holds.insert(k, p);
+        }
+    }
+    // Forget assumed targets the cache now shows, or whose migration ended or is gone.
+    assumed.targets.retain(|k, _| target_unseen.contains(k));
+
+    bound_in_cache
+        .into_iter()
+        .chain(assumed.cvms.iter().map(|(k, p)| (k.clone(), p.clone())))
+        .chain(holds)
+        .chain(assumed.targets.iter().map(|(k, p)| (k.clone(), p.clone())))
+        .filter(|(k, _)| k != except)
+        .map(|(_, p)| p)
+        .collect()
 }
 
 /// Decides where the CVM goes, under the placement lock.
@@ -153,20 +267,7 @@ async fn place(
         return Ok(Placement::Bound(n.to_string()));
     }
     let me = key(cvm);
-    let cached = ctx.cvms.state();
-    let bound_in_cache: HashMap<String, Placed> = cached
-        .iter()
-        .filter_map(|c| placed_of(c).map(|p| (key(c), p)))
-        .collect();
-    let live: std::collections::HashSet<String> = cached.iter().map(|c| key(c)).collect();
-    // Forget assumptions the cache now shows, or whose CVM is gone.
-    assumed.retain(|k, _| live.contains(k) && !bound_in_cache.contains_key(k));
-    let placed: Vec<Placed> = bound_in_cache
-        .into_iter()
-        .chain(assumed.iter().map(|(k, p)| (k.clone(), p.clone())))
-        .filter(|(k, _)| *k != me)
-        .map(|(_, p)| p)
-        .collect();
+    let placed = occupied(ctx, &mut assumed, &me);
     let nodes: Vec<NodeInfo> = ctx.nodes.state().iter().map(|n| node_info(n)).collect();
     match schedule::schedule(&request(cvm), &nodes, &placed) {
         Decision::Bind(node) => {
@@ -183,7 +284,7 @@ async fn place(
             )
             .await
             .map_err(kerr(format!("binding {} to {node}", cvm.name_any())))?;
-            assumed.insert(
+            assumed.cvms.insert(
                 me,
                 Placed {
                     node: node.clone(),
@@ -231,11 +332,18 @@ async fn set_finalizers(
     Ok(())
 }
 
-async fn load_policy(name: &str, ctx: &Context) -> Result<Option<AttestationPolicy>> {
+pub(crate) async fn load_policy(name: &str, ctx: &Context) -> Result<Option<AttestationPolicy>> {
     let api: Api<AttestationPolicy> = Api::all(ctx.client.clone());
     api.get_opt(name)
         .await
         .map_err(kerr(format!("reading AttestationPolicy {name}")))
+}
+
+/// Reason for a `policyRef` naming no AttestationPolicy.
+pub(crate) const REASON_POLICY_NOT_FOUND: &str = "PolicyNotFound";
+
+pub(crate) fn policy_not_found(name: &str) -> String {
+    format!("AttestationPolicy {name} does not exist: create it or fix spec.attestation.policyRef")
 }
 
 /// The verification to record, keeping an unchanged earlier verdict (and its time).
@@ -246,6 +354,17 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
             "waiting for the node plugin to report evidence".into(),
         ));
     };
+    // After a migration, evidence from before the switch came from the source host.
+    let migrated_at = cvm.annotations().get(ANNOTATION_MIGRATED_AT);
+    if migrate::evidence_predates_migration(
+        migrated_at.map(String::as_str),
+        evidence.collected_at.0,
+    ) {
+        return Ok(Verification::Awaiting(format!(
+            "waiting for evidence from node {} after the migration",
+            cvm.node_name().unwrap_or("(none)")
+        )));
+    }
     if !cvm.evidence_answers_nonce() {
         return Ok(Verification::Awaiting(format!(
             "waiting for fresh evidence answering nonce {}",
@@ -258,10 +377,8 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
             Some(p) => Some((name.to_string(), p.spec)),
             None => {
                 return Ok(Verification::PolicyProblem {
-                    reason: "PolicyNotFound",
-                    message: format!(
-                        "AttestationPolicy {name} does not exist: create it or fix spec.attestation.policyRef"
-                    ),
+                    reason: REASON_POLICY_NOT_FOUND,
+                    message: policy_not_found(name),
                 })
             }
         },
@@ -273,6 +390,7 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
         policy: policy_ref,
         evidence,
         now,
+        challenge: None,
     });
     match status.attestation {
         Some(old) if verify::same_verdict(&old, &result) => Ok(Verification::Result(old)),
@@ -298,11 +416,14 @@ fn current_operator_view(cvm: &ConfidentialVM, derived: &OperatorStatus) -> bool
     let Some(s) = cvm.status.as_ref() else {
         return false;
     };
-    let owned = ["Scheduled", "Verified", "Ready", "LiveMigratable"];
     let mut mine: Vec<_> = s
         .conditions
         .iter()
-        .filter(|c| owned.contains(&c.type_.as_str()))
+        .filter(|c| {
+            state::OPERATOR_CONDITIONS
+                .iter()
+                .any(|t| t.as_str() == c.type_)
+        })
         .cloned()
         .collect();
     let mut want = derived.conditions.clone();
@@ -447,6 +568,15 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         None if deleting => Placement::Unschedulable("deleted before it was scheduled".into()),
         None => place(&cvm, &api, &ctx).await?,
     };
+    // Held until the status is written: a migration's rebind waits for it, and a view
+    // older than a rebind writes nothing.
+    let _settled = match &placement {
+        Placement::Bound(_) => match settled(&cvm, &ctx).await {
+            Some(guard) => Some(guard),
+            None => return Ok(Action::requeue(Duration::from_secs(1))),
+        },
+        Placement::Unschedulable(_) => None,
+    };
     if let Placement::Bound(node) = &placement {
         ensure_label(&cvm, &api, node).await?;
     }
@@ -473,6 +603,35 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         // without any event to say so.
         _ => Action::requeue(Duration::from_secs(60)),
     })
+}
+
+/// A read guard on the rebinds when this view of the CVM is at least as new as any
+/// migration's rebind of it; `None` when the cache has not shown the rebind yet.
+async fn settled<'a>(
+    cvm: &ConfidentialVM,
+    ctx: &'a Context,
+) -> Option<RwLockReadGuard<'a, HashMap<String, Rebind>>> {
+    let k = key(cvm);
+    {
+        let rebinds = ctx.rebinds.read().await;
+        match rebinds.get(&k) {
+            None => return Some(rebinds),
+            Some(r) if !r.settled_in(cvm) => return None,
+            Some(_) => {}
+        }
+    }
+    // The cache shows the rebind: forget it (unless another one replaced it meanwhile).
+    {
+        let mut rebinds = ctx.rebinds.write().await;
+        if rebinds.get(&k).is_some_and(|r| r.settled_in(cvm)) {
+            rebinds.remove(&k);
+        }
+    }
+    let rebinds = ctx.rebinds.read().await;
+    match rebinds.get(&k) {
+        Some(r) if !r.settled_in(cvm) => None,
+        _ => Some(rebinds),
+    }
 }
 
 /// Whether the node plugin ever reported on this guest (a guest that never launched
@@ -516,14 +675,18 @@ pub fn update_phase_gauge(ctx: &Context) {
     }
 }
 
-/// Runs the controller until the stream ends (shutdown signal) or `stop` resolves.
+/// Runs the CVM and migration controllers until the stream ends (shutdown signal) or
+/// `stop` resolves.
 pub async fn run(
     client: Client,
     metrics: Metrics,
     identity: &str,
+    migration_timeout: Duration,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
+    let stop = stop.shared();
     let cvms: Api<ConfidentialVM> = Api::all(client.clone());
+    let migrations: Api<ConfidentialVMMigration> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let policies: Api<AttestationPolicy> = Api::all(client.clone());
 
@@ -536,8 +699,10 @@ pub async fn run(
     .touched_objects()
     .for_each(|_| futures::future::ready(()));
 
-    let controller = Controller::new(cvms, watcher::Config::default());
+    let controller = Controller::new(cvms.clone(), watcher::Config::default());
     let cvm_store = controller.store();
+    let migration_ctrl = Controller::new(migrations, watcher::Config::default());
+    let migration_store = migration_ctrl.store();
     let for_nodes = cvm_store.clone();
     let for_policies = cvm_store.clone();
     let (freed, freed_rx) = futures::channel::mpsc::unbounded();
@@ -546,7 +711,10 @@ pub async fn run(
         client: client.clone(),
         nodes: node_store,
         cvms: cvm_store,
-        assumed: tokio::sync::Mutex::new(HashMap::new()),
+        migrations: migration_store.clone(),
+        assumed: tokio::sync::Mutex::new(Assumed::default()),
+        rebinds: tokio::sync::RwLock::new(HashMap::new()),
+        migration_timeout,
         metrics: metrics.clone(),
         recorder: Recorder::new(
             client,
@@ -592,16 +760,84 @@ pub async fn run(
             },
         )
         .reconcile_all_on(freed_rx)
-        .graceful_shutdown_on(stop)
-        .run(reconcile, error_policy, ctx)
+        .graceful_shutdown_on(stop.clone())
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 tracing::debug!(error = %e, "controller event");
             }
         });
+    let migration_ctrl = migration_controller::watching(migration_ctrl, cvms, migration_store)
+        .graceful_shutdown_on(stop)
+        .run(
+            migration_controller::reconcile,
+            migration_controller::error_policy,
+            ctx,
+        )
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "migration controller event");
+            }
+        });
     tokio::select! {
-        _ = ctrl => {},
+        // Both shut down gracefully on `stop`; wait for both.
+        _ = futures::future::join(ctrl, migration_ctrl) => {},
         _ = node_watch => {},
         _ = gauge => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cvm(node: &str, migrated_at: Option<&str>) -> ConfidentialVM {
+        let mut c: ConfidentialVM = serde_json::from_value(json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "web", "namespace": "d"},
+            "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 2, "memoryMiB": 2048},
+                     "boot": {"firmware": {"name": "ovmf"}}},
+            "status": {"nodeName": node},
+        }))
+        .unwrap();
+        if let Some(at) = migrated_at {
+            c.annotations_mut()
+                .insert(ANNOTATION_MIGRATED_AT.into(), at.into());
+        }
+        c
+    }
+
+    #[test]
+    fn a_rebind_is_settled_once_the_view_shows_node_and_time() {
+        let r = Rebind {
+            node: "n2".into(),
+            migrated_at: "2024-01-01T00:00:00Z".into(),
+            since: std::time::Instant::now(),
+        };
+        assert!(
+            !r.settled_in(&cvm("n1", None)),
+            "the view before the rebind"
+        );
+        assert!(
+            !r.settled_in(&cvm("n2", None)),
+            "status rebound, label and annotation not yet"
+        );
+        assert!(!r.settled_in(&cvm("n2", Some("2023-01-01T00:00:00Z"))));
+        assert!(r.settled_in(&cvm("n2", Some("2024-01-01T00:00:00Z"))));
+    }
+
+    #[test]
+    fn a_rebind_that_never_completed_stops_holding_its_cvm() {
+        let Some(long_ago) =
+            std::time::Instant::now().checked_sub(REBIND_HOLD + Duration::from_secs(1))
+        else {
+            return; // a monotonic clock this young cannot express the past; nothing to test
+        };
+        let r = Rebind {
+            node: "n2".into(),
+            migrated_at: "2024-01-01T00:00:00Z".into(),
+            since: long_ago,
+        };
+        assert!(r.settled_in(&cvm("n1", None)));
     }
 }

@@ -8,8 +8,18 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    #[error("the object has no namespace: ConfidentialVM is namespaced")]
+    #[error(
+        "the object has no namespace: ConfidentialVM and ConfidentialVMMigration are namespaced"
+    )]
     NoNamespace,
+    #[error(
+        "{kind} {name} has no {field}; the API server sets it, so the object did not come from one"
+    )]
+    MissingMetadata {
+        kind: &'static str,
+        name: String,
+        field: &'static str,
+    },
     #[error("serializing the status patch: {0}")]
     Serialize(#[from] serde_json::Error),
     #[error("leader election: {0}")]
@@ -24,6 +34,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube",
             Error::NoNamespace => "no_namespace",
+            Error::MissingMetadata { .. } => "missing_metadata",
             Error::Serialize(_) => "serialize",
             Error::Leader(_) => "leader",
             Error::Metrics(_) => "metrics",

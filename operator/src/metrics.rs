@@ -1,6 +1,8 @@
 //! Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -13,6 +15,10 @@ pub struct Metrics {
     pub phases: IntGaugeVec,
     pub time_to_verified: Histogram,
     pub verifications: IntCounterVec,
+    /// Live migrations that ended, by outcome (`succeeded`, `failed`).
+    pub migrations: IntCounterVec,
+    /// Seconds from a migration's creation to its end, by outcome.
+    pub migration_duration: HistogramVec,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -50,7 +56,26 @@ impl Metrics {
             ),
             &["status"],
         )?;
+        let migrations = IntCounterVec::new(
+            Opts::new(
+                "cvm_migrations_total",
+                "Live migrations that ended, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let migration_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "cvm_migration_duration_seconds",
+                "Seconds from a migration's creation to its end, by outcome",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            ]),
+            &["outcome"],
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
+        registry.register(Box::new(migrations.clone()))?;
+        registry.register(Box::new(migration_duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(phases.clone()))?;
         registry.register(Box::new(time_to_verified.clone()))?;
@@ -62,6 +87,8 @@ impl Metrics {
             phases,
             time_to_verified,
             verifications,
+            migrations,
+            migration_duration,
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

@@ -63,6 +63,32 @@ pub struct OperatorStatus {
     pub attestation: Option<AttestationResult>,
 }
 
+/// The conditions the operator owns on a CVM.
+pub const OPERATOR_CONDITIONS: [ConditionType; 4] = [
+    ConditionType::Scheduled,
+    ConditionType::Verified,
+    ConditionType::Ready,
+    ConditionType::LiveMigratable,
+];
+
+/// The operator's share of a CVM's status as recorded: for a write that changes one field
+/// (a migration's rebind) and must keep the rest, since server-side apply drops whatever
+/// the field manager leaves out.
+pub fn recorded(cvm: &ConfidentialVM) -> OperatorStatus {
+    let st = cvm.status.clone().unwrap_or_default();
+    OperatorStatus {
+        phase: st.phase.unwrap_or_default(),
+        node_name: st.node_name,
+        observed_generation: st.observed_generation,
+        conditions: st
+            .conditions
+            .into_iter()
+            .filter(|c| OPERATOR_CONDITIONS.iter().any(|t| t.as_str() == c.type_))
+            .collect(),
+        attestation: st.attestation,
+    }
+}
+
 fn guest_state(cvm: &ConfidentialVM) -> Option<GuestState> {
     cvm.status.as_ref()?.platform.as_ref()?.guest_state
 }
@@ -477,5 +503,28 @@ mod tests {
         assert_eq!(reason, "SEVNotLiveMigratable");
         let (ok, reason, _) = live_migratable(&cvm("SEV-SNP"));
         assert_eq!((ok, reason), (false, "PolicyForbidsMigration"));
+    }
+
+    #[test]
+    fn recorded_keeps_only_the_operators_share() {
+        let mut c = running(cvm("SEV-SNP"));
+        let derived = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Result(result(EarStatus::Affirming, vec![])),
+        );
+        let st = c.status.get_or_insert_with(Default::default);
+        st.phase = Some(derived.phase);
+        st.node_name = derived.node_name.clone();
+        st.observed_generation = derived.observed_generation;
+        st.attestation = derived.attestation.clone();
+        st.conditions.extend(derived.conditions.clone());
+        let r = recorded(&c);
+        assert_eq!(r.node_name.as_deref(), Some("n1"));
+        assert_eq!(r.phase, CvmPhase::Verified);
+        // Launched belongs to the node plugin.
+        assert!(r.conditions.iter().all(|c| c.type_ != "Launched"));
+        assert_eq!(r.conditions.len(), 4);
+        assert_eq!(r, derived);
     }
 }

@@ -32,6 +32,10 @@ pub struct Input<'a> {
     pub policy: Option<(&'a str, &'a AttestationPolicySpec)>,
     pub evidence: &'a Evidence,
     pub now: Timestamp,
+    /// The challenge the evidence must answer, when not the CVM's own (its nonce, else its
+    /// UID): a migration's receiving guest answers
+    /// [`migration_challenge`](cvm_crds::migration::migration_challenge) instead.
+    pub challenge: Option<&'a [u8]>,
 }
 
 fn f(check: &str, claim: Claim, msg: impl Into<String>) -> AFinding {
@@ -76,8 +80,15 @@ fn decode(b64: &str) -> Result<Vec<u8>, String> {
         .map_err(|e| format!("evidence.report is not valid base64: {e}"))
 }
 
-fn challenge(cvm: &ConfidentialVM) -> Option<Vec<u8>> {
-    challenge_bytes(cvm.nonce(), cvm.metadata.uid.as_deref().unwrap_or_default())
+/// What the report data must be SHA-512 of: the explicit challenge, else the CVM's own.
+fn challenge(input: &Input<'_>) -> Option<Vec<u8>> {
+    match input.challenge {
+        Some(c) => Some(c.to_vec()),
+        None => challenge_bytes(
+            input.cvm.nonce(),
+            input.cvm.metadata.uid.as_deref().unwrap_or_default(),
+        ),
+    }
 }
 
 /// Expected launch measurements: the CVM owner's own values when given, else the policy's.
@@ -204,7 +215,7 @@ fn snp(input: &Input<'_>, raw: &[u8]) -> Appraisal {
         crls: &[],
     };
     let ctx = SnpContext {
-        nonce: challenge(cvm),
+        nonce: challenge(input),
     };
     let at = input.now.as_second().max(0) as u64;
     let mut out = verifier.verify(&ev, &ctx, at).appraisal;
@@ -313,7 +324,7 @@ fn tdx_appraise(input: &Input<'_>, raw: &[u8]) -> Appraisal {
         return Appraisal::from_findings(bad, vec![]);
     };
     let mut ctx = AppraisalContext::at(input.now.as_second().max(0) as u64);
-    ctx.nonce = challenge(cvm);
+    ctx.nonce = challenge(input);
     match tdx::verify_quote(raw, collateral.as_bytes(), &policy, &ctx) {
         Ok(a) => {
             let mut findings = a.findings;
@@ -474,4 +485,151 @@ pub fn same_verdict(a: &AttestationResult, b: &AttestationResult) -> bool {
         && a.evidence_collected_at == b.evidence_collected_at
         && a.nonce == b.nonce
         && a.trustworthiness_vector == b.trustworthiness_vector
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cvm_attest::sim::{ReportRequest, SimSnpConfig, SimSnpPlatform};
+    use cvm_crds::migration::migration_challenge;
+    use cvm_crds::policy::TrustedRoot;
+    use cvm_crds::SnpTcbVersion;
+    use sha2::{Digest, Sha256};
+
+    // Inside the simulator's certificate validity (2024 to 2049).
+    fn now() -> Timestamp {
+        Timestamp::from_second(1_750_000_000).unwrap()
+    }
+
+    fn platform(bootloader: u8) -> SimSnpPlatform {
+        let config = SimSnpConfig {
+            bootloader,
+            ..Default::default()
+        };
+        SimSnpPlatform::from_seed([7; 32], config).unwrap()
+    }
+
+    fn policy(p: &SimSnpPlatform, min_bootloader: Option<u8>) -> AttestationPolicySpec {
+        AttestationPolicySpec {
+            trusted_roots: vec![TrustedRoot {
+                name: "sim".into(),
+                sha256_fingerprint: Some(hex::encode(Sha256::digest(p.ark_der()))),
+                description: None,
+            }],
+            minimum_tcb: min_bootloader.map(|b| SnpTcbVersion {
+                bootloader: Some(b),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn evidence(p: &SimSnpPlatform, challenge: &[u8]) -> Evidence {
+        let e = p
+            .issue_report(&ReportRequest::default().with_nonce(challenge))
+            .unwrap();
+        Evidence {
+            format: EvidenceFormat::SevSnpReport,
+            report: base64::engine::general_purpose::STANDARD.encode(&e.report),
+            cert_chain: Some(e.cert_chain_pem()),
+            collateral: Default::default(),
+            nonce: None,
+            collected_at: Time(now()),
+            launch_measurement: None,
+        }
+    }
+
+    fn cvm() -> ConfidentialVM {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "web", "namespace": "d", "uid": "cvm-uid"},
+            "spec": {"tee": {"type": "SEV-SNP", "policy": {"migratable": true}},
+                     "resources": {"vcpus": 2, "memoryMiB": 2048},
+                     "boot": {"firmware": {"name": "ovmf"}}}
+        }))
+        .unwrap()
+    }
+
+    fn checks(r: &AttestationResult) -> Vec<&str> {
+        r.findings.iter().map(|f| f.check.as_str()).collect()
+    }
+
+    #[test]
+    fn target_evidence_answers_the_migration_challenge_not_the_cvms() {
+        let p = platform(4);
+        let spec = policy(&p, None);
+        let c = cvm();
+        let challenge = migration_challenge("migration-uid");
+        let ev = evidence(&p, &challenge);
+        let with = appraise(&Input {
+            cvm: &c,
+            policy: Some(("sim-policy", &spec)),
+            evidence: &ev,
+            now: now(),
+            challenge: Some(&challenge),
+        });
+        assert_eq!(with.status, EarStatus::Affirming, "{:?}", with.findings);
+        assert_eq!(with.policy.as_deref(), Some("sim-policy"));
+        // The same report read as the CVM's own evidence does not answer its UID: a
+        // receiving guest's report cannot stand in for the running guest's, nor the reverse.
+        let without = appraise(&Input {
+            cvm: &c,
+            policy: Some(("sim-policy", &spec)),
+            evidence: &ev,
+            now: now(),
+            challenge: None,
+        });
+        assert_eq!(without.status, EarStatus::Contraindicated);
+        assert!(
+            checks(&without).contains(&"report-data-mismatch"),
+            "{:?}",
+            without.findings
+        );
+    }
+
+    #[test]
+    fn evidence_for_another_migration_is_rejected() {
+        let p = platform(4);
+        let spec = policy(&p, None);
+        let c = cvm();
+        let ev = evidence(&p, &migration_challenge("other-migration"));
+        let mine = migration_challenge("migration-uid");
+        let r = appraise(&Input {
+            cvm: &c,
+            policy: Some(("sim-policy", &spec)),
+            evidence: &ev,
+            now: now(),
+            challenge: Some(&mine),
+        });
+        assert_eq!(r.status, EarStatus::Contraindicated);
+        assert!(
+            checks(&r).contains(&"report-data-mismatch"),
+            "{:?}",
+            r.findings
+        );
+    }
+
+    #[test]
+    fn a_target_below_the_minimum_tcb_is_named() {
+        let p = platform(1);
+        let spec = policy(&p, Some(3));
+        let c = cvm();
+        let challenge = migration_challenge("migration-uid");
+        let ev = evidence(&p, &challenge);
+        let r = appraise(&Input {
+            cvm: &c,
+            policy: Some(("sim-policy", &spec)),
+            evidence: &ev,
+            now: now(),
+            challenge: Some(&challenge),
+        });
+        assert_eq!(r.status, EarStatus::Contraindicated);
+        assert_eq!(checks(&r), vec!["tcb-bootloader-below-minimum"]);
+        let (ok, _, msg) = crate::state::verdict_text(&r);
+        assert!(!ok);
+        assert!(
+            msg.contains("bootloader SPL 1 is below the minimum 3"),
+            "{msg}"
+        );
+    }
 }
