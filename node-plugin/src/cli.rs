@@ -77,6 +77,10 @@ pub struct Cli {
     /// Simulated launch time in milliseconds.
     #[arg(long, default_value_t = 0)]
     sim_launch_delay_ms: u64,
+    /// Make every live-migration transfer from the simulated host fail (Transferred=False),
+    /// to exercise a migration's roll-back.
+    #[arg(long)]
+    sim_fail_sends: bool,
     /// Directory of the simulated vendor roots, shared by every plugin of the cluster
     /// (created on first use). Required with --platform sim.
     #[arg(long)]
@@ -231,6 +235,7 @@ fn sim_config(cli: &Cli) -> anyhow::Result<SimConfig> {
         slots: cli.sim_slots,
         firmware_version: cli.sim_firmware_version.clone(),
         launch_delay_ms: cli.sim_launch_delay_ms,
+        fail_sends: cli.sim_fail_sends,
         ..SimConfig::default()
     };
     cfg.validate()?;
@@ -412,5 +417,24 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Cli {
+        let mut args = vec!["cvm-node-plugin", "--node-name", "n", "--state-dir", "/s"];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn sim_flags_make_the_config() {
+        let cfg = sim_config(&parse(&["--sim-tee", "tdx", "--sim-fail-sends"])).unwrap();
+        assert_eq!(cfg.tees, vec![cvm_crds::TeeType::Tdx]);
+        assert!(cfg.fail_sends);
+        assert!(!sim_config(&parse(&[])).unwrap().fail_sends);
     }
 }

@@ -8,6 +8,7 @@
 //! snpTcb: {bootloader: 4, tee: 0, snp: 23, microcode: 213}
 //! tdxTcbStatus: UpToDate
 //! launchDelayMs: 0
+//! failSends: false         # live migration: every transfer from this host fails (tests)
 //! ```
 
 use std::path::Path;
@@ -45,6 +46,10 @@ pub struct SimConfig {
     /// Time a launch takes, so that `Launching` is observable.
     #[serde(default)]
     pub launch_delay_ms: u64,
+    /// Make every live-migration transfer from this host fail (`Transferred=False`), so
+    /// that tests can watch a migration roll back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail_sends: bool,
 }
 
 fn default_slots() -> u32 {
@@ -95,6 +100,7 @@ impl Default for SimConfig {
             snp_tcb: default_snp_tcb(),
             tdx_tcb_status: TdxTcbStatus::UpToDate,
             launch_delay_ms: 0,
+            fail_sends: false,
         }
     }
 }
@@ -210,6 +216,9 @@ mod tests {
         assert_eq!(caps.snp_tcb, Some(default_snp_tcb()));
         assert_eq!(caps.tdx_tcb_status, None);
         assert!(caps.simulated);
+        assert!(!c.fail_sends, "transfers succeed unless asked otherwise");
+        let failing: SimConfig = serde_yaml::from_str("tees: [TDX]\nfailSends: true\n").unwrap();
+        assert!(failing.fail_sends);
     }
 
     #[test]

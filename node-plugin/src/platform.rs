@@ -6,6 +6,11 @@
 //! data. Implementations keep their own record of guests, so that a restarted plugin finds
 //! the guests it launched ([`Platform::list`]): the simulator in a state file, a QEMU backend
 //! in its pid files and QMP sockets.
+//!
+//! Live migration (docs/migration.md) needs two more steps of a backend:
+//! [`Platform::prepare_incoming`] on the target (a receiving guest launched from the same
+//! launch inputs, so that its measurement equals the source's and its evidence can be
+//! appraised before any state moves) and [`Platform::send`] on the source.
 
 use std::future::Future;
 
@@ -185,6 +190,12 @@ pub enum PlatformError {
         reason: &'static str,
         message: String,
     },
+    /// The backend cannot take part in a live migration; the message says what it lacks.
+    #[error("{0}")]
+    MigrationUnsupported(String),
+    /// Sending the guest's state to the target failed; the guest keeps running here.
+    #[error("transfer failed: {0}")]
+    Transfer(String),
 }
 
 impl PlatformError {
@@ -199,6 +210,8 @@ impl PlatformError {
             PlatformError::Evidence(_) => "EvidenceError",
             PlatformError::Launch(_) => "LaunchFailed",
             PlatformError::Qemu { reason, .. } => reason,
+            PlatformError::MigrationUnsupported(_) => "Unsupported",
+            PlatformError::Transfer(_) => "TransferFailed",
         }
     }
 }
@@ -232,6 +245,28 @@ pub trait Platform: Send + Sync + 'static {
         uid: &str,
         challenge: &Challenge,
     ) -> impl Future<Output = Result<RawEvidence, PlatformError>> + Send;
+
+    /// Live migration, target side: launches a guest ready to receive the state of the
+    /// CVM's guest running on another host, from the same launch inputs (so its launch
+    /// measurement equals the source's). It is held like any guest under the CVM's UID
+    /// (listed, kept across restarts, stopped with [`Platform::stop`]) and answers
+    /// [`Platform::evidence`]. Idempotent per UID: a guest already held is returned as is.
+    fn prepare_incoming(
+        &self,
+        req: &GuestRequest,
+    ) -> impl Future<Output = Result<GuestInfo, PlatformError>> + Send;
+
+    /// Live migration, source side: transfers the state of the running guest `uid` to
+    /// the receiving guest prepared on `target_node`. The guest stays held here (the
+    /// plugin stops it as an orphan once the operator has rebound the CVM to the target);
+    /// on an error it keeps running here. Idempotent: a guest the backend's own records
+    /// show as already sent to `target_node` returns `Ok` without sending again, so a
+    /// plugin restarted mid-transfer can finish the step.
+    fn send(
+        &self,
+        uid: &str,
+        target_node: &str,
+    ) -> impl Future<Output = Result<(), PlatformError>> + Send;
 }
 
 /// The held guest `uid`, if it is running: what every backend checks before it produces

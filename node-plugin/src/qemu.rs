@@ -923,7 +923,24 @@ impl Platform for QemuPlatform {
             TeeType::SevSnp | TeeType::Tdx => self.agent_evidence(&g, challenge).await,
         }
     }
+
+    async fn prepare_incoming(&self, _req: &GuestRequest) -> Result<GuestInfo, PlatformError> {
+        Err(PlatformError::MigrationUnsupported(
+            MIGRATION_UNSUPPORTED.to_string(),
+        ))
+    }
+
+    async fn send(&self, _uid: &str, _target_node: &str) -> Result<(), PlatformError> {
+        Err(PlatformError::MigrationUnsupported(
+            MIGRATION_UNSUPPORTED.to_string(),
+        ))
+    }
 }
+
+/// Why the QEMU backend refuses both steps of a live migration.
+pub const MIGRATION_UNSUPPORTED: &str = "live migration is not supported by the QEMU backend \
+     yet: it would need QMP migrate-incoming/migrate, so this host can neither receive nor \
+     send a migrating guest";
 
 #[cfg(test)]
 mod tests {

@@ -171,6 +171,25 @@ async fn missing_firmware_is_named_before_qemu_runs() {
     assert_eq!(p.launch(&tdx).await.unwrap_err().reason(), "TeeUnsupported");
 }
 
+#[tokio::test]
+async fn live_migration_is_refused_with_reason_unsupported() {
+    let h = host(PathBuf::from("/nonexistent/qemu"));
+    let p = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    let req = snp_request("11111111-2222-3333-4444-888888888888", "mig");
+    let e = p.prepare_incoming(&req).await.unwrap_err();
+    assert_eq!(e.reason(), "Unsupported", "{e}");
+    assert!(
+        e.to_string()
+            .contains("live migration is not supported by the QEMU backend yet")
+            && e.to_string().contains("migrate-incoming"),
+        "{e}"
+    );
+    // Nothing was launched for it.
+    assert!(p.list().await.unwrap().is_empty());
+    let e = p.send(&req.uid, "other-node").await.unwrap_err();
+    assert_eq!(e.reason(), "Unsupported", "{e}");
+}
+
 /// A stand-in for a TEE host's QEMU on this plain machine: drops the TEE object and the
 /// vsock device, and runs the rest under TCG, so the launch, restart and stop paths run
 /// against the real binary.

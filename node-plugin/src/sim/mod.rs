@@ -1,6 +1,11 @@
 //! The simulated platform: configured capabilities, guests kept in the plugin with their
 //! state persisted in `<state-dir>/guests.json` (so a restarted plugin finds them), and
 //! evidence in the vendors' exact formats signed by the simulated roots ([`roots`]).
+//!
+//! Live migration is simulated step by step: a receiving guest is an ordinary simulated
+//! guest launched from the CVM's launch inputs (marked `incoming` in the state file), and a
+//! transfer moves no memory: it records which node the guest was sent to (`sentTo`), or
+//! fails when the config says `failSends`.
 
 pub mod roots;
 pub mod snp;
@@ -41,6 +46,12 @@ struct SimGuest {
     info: GuestInfo,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     host_data: Option<Vec<u8>>,
+    /// Launched to receive a live migration ([`Platform::prepare_incoming`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    incoming: bool,
+    /// The node this guest's state was sent to ([`Platform::send`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sent_to: Option<String>,
 }
 
 /// A simulated TEE host.
@@ -168,7 +179,38 @@ impl SimPlatform {
         u32::try_from(n).unwrap_or(u32::MAX)
     }
 
-    fn begin_launch(&self, req: &GuestRequest) -> Result<Option<GuestInfo>, PlatformError> {
+    /// The node the guest `uid` was sent to by a live migration, if any.
+    pub fn sent_to(&self, uid: &str) -> Option<String> {
+        self.lock().guests.get(uid).and_then(|g| g.sent_to.clone())
+    }
+
+    /// Whether the guest `uid` was launched to receive a live migration.
+    pub fn is_incoming(&self, uid: &str) -> bool {
+        self.lock().guests.get(uid).is_some_and(|g| g.incoming)
+    }
+
+    /// Launches a guest (`incoming`: to receive a migration), waiting the configured
+    /// launch time; a guest already held is returned as is.
+    async fn start_guest(
+        &self,
+        req: &GuestRequest,
+        incoming: bool,
+    ) -> Result<GuestInfo, PlatformError> {
+        if let Some(held) = self.begin_launch(req, incoming)? {
+            return Ok(held);
+        }
+        let delay = self.config.launch_delay();
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.finish_launch(&req.uid)
+    }
+
+    fn begin_launch(
+        &self,
+        req: &GuestRequest,
+        incoming: bool,
+    ) -> Result<Option<GuestInfo>, PlatformError> {
         let mut file = self.lock();
         if let Some(g) = file.guests.get(&req.uid) {
             return Ok(Some(g.info.clone()));
@@ -207,6 +249,8 @@ impl SimPlatform {
             SimGuest {
                 info,
                 host_data: req.host_data.clone(),
+                incoming,
+                sent_to: None,
             },
         );
         if let Err(e) = self.persist(&file) {
@@ -305,14 +349,7 @@ impl Platform for SimPlatform {
     }
 
     async fn launch(&self, req: &GuestRequest) -> Result<GuestInfo, PlatformError> {
-        if let Some(held) = self.begin_launch(req)? {
-            return Ok(held);
-        }
-        let delay = self.config.launch_delay();
-        if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
-        }
-        self.finish_launch(&req.uid)
+        self.start_guest(req, false).await
     }
 
     async fn stop(&self, uid: &str) -> Result<Option<GuestInfo>, PlatformError> {
@@ -346,6 +383,38 @@ impl Platform for SimPlatform {
         let g = crate::platform::running_guest(uid, found, |g| &g.info)?;
         // Signing is CPU work of a few milliseconds; not worth a blocking-pool hop.
         self.issue(&g, challenge)
+    }
+
+    async fn prepare_incoming(&self, req: &GuestRequest) -> Result<GuestInfo, PlatformError> {
+        // The same launch inputs give the same measurement: the receiving guest's evidence
+        // is what the source's would be on this host.
+        self.start_guest(req, true).await
+    }
+
+    async fn send(&self, uid: &str, target_node: &str) -> Result<(), PlatformError> {
+        let mut file = self.lock();
+        let found = file.guests.get(uid).cloned();
+        let g = crate::platform::running_guest(uid, found, |g| &g.info)?;
+        if g.sent_to.as_deref() == Some(target_node) {
+            return Ok(());
+        }
+        if self.config.fail_sends {
+            return Err(PlatformError::Transfer(format!(
+                "simulated failure sending guest {uid} to node {target_node} (the simulator \
+                 config sets failSends)"
+            )));
+        }
+        let before = g.sent_to;
+        if let Some(held) = file.guests.get_mut(uid) {
+            held.sent_to = Some(target_node.to_string());
+        }
+        if let Err(e) = self.persist(&file) {
+            if let Some(held) = file.guests.get_mut(uid) {
+                held.sent_to = before;
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 }
 
@@ -413,6 +482,73 @@ mod tests {
         let tdx = p.launch(&request("d", TeeType::Tdx)).await.unwrap_err();
         assert_eq!(tdx.reason(), "TeeUnsupported");
         assert!(tdx.to_string().contains("offers SEV, SEV-ES"), "{tdx}");
+    }
+
+    #[tokio::test]
+    async fn receiving_guest_matches_the_source_and_survives_a_restart() {
+        let src_state = tempfile::tempdir().unwrap();
+        let dst_state = tempfile::tempdir().unwrap();
+        let roots = tempfile::tempdir().unwrap();
+        let open = |dir: &Path, node: &str| {
+            SimPlatform::open_with_roots(config(TeeType::SevSnp, 2), dir, roots.path(), node)
+                .unwrap()
+        };
+        let src = open(src_state.path(), "src");
+        let dst = open(dst_state.path(), "dst");
+        let req = request("m", TeeType::SevSnp);
+        let running = src.launch(&req).await.unwrap();
+        let incoming = dst.prepare_incoming(&req).await.unwrap();
+        assert_eq!(incoming.state, GuestState::Running);
+        assert_eq!(incoming.measurement, running.measurement);
+        assert!(dst.is_incoming("m") && !src.is_incoming("m"));
+        // Idempotent: no second guest, and it answers a challenge like any guest.
+        let again = dst.prepare_incoming(&req).await.unwrap();
+        assert_eq!(again.launched_at, incoming.launched_at);
+        let c = challenge_for(None, "migration-uid").unwrap();
+        let ev = dst.evidence("m", &c).await.unwrap();
+        assert_eq!(ev.measurement, running.measurement);
+        drop(dst);
+        let dst = open(dst_state.path(), "dst");
+        let held = dst.list().await.unwrap();
+        assert_eq!(
+            held.len(),
+            1,
+            "the receiving guest is kept across a restart"
+        );
+        assert!(dst.is_incoming("m"));
+    }
+
+    #[tokio::test]
+    async fn send_records_the_target_and_fails_on_request() {
+        let state = tempfile::tempdir().unwrap();
+        let p = SimPlatform::open(config(TeeType::SevEs, 2), state.path(), SimRoots::default())
+            .unwrap();
+        let missing = p.send("nope", "dst").await.unwrap_err();
+        assert_eq!(missing.reason(), "NoSuchGuest");
+        p.launch(&request("a", TeeType::SevEs)).await.unwrap();
+        assert_eq!(p.sent_to("a"), None);
+        p.send("a", "dst").await.unwrap();
+        p.send("a", "dst").await.unwrap();
+        assert_eq!(p.sent_to("a").as_deref(), Some("dst"));
+        // The source copy stays held until the plugin stops it.
+        assert_eq!(p.list().await.unwrap()[0].state, GuestState::Running);
+        drop(p);
+        let p = SimPlatform::open(config(TeeType::SevEs, 2), state.path(), SimRoots::default())
+            .unwrap();
+        assert_eq!(p.sent_to("a").as_deref(), Some("dst"), "recorded on disk");
+
+        let failing = tempfile::tempdir().unwrap();
+        let cfg = SimConfig {
+            fail_sends: true,
+            ..config(TeeType::SevEs, 2)
+        };
+        let f = SimPlatform::open(cfg, failing.path(), SimRoots::default()).unwrap();
+        f.launch(&request("b", TeeType::SevEs)).await.unwrap();
+        let e = f.send("b", "dst").await.unwrap_err();
+        assert_eq!(e.reason(), "TransferFailed");
+        assert!(e.to_string().contains("failSends"), "{e}");
+        assert_eq!(f.sent_to("b"), None);
+        assert_eq!(f.list().await.unwrap()[0].state, GuestState::Running);
     }
 
     #[tokio::test]
