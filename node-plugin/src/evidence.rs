@@ -26,6 +26,17 @@ pub fn challenge_for(nonce: Option<&str>, uid: &str) -> Option<Challenge> {
     })
 }
 
+/// The challenge a receiving guest's evidence answers in a live migration:
+/// `report_data` = SHA-512 of `cvm_crds::migration::migration_challenge(migration UID)`,
+/// and no nonce to echo.
+pub fn migration_challenge_for(migration_uid: &str) -> Challenge {
+    let bytes = cvm_crds::migration::migration_challenge(migration_uid);
+    Challenge {
+        report_data: Sha512::digest(&bytes).into(),
+        nonce: None,
+    }
+}
+
 /// `status.evidence` for raw evidence collected at `now`.
 pub fn encode(raw: &RawEvidence, challenge: &Challenge, now: Time) -> Evidence {
     Evidence {
@@ -62,6 +73,9 @@ mod tests {
         assert_eq!(u.report_data, <[u8; 64]>::from(Sha512::digest(b"uid-1")));
         assert_eq!(u.nonce, None);
         assert!(challenge_for(Some("xyz"), "uid-1").is_none());
+        let m = migration_challenge_for("mig-1");
+        assert_eq!(m.report_data, <[u8; 64]>::from(Sha512::digest(b"mig-1")));
+        assert_eq!(m.nonce, None);
     }
 
     #[test]

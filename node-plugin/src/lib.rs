@@ -1,8 +1,10 @@
 //! cvm-node-plugin: the per-host agent. It advertises the host's TEEs on its Node,
 //! launches and stops the guests of the ConfidentialVMs bound to its node through a
 //! [`platform::Platform`] backend, and reports launch facts and evidence in their status.
+//! It also carries out its node's share of live migrations (docs/migration.md): it
+//! prepares receiving guests as a target and sends guests as a source.
 //!
-//! Layout: pure decisions in [`plan`], [`measure`], [`status`] and [`node`]'s patch
+//! Layout: pure decisions in [`plan`], [`migrate_plan`], [`measure`], [`status`] and [`node`]'s patch
 //! builders; I/O at the edges in [`run`] (the loop), [`node::advertise`] and the
 //! backends ([`sim`] and [`qemu`]).
 //!
@@ -13,6 +15,7 @@ pub mod config;
 pub mod evidence;
 pub mod measure;
 pub mod metrics;
+pub mod migrate_plan;
 pub mod node;
 pub mod plan;
 pub mod platform;

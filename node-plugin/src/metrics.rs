@@ -13,6 +13,10 @@ pub struct Metrics {
     pub guests_launched: IntCounter,
     pub guests_stopped: IntCounter,
     pub evidence_issued: IntCounter,
+    /// Receiving guests prepared for live migrations to this node (evidence reported).
+    pub migrations_prepared: IntCounter,
+    /// Guests sent to another node by live migrations from this node.
+    pub migrations_sent: IntCounter,
     /// Failed actions by action and reason.
     pub errors: IntCounterVec,
 }
@@ -37,6 +41,14 @@ impl Metrics {
             "evidence_issued_total",
             "Evidence reports written to CVM status",
         )?;
+        let migrations_prepared = IntCounter::new(
+            "migrations_prepared_total",
+            "Receiving guests prepared for live migrations to this node",
+        )?;
+        let migrations_sent = IntCounter::new(
+            "migrations_sent_total",
+            "Guests sent to another node by live migrations",
+        )?;
         let errors = IntCounterVec::new(
             Opts::new("action_errors_total", "Failed actions by action and reason"),
             &["action", "reason"],
@@ -44,12 +56,16 @@ impl Metrics {
         registry.register(Box::new(guests_launched.clone()))?;
         registry.register(Box::new(guests_stopped.clone()))?;
         registry.register(Box::new(evidence_issued.clone()))?;
+        registry.register(Box::new(migrations_prepared.clone()))?;
+        registry.register(Box::new(migrations_sent.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         Ok(Metrics {
             registry,
             guests_launched,
             guests_stopped,
             evidence_issued,
+            migrations_prepared,
+            migrations_sent,
             errors,
         })
     }
@@ -84,6 +100,7 @@ mod tests {
     fn counters_render_with_node_label() {
         let m = Metrics::new("n1").unwrap();
         m.guests_launched.inc();
+        m.migrations_sent.inc();
         m.errors.with_label_values(&["launch", "NoCapacity"]).inc();
         let text = m.render();
         assert!(
@@ -91,6 +108,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("reason=\"NoCapacity\""), "{text}");
+        assert!(
+            text.contains("cvm_node_plugin_migrations_sent_total{node=\"n1\"} 1")
+                && text.contains("cvm_node_plugin_migrations_prepared_total{node=\"n1\"} 0"),
+            "{text}"
+        );
         // A second plugin in the same process has its own registry.
         assert!(Metrics::new("n2").is_ok());
     }

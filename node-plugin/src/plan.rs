@@ -5,12 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cvm_crds::cvm::{ConfidentialVM, GuestState, RunStrategy};
-use cvm_crds::wellknown::ANNOTATION_REATTEST;
+use cvm_crds::wellknown::{ANNOTATION_MIGRATED_AT, ANNOTATION_REATTEST};
 use cvm_crds::ConditionType;
+use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-/// What the latest evidence must answer: the user's nonce and the re-attest annotation.
-/// A change of either asks for fresh evidence.
+/// What the latest evidence must answer: the user's nonce, the re-attest annotation and
+/// the live-migration switch (`cvmp.io/migrated-at`). A change of any asks for fresh
+/// evidence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EvidenceKey {
@@ -18,6 +20,10 @@ pub struct EvidenceKey {
     pub nonce: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reattest: Option<String>,
+    /// The CVM's `cvmp.io/migrated-at`: a guest adopted after a live migration answers
+    /// for this node once, whatever the source had answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrated_at: Option<String>,
 }
 
 /// What the CVM's status says about the guest (as last written by this plugin).
@@ -31,6 +37,9 @@ pub struct Reported {
     /// The evidence is older than `spec.attestation.reattestEvery` (judged by the caller's
     /// clock, see [`BoundCvm::of_at`]).
     pub reattest_due: bool,
+    /// The evidence was not collected after the CVM's `cvmp.io/migrated-at`: it came
+    /// from the source host of a live migration (see [`evidence_predates_migration`]).
+    pub evidence_predates_migration: bool,
 }
 
 /// A CVM bound to this node, reduced to what decisions need.
@@ -77,12 +86,8 @@ impl BoundCvm {
             restart: Restart::of(cvm.spec.run_strategy),
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
-                reattest: cvm
-                    .metadata
-                    .annotations
-                    .as_ref()
-                    .and_then(|a| a.get(ANNOTATION_REATTEST))
-                    .cloned(),
+                reattest: annotation(cvm, ANNOTATION_REATTEST),
+                migrated_at: annotation(cvm, ANNOTATION_MIGRATED_AT),
             },
             reported: Reported {
                 guest_state: status
@@ -94,12 +99,42 @@ impl BoundCvm {
                 has_evidence: evidence.is_some(),
                 evidence_nonce: evidence.and_then(|e| e.nonce.clone()),
                 reattest_due: reattest_due(cvm, now_unix),
+                evidence_predates_migration: evidence_predates_migration(cvm),
             },
         })
     }
 }
 
-/// A guest the platform holds.
+fn annotation(cvm: &ConfidentialVM, key: &str) -> Option<String> {
+    cvm.metadata.annotations.as_ref()?.get(key).cloned()
+}
+
+/// When a live migration rebound the CVM here (`cvmp.io/migrated-at`), if it did and
+/// the annotation is an RFC 3339 time.
+pub fn migrated_at(cvm: &ConfidentialVM) -> Option<Timestamp> {
+    cvm.metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_MIGRATED_AT)?
+        .parse()
+        .ok()
+}
+
+/// Whether the CVM's evidence was collected no later than the switch of a live migration
+/// (`cvmp.io/migrated-at`), i.e. on the source host. Compared in whole seconds, the
+/// precision both times have on the wire, so evidence from the second of the switch counts
+/// as stale too: the plugin collects evidence for a migrated CVM only once its clock has
+/// passed that second (see `run`), and then it is newer under any reading of "after".
+pub fn evidence_predates_migration(cvm: &ConfidentialVM) -> bool {
+    let Some(switched) = migrated_at(cvm) else {
+        return false;
+    };
+    cvm.status
+        .as_ref()
+        .and_then(|s| s.evidence.as_ref())
+        .is_some_and(|e| e.collected_at.0.as_second() <= switched.as_second())
+}
+
 /// Whether the evidence is older than `spec.attestation.reattestEvery` at `now_unix`.
 pub fn reattest_due(cvm: &ConfidentialVM, now_unix: Option<i64>) -> bool {
     let (Some(now), Some(period)) = (
@@ -142,9 +177,14 @@ impl Restart {
     }
 }
 
+/// A guest the platform holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldGuest {
     pub uid: String,
+    /// Namespace and name of the CVM it was launched for (a receiving guest of a live
+    /// migration is recognised by them before its CVM is bound here).
+    pub namespace: String,
+    pub name: String,
     pub state: GuestState,
 }
 
@@ -247,6 +287,7 @@ pub fn decide(
                 && r.launched == Some(true)
                 && r.has_evidence
                 && !r.reattest_due
+                && !r.evidence_predates_migration
                 && r.evidence_nonce == cvm.wanted.nonce;
             let answered_current = answered == Some(&cvm.wanted);
             (!(status_current && answered_current)).then_some(Action::RefreshEvidence)
@@ -255,12 +296,15 @@ pub fn decide(
 }
 
 /// The full plan: one action per bound CVM that needs one, and a stop for every held
-/// guest with no bound CVM. Ordered by UID for stable logs and tests.
+/// guest with no bound CVM, except the guests in `receiving` (receiving guests of live
+/// migrations to this node still in progress, see [`crate::migrate_plan::receiving`]).
+/// Ordered by UID for stable logs and tests.
 pub fn plan(
     held: &[HeldGuest],
     bound: &[BoundCvm],
     answered: &BTreeMap<String, EvidenceKey>,
     retry_failed: bool,
+    receiving: &BTreeSet<String>,
 ) -> Vec<(String, Action)> {
     let held_by_uid: BTreeMap<&str, &HeldGuest> =
         held.iter().map(|g| (g.uid.as_str(), g)).collect();
@@ -279,7 +323,7 @@ pub fn plan(
         .collect();
     out.extend(
         held.iter()
-            .filter(|g| !bound_uids.contains(g.uid.as_str()))
+            .filter(|g| !bound_uids.contains(g.uid.as_str()) && !receiving.contains(&g.uid))
             .map(|g| (g.uid.clone(), Action::StopOrphan)),
     );
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -294,6 +338,7 @@ mod tests {
         EvidenceKey {
             nonce: nonce.map(Into::into),
             reattest: reattest.map(Into::into),
+            migrated_at: None,
         }
     }
 
@@ -304,6 +349,7 @@ mod tests {
             has_evidence: true,
             evidence_nonce: nonce.map(Into::into),
             reattest_due: false,
+            evidence_predates_migration: false,
         }
     }
 
@@ -344,6 +390,87 @@ mod tests {
         );
     }
 
+    /// A CVM the operator switched to `node` at 00:10:00 by a live migration, whose
+    /// evidence (written by the source's plugin) was collected at `collected`.
+    fn migrated_cvm(node: &str, collected: &str) -> ConfidentialVM {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u",
+                         "labels": {"cvmp.io/node": node},
+                         "annotations": {ANNOTATION_MIGRATED_AT: "2026-01-01T00:10:00Z"}},
+            "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
+                     "boot": {"firmware": {"name": "f"}}, "attestation": {"nonce": "aa"}},
+            "status": {"nodeName": node, "platform": {"guestState": "Running", "simulated": true},
+                       "conditions": [{"type": "Launched", "status": "True", "reason": "GuestRunning",
+                                       "message": "running on the source", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+                       "evidence": {"format": "sev-snp-report", "report": "", "nonce": "aa",
+                                    "collectedAt": collected}}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn adopted_guest_reports_fresh_evidence_once() {
+        // Just switched: the status is the source's (Running, Launched, evidence for the
+        // same nonce) and this node holds the receiving guest, running.
+        let obj = migrated_cvm("n2", "2026-01-01T00:09:30Z");
+        let c = BoundCvm::of(&obj, "n2").unwrap();
+        assert_eq!(
+            c.wanted.migrated_at.as_deref(),
+            Some("2026-01-01T00:10:00Z")
+        );
+        assert!(c.reported.evidence_predates_migration);
+        let g = held("u", GuestState::Running);
+        // Whether or not this plugin remembers an answer for the UID (it does not, after
+        // a migration; the answered file may be stale), the source's evidence is replaced,
+        // together with the platform facts and Launched condition of this node.
+        assert_eq!(
+            decide(&c, Some(&g), None, false),
+            Some(Action::RefreshEvidence)
+        );
+        assert_eq!(
+            decide(&c, Some(&g), Some(&c.wanted), false),
+            Some(Action::RefreshEvidence)
+        );
+        // Evidence from the second of the switch may be the source's, too.
+        let same_second = BoundCvm::of(&migrated_cvm("n2", "2026-01-01T00:10:00Z"), "n2").unwrap();
+        assert!(same_second.reported.evidence_predates_migration);
+        // Fresh evidence, answered by this plugin: done.
+        let fresh = BoundCvm::of(&migrated_cvm("n2", "2026-01-01T00:10:01Z"), "n2").unwrap();
+        assert!(!fresh.reported.evidence_predates_migration);
+        assert_eq!(decide(&fresh, Some(&g), Some(&fresh.wanted), false), None);
+        // An answer recorded before the migration (no migrated-at) does not count.
+        let before = key(Some("aa"), None);
+        assert_eq!(
+            decide(&fresh, Some(&g), Some(&before), false),
+            Some(Action::RefreshEvidence)
+        );
+        // The receiving guest still launching: wait for it, never launch a second one.
+        let launching = held("u", GuestState::Launching);
+        assert_eq!(decide(&c, Some(&launching), None, true), None);
+        // A CVM that never migrated is unaffected, and a malformed annotation marks nothing.
+        let mut plain = migrated_cvm("n2", "2026-01-01T00:09:30Z");
+        plain.metadata.annotations = None;
+        assert!(!evidence_predates_migration(&plain));
+        let mut garbled = plain.clone();
+        garbled.metadata.annotations = Some(BTreeMap::from([(
+            ANNOTATION_MIGRATED_AT.to_string(),
+            "yesterday".to_string(),
+        )]));
+        assert!(!evidence_predates_migration(&garbled));
+        assert_eq!(migrated_at(&garbled), None);
+        // The source no longer has it bound: its copy is an orphan.
+        assert_eq!(BoundCvm::of(&obj, "n1"), None);
+        let p = plan(
+            &[held("u", GuestState::Running)],
+            &[],
+            &BTreeMap::new(),
+            false,
+            &BTreeSet::new(),
+        );
+        assert_eq!(p, vec![("u".to_string(), Action::StopOrphan)]);
+    }
+
     fn cvm(uid: &str) -> BoundCvm {
         BoundCvm {
             uid: uid.into(),
@@ -359,6 +486,8 @@ mod tests {
     fn held(uid: &str, state: GuestState) -> HeldGuest {
         HeldGuest {
             uid: uid.into(),
+            namespace: "ns".into(),
+            name: uid.into(),
             state,
         }
     }
@@ -549,7 +678,14 @@ mod tests {
             held("orphan", GuestState::Running),
         ];
         let answered = BTreeMap::from([("a".to_string(), key(Some("aa"), None))]);
-        let p = plan(&held_guests, &[a.clone(), b.clone()], &answered, false);
+        let none = BTreeSet::new();
+        let p = plan(
+            &held_guests,
+            &[a.clone(), b.clone()],
+            &answered,
+            false,
+            &none,
+        );
         assert_eq!(
             p,
             vec![
@@ -558,7 +694,7 @@ mod tests {
             ]
         );
         // After a restart the same inputs give the same plan: no launch for "a".
-        assert_eq!(plan(&held_guests, &[a, b], &answered, true), p);
+        assert_eq!(plan(&held_guests, &[a, b], &answered, true, &none), p);
     }
 
     #[test]
@@ -571,12 +707,13 @@ mod tests {
             &[],
             &BTreeMap::new(),
             false,
+            &BTreeSet::new(),
         );
         assert_eq!(
             p.iter().map(|(_, a)| a.clone()).collect::<Vec<_>>(),
             vec![Action::StopOrphan, Action::StopOrphan]
         );
-        assert!(plan(&[], &[], &BTreeMap::new(), true).is_empty());
+        assert!(plan(&[], &[], &BTreeMap::new(), true, &BTreeSet::new()).is_empty());
     }
 
     #[test]

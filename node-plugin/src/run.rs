@@ -1,6 +1,7 @@
-//! The plugin's loop: watch the CVMs bound to this node, plan ([`crate::plan`]) against the
+//! The plugin's loop: watch the CVMs bound to this node and every
+//! `ConfidentialVMMigration`, plan ([`crate::plan`], [`crate::migrate_plan`]) against the
 //! guests the platform holds, carry out the actions, write status. Level-triggered: every
-//! pass recomputes the whole plan from the reflector's view and the platform's list, so a
+//! pass recomputes the whole plan from the reflectors' view and the platform's list, so a
 //! lost event, a restart or a crash mid-action converge on the next pass.
 
 use std::collections::BTreeMap;
@@ -10,6 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cvm_crds::cvm::{ConfidentialVM, GuestState};
+use cvm_crds::migration::{
+    ConfidentialVMMigration, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
+};
 use cvm_crds::wellknown::{LABEL_NODE, MANAGER_NODE_PLUGIN};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -19,10 +23,11 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::evidence;
 use crate::metrics::Metrics;
+use crate::migrate_plan::{self, CondState, MigrationAction, MigrationView};
 use crate::node;
 use crate::plan::{self, Action, BoundCvm, EvidenceKey, HeldGuest, StopCause};
 use crate::platform::{GuestInfo, GuestRequest, Platform, PlatformError};
@@ -32,6 +37,11 @@ use crate::store;
 /// File (in `--state-dir`) recording which nonce / re-attest request each guest's latest
 /// evidence answered, so a restarted plugin does not re-issue evidence needlessly.
 pub const ANSWERED_FILE: &str = "evidence.json";
+
+/// Longest wait, before collecting evidence of a migrated CVM, for this host's clock to pass
+/// the second of the switch (`cvmp.io/migrated-at`, set by the operator's clock): evidence
+/// from that second or earlier counts as the source's. A longer gap is clock skew, logged.
+pub const MIGRATION_CLOCK_WAIT: Duration = Duration::from_secs(2);
 
 /// How the loop runs.
 #[derive(Debug, Clone)]
@@ -64,6 +74,18 @@ pub enum ActionError {
     Status(#[source] kube::Error),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error("reading {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// A migration step this node cannot carry out; the migration's status says why.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl ActionError {
@@ -74,9 +96,14 @@ impl ActionError {
             ActionError::BadNonce(_) => "BadNonce",
             ActionError::Status(_) => "StatusWrite",
             ActionError::Store(_) => "StateStore",
+            ActionError::Read { .. } => "ApiRead",
+            ActionError::Refused { reason, .. } => reason,
         }
     }
 }
+
+/// A migration step that did not run because the fresh object no longer asks for it.
+const SKIPPED: bool = false;
 
 /// One node plugin over a platform backend.
 pub struct NodePlugin<P: Platform> {
@@ -128,18 +155,49 @@ impl<P: Platform> NodePlugin<P> {
                 }
             }
         });
+        // Every migration: this node may be the target of one whose CVM is bound elsewhere.
+        let mig_api: Api<ConfidentialVMMigration> = Api::all(self.client.clone());
+        let (migrations, mig_writer) = reflector::store();
+        let mig_stream =
+            reflector::reflector(mig_writer, watcher(mig_api, watcher::Config::default()))
+                .default_backoff();
+        let wake = notify.clone();
+        let watch_node = node.clone();
+        let mig_watch = tokio::spawn(async move {
+            futures::pin_mut!(mig_stream);
+            while let Some(ev) = mig_stream.next().await {
+                match ev {
+                    Ok(_) => wake.notify_one(),
+                    Err(e) => warn!(
+                        node = %watch_node,
+                        error = %e,
+                        "watching ConfidentialVMMigrations (is the CRD installed, and may this \
+                         plugin list them?)"
+                    ),
+                }
+            }
+        });
+        let stop_watches = || {
+            watch.abort();
+            mig_watch.abort();
+        };
         let caps = self.platform.capabilities();
         info!(node = %node, tees = ?caps.tees, simulated = caps.simulated, "node plugin starting");
 
         tokio::pin!(shutdown);
-        // Planning before the first full list would take every held guest for an orphan.
+        // Planning before the first full lists would take every held guest (or receiving
+        // guest of a migration) for an orphan.
+        let ready = async {
+            let (c, m) = tokio::join!(reader.wait_until_ready(), migrations.wait_until_ready());
+            c.is_ok() && m.is_ok()
+        };
         tokio::select! {
-            r = reader.wait_until_ready() => {
-                if r.is_err() {
+            ok = ready => {
+                if !ok {
                     warn!(node = %node, "watch ended before the first list");
                 }
             }
-            _ = &mut shutdown => { watch.abort(); return Ok(()); }
+            _ = &mut shutdown => { stop_watches(); return Ok(()); }
         }
         let mut advertised: Option<Instant> = None;
         let mut retry = true;
@@ -150,24 +208,34 @@ impl<P: Platform> NodePlugin<P> {
                     Err(e) => warn!(node = %node, error = %e, "advertising the node"),
                 }
             }
-            self.sync(&reader, retry).await;
+            self.sync(&reader, &migrations, retry).await;
             retry = tokio::select! {
                 _ = notify.notified() => false,
                 _ = tokio::time::sleep(self.opts.resync) => true,
                 _ = &mut shutdown => break,
             };
         }
-        watch.abort();
+        stop_watches();
         info!(node = %node, "node plugin stopped");
         Ok(())
     }
 
-    /// One pass: plan against the reflector's view and carry out every action.
+    /// One pass: plan against the reflectors' view and carry out every action.
     /// `retry_failed` lets failed launches be retried (on resync ticks only, so that a
     /// launch that keeps failing is not retried on its own status writes).
-    pub async fn sync(&self, reader: &Store<ConfidentialVM>, retry_failed: bool) {
+    pub async fn sync(
+        &self,
+        reader: &Store<ConfidentialVM>,
+        migrations: &Store<ConfidentialVMMigration>,
+        retry_failed: bool,
+    ) {
         let node = &self.opts.node;
         let cvms: Vec<Arc<ConfidentialVM>> = reader.state();
+        let migrations: Vec<MigrationView> = migrations
+            .state()
+            .iter()
+            .filter_map(|m| MigrationView::of(m))
+            .collect();
         let held: Vec<GuestInfo> = match self.platform.list().await {
             Ok(h) => h,
             Err(e) => {
@@ -179,6 +247,8 @@ impl<P: Platform> NodePlugin<P> {
             .iter()
             .map(|g| HeldGuest {
                 uid: g.uid.clone(),
+                namespace: g.namespace.clone(),
+                name: g.name.clone(),
                 state: g.state,
             })
             .collect();
@@ -191,7 +261,8 @@ impl<P: Platform> NodePlugin<P> {
             .collect();
         let bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
         let answered = self.lock_answered().clone();
-        let actions = plan::plan(&held_plain, &bound, &answered, retry_failed);
+        let receiving = migrate_plan::receiving(node, &migrations, &held_plain);
+        let actions = plan::plan(&held_plain, &bound, &answered, retry_failed, &receiving);
         let guests: BTreeMap<&str, &GuestInfo> = held.iter().map(|g| (g.uid.as_str(), g)).collect();
         let runs = actions.into_iter().map(|(uid, action)| {
             let cvm = by_uid.get(&uid).map(|(c, b)| (c.clone(), b.clone()));
@@ -215,7 +286,35 @@ impl<P: Platform> NodePlugin<P> {
                 }
             }
         });
-        futures::future::join_all(runs).await;
+        let by_mig: BTreeMap<&str, &MigrationView> =
+            migrations.iter().map(|m| (m.uid.as_str(), m)).collect();
+        let mig_runs = migrate_plan::plan(node, &migrations)
+            .into_iter()
+            .filter_map(|(uid, action)| by_mig.get(uid.as_str()).map(|m| (*m, action)))
+            .map(|(m, action)| async move {
+                let r = self.execute_migration(m, action).await;
+                let (cvm, migration) = (m.cvm_key(), m.key());
+                match &r {
+                    Ok(true) => {
+                        info!(cvm = %cvm, node = %node, phase = action.name(), migration = %migration, "done")
+                    }
+                    Ok(false) => {
+                        debug!(cvm = %cvm, node = %node, phase = action.name(), migration = %migration, "already done")
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .errors
+                            .with_label_values(&[action.name(), e.reason()])
+                            .inc();
+                        warn!(cvm = %cvm, node = %node, phase = action.name(), migration = %migration, error = %e, "migration step failed");
+                    }
+                }
+            });
+        futures::future::join(
+            futures::future::join_all(runs),
+            futures::future::join_all(mig_runs),
+        )
+        .await;
     }
 
     fn lock_answered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, EvidenceKey>> {
@@ -326,6 +425,13 @@ impl<P: Platform> NodePlugin<P> {
         let nonce = bound.wanted.nonce.as_deref();
         let challenge = evidence::challenge_for(nonce, &bound.uid)
             .ok_or_else(|| ActionError::BadNonce(nonce.unwrap_or_default().to_string()))?;
+        if let Some(switched) = plan::migrated_at(cvm) {
+            let before = self.lock_answered().get(&bound.uid).cloned();
+            if before.and_then(|k| k.migrated_at) != bound.wanted.migrated_at {
+                info!(cvm = %bound.key, node = %self.opts.node, phase = "adopt", migrated_at = %switched, "adopting the guest received by live migration: reporting this node's evidence");
+            }
+            self.wait_past(&bound.key, switched).await;
+        }
         let raw = self.platform.evidence(&bound.uid, &challenge).await?;
         let ev = evidence::encode(&raw, &challenge, now());
         let caps = self.platform.capabilities();
@@ -379,6 +485,286 @@ impl<P: Platform> NodePlugin<P> {
         let cond = status::launched_condition(cvm, false, reason, message, now());
         self.write_status(cvm, &status::apply_patch(&facts, None, &cond))
             .await
+    }
+
+    /// Waits (at most [`MIGRATION_CLOCK_WAIT`]) until this host's clock is past the whole
+    /// second of `switched`, so that the evidence collected next is newer than the switch
+    /// at the precision of the wire (whole seconds).
+    async fn wait_past(&self, who: &str, switched: Timestamp) {
+        let due_ms = switched.as_second().saturating_add(1).saturating_mul(1000);
+        let left_ms = due_ms.saturating_sub(Timestamp::now().as_millisecond());
+        if left_ms <= 0 {
+            return;
+        }
+        let left = Duration::from_millis(u64::try_from(left_ms).unwrap_or(u64::MAX));
+        if left > MIGRATION_CLOCK_WAIT {
+            warn!(cvm = %who, node = %self.opts.node, phase = "adopt", migrated_at = %switched, ahead_ms = left_ms, "the switch time is ahead of this host's clock: are the clocks of the operator and this node synchronised? Evidence collected now may count as the source's");
+        }
+        tokio::time::sleep(left.min(MIGRATION_CLOCK_WAIT)).await;
+    }
+
+    /// Carries out one migration step after re-reading the migration (the reflector may
+    /// not show this plugin's own last write yet); `Ok(false)` when it asks for nothing now.
+    async fn execute_migration(
+        &self,
+        view: &MigrationView,
+        action: MigrationAction,
+    ) -> Result<bool, ActionError> {
+        let api: Api<ConfidentialVMMigration> =
+            Api::namespaced(self.client.clone(), &view.namespace);
+        let m = match api.get_opt(&view.name).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(SKIPPED),
+            Err(source) => {
+                return Err(ActionError::Read {
+                    what: format!("ConfidentialVMMigration {}", view.key()),
+                    source,
+                })
+            }
+        };
+        let Some(fresh) = MigrationView::of(&m) else {
+            return Ok(SKIPPED);
+        };
+        if fresh.uid != view.uid || migrate_plan::decide(&self.opts.node, &fresh) != Some(action) {
+            return Ok(SKIPPED);
+        }
+        match action {
+            MigrationAction::PrepareTarget => self.prepare_target(&m, &fresh).await?,
+            MigrationAction::Send => self.send(&m, &fresh).await?,
+        }
+        Ok(true)
+    }
+
+    /// The migration's CVM, read from the API server (on the target it is not bound here,
+    /// so not in the label-selected store), checked against the UID the migration names.
+    /// `Err(Ok((reason, message)))`: the migration cannot go on; `Err(Err(_))`: retry.
+    async fn migration_cvm(
+        &self,
+        view: &MigrationView,
+    ) -> Result<ConfidentialVM, Result<(&'static str, String), ActionError>> {
+        let api: Api<ConfidentialVM> = Api::namespaced(self.client.clone(), &view.namespace);
+        let cvm = match api.get_opt(&view.cvm_name).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(Ok((
+                    status::REASON_CVM_NOT_FOUND,
+                    format!(
+                        "ConfidentialVM {} does not exist (deleted during the migration?)",
+                        view.cvm_key()
+                    ),
+                )))
+            }
+            Err(source) => {
+                return Err(Err(ActionError::Read {
+                    what: format!("ConfidentialVM {}", view.cvm_key()),
+                    source,
+                }))
+            }
+        };
+        let uid = cvm.metadata.uid.as_deref().unwrap_or_default();
+        if let Some(want) = &view.cvm_uid {
+            if want != uid {
+                return Err(Ok((
+                    status::REASON_CVM_REPLACED,
+                    format!(
+                        "ConfidentialVM {} has UID {uid}, but the migration refers to UID {want}: \
+                         it was deleted and re-created; create a new migration for it",
+                        view.cvm_key()
+                    ),
+                )));
+            }
+        }
+        Ok(cvm)
+    }
+
+    /// Target: launch the receiving guest and report its evidence, or why it cannot be.
+    async fn prepare_target(
+        &self,
+        m: &ConfidentialVMMigration,
+        view: &MigrationView,
+    ) -> Result<(), ActionError> {
+        let node = &self.opts.node;
+        let cvm_key = view.cvm_key();
+        let cvm = match self.migration_cvm(view).await {
+            Ok(c) => c,
+            Err(Ok((reason, message))) => return self.refuse_prepare(m, reason, message).await,
+            Err(Err(e)) => return Err(e),
+        };
+        let req = match GuestRequest::from_cvm(&cvm) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!("ConfidentialVM {cvm_key} cannot be launched here: {e}");
+                return self
+                    .refuse_prepare(m, status::REASON_INVALID_SPEC, msg)
+                    .await;
+            }
+        };
+        info!(cvm = %cvm_key, node = %node, phase = "prepare-target", migration = %view.key(), source = ?view.source_node, "preparing a receiving guest");
+        let guest = match self.platform.prepare_incoming(&req).await {
+            Ok(g) => g,
+            Err(e) => {
+                let msg =
+                    format!("cannot prepare a receiving guest for {cvm_key} on node {node}: {e}");
+                return self.refuse_prepare(m, e.reason(), msg).await;
+            }
+        };
+        let challenge = evidence::migration_challenge_for(&view.uid);
+        let raw = match self.platform.evidence(&req.uid, &challenge).await {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = format!(
+                    "the receiving guest for {cvm_key} on node {node} gave no evidence: {e}"
+                );
+                return self.refuse_prepare(m, e.reason(), msg).await;
+            }
+        };
+        let ev = evidence::encode(&raw, &challenge, now());
+        let what = if self.platform.capabilities().simulated {
+            "simulated "
+        } else {
+            ""
+        };
+        let cond = status::migration_condition(
+            m,
+            CONDITION_TARGET_PREPARED,
+            CondState::True,
+            status::REASON_TARGET_READY,
+            format!(
+                "{what}{} receiving guest for {cvm_key} ready on node {node} (measurement {}); \
+                 targetEvidence answers the migration's challenge",
+                guest.tee,
+                hex::encode(&guest.measurement)
+            ),
+            now(),
+        );
+        self.write_migration(
+            m,
+            status::MIGRATION_TARGET_MANAGER,
+            &status::migration_patch(&cond, Some(&ev)),
+        )
+        .await?;
+        self.metrics.migrations_prepared.inc();
+        Ok(())
+    }
+
+    /// `TargetPrepared=False` with the reason (the operator fails the migration with it).
+    async fn refuse_prepare(
+        &self,
+        m: &ConfidentialVMMigration,
+        reason: &'static str,
+        message: String,
+    ) -> Result<(), ActionError> {
+        let cond = status::migration_condition(
+            m,
+            CONDITION_TARGET_PREPARED,
+            CondState::False,
+            reason,
+            message.clone(),
+            now(),
+        );
+        self.write_migration(
+            m,
+            status::MIGRATION_TARGET_MANAGER,
+            &status::migration_patch(&cond, None),
+        )
+        .await?;
+        Err(ActionError::Refused { reason, message })
+    }
+
+    /// Source: send the guest (`Transferred` Unknown, then True or False).
+    async fn send(
+        &self,
+        m: &ConfidentialVMMigration,
+        view: &MigrationView,
+    ) -> Result<(), ActionError> {
+        let node = &self.opts.node;
+        let cvm_key = view.cvm_key();
+        let target = view.target_node.clone().unwrap_or_default();
+        let write = |state: CondState, reason: &'static str, message: String| {
+            let cond = status::migration_condition(
+                m,
+                CONDITION_TRANSFERRED,
+                state,
+                reason,
+                message,
+                now(),
+            );
+            async move {
+                self.write_migration(
+                    m,
+                    status::MIGRATION_SOURCE_MANAGER,
+                    &status::migration_patch(&cond, None),
+                )
+                .await
+            }
+        };
+        let cvm = match self.migration_cvm(view).await {
+            Ok(c) => c,
+            Err(Ok((reason, message))) => {
+                write(CondState::False, reason, message.clone()).await?;
+                return Err(ActionError::Refused { reason, message });
+            }
+            Err(Err(e)) => return Err(e),
+        };
+        let uid = cvm.metadata.uid.clone().unwrap_or_default();
+        if view.transferred != Some(CondState::Unknown) {
+            write(
+                CondState::Unknown,
+                status::REASON_TRANSFERRING,
+                format!("sending the guest of {cvm_key} from node {node} to node {target}"),
+            )
+            .await?;
+        }
+        info!(cvm = %cvm_key, node = %node, phase = "send", migration = %view.key(), target = %target, "sending the guest");
+        match self.platform.send(&uid, &target).await {
+            Ok(()) => {
+                write(
+                    CondState::True,
+                    status::REASON_TRANSFERRED,
+                    format!(
+                        "guest of {cvm_key} sent from node {node} to node {target}; node {node} \
+                         stops its copy once the ConfidentialVM is rebound to {target}"
+                    ),
+                )
+                .await?;
+                self.metrics.migrations_sent.inc();
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!(
+                    "sending the guest of {cvm_key} from node {node} to node {target} failed: \
+                     {e}; the guest keeps running on node {node}"
+                );
+                write(
+                    CondState::False,
+                    status::REASON_TRANSFER_FAILED,
+                    message.clone(),
+                )
+                .await?;
+                Err(ActionError::Refused {
+                    reason: e.reason(),
+                    message,
+                })
+            }
+        }
+    }
+
+    async fn write_migration(
+        &self,
+        m: &ConfidentialVMMigration,
+        manager: &str,
+        patch: &serde_json::Value,
+    ) -> Result<(), ActionError> {
+        let ns = m.metadata.namespace.as_deref().unwrap_or("default");
+        let name = m.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<ConfidentialVMMigration> = Api::namespaced(self.client.clone(), ns);
+        let pp = PatchParams::apply(manager).force();
+        match api.patch_status(name, &pp, &Patch::Apply(patch)).await {
+            Ok(_) => Ok(()),
+            // Deleted meanwhile: nothing left to report to.
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(ActionError::Status(e)),
+        }
     }
 
     async fn write_status(

@@ -8,9 +8,13 @@ use std::time::{Duration, Instant};
 use cvm_attest::snp::{SnpContext, SnpEvidence, SnpPolicy, SnpVerifier};
 use cvm_attest::tdx::{AppraisalContext, TdxPolicy};
 use cvm_crds::cvm::{ConfidentialVM, GuestState};
+use cvm_crds::migration::{
+    migration_challenge, ConfidentialVMMigration, ConfidentialVMMigrationSpec,
+    CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
+};
 use cvm_crds::wellknown::{
-    nfd_label, ANNOTATION_REATTEST, FINALIZER, LABEL_NODE, MANAGER_NODE_PLUGIN, MANAGER_OPERATOR,
-    RESOURCE_SNP_ESIDS,
+    nfd_label, ANNOTATION_MIGRATED_AT, ANNOTATION_REATTEST, FINALIZER, LABEL_NODE,
+    MANAGER_NODE_PLUGIN, MANAGER_OPERATOR, RESOURCE_SNP_ESIDS,
 };
 use cvm_crds::{ConditionType, EvidenceFormat, TeeType};
 use cvm_node_plugin::evidence::{decode_report, COLLATERAL_TDX_QUOTE_V3};
@@ -71,18 +75,35 @@ async fn start(
     state: &Path,
     roots: &Path,
 ) -> PluginHandle {
+    start_with(
+        client,
+        node,
+        SimConfig {
+            tees: vec![tee],
+            slots: 4,
+            launch_delay_ms: 50,
+            ..Default::default()
+        },
+        state,
+        roots,
+    )
+    .await
+}
+
+async fn start_with(
+    client: &Client,
+    node: &str,
+    config: SimConfig,
+    state: &Path,
+    roots: &Path,
+) -> PluginHandle {
     spawn_sim_plugin(
         client.clone(),
         SimPluginOptions {
             node: node.into(),
             state_dir: state.into(),
             sim_root_dir: roots.into(),
-            config: SimConfig {
-                tees: vec![tee],
-                slots: 4,
-                launch_delay_ms: 50,
-                ..Default::default()
-            },
+            config,
             resync: Duration::from_secs(2),
         },
     )
@@ -203,10 +224,15 @@ fn verify_snp(c: &ConfidentialVM, policy: SnpPolicy) -> cvm_attest::snp::SnpAppr
     )
 }
 
-fn guests_in(state: &Path) -> usize {
+fn guests_file(state: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(state.join("guests.json")).unwrap_or_default();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(json!({}));
-    v["guests"].as_object().map_or(0, |g| g.len())
+    serde_json::from_str(&text).unwrap_or(json!({}))
+}
+
+fn guests_in(state: &Path) -> usize {
+    guests_file(state)["guests"]
+        .as_object()
+        .map_or(0, |g| g.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -614,4 +640,452 @@ async fn binary_advertises_its_node_prints_roots_and_serves_metrics() {
         stdout.contains(&format!("simulated TDX root CA: {fp}")),
         "{stdout}"
     );
+}
+
+// ---- Live migration (docs/migration.md): the test plays the operator's part. ----
+
+/// Creates a migration of `cvm` and accepts it as the operator does: phase Pending with
+/// the source and target nodes, under the operator's field manager.
+async fn accept_migration(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    cvm: &str,
+    source: &str,
+    target: &str,
+) -> ConfidentialVMMigration {
+    let api: Api<ConfidentialVMMigration> = Api::namespaced(client.clone(), ns);
+    let m = ConfidentialVMMigration::new(
+        name,
+        ConfidentialVMMigrationSpec {
+            cvm_name: cvm.into(),
+            target_node: Some(target.into()),
+        },
+    );
+    api.create(&PostParams::default(), &m).await.unwrap();
+    operator_phase(client, ns, name, "Pending", source, target).await
+}
+
+/// The operator's share of the migration's status.
+async fn operator_phase(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    phase: &str,
+    source: &str,
+    target: &str,
+) -> ConfidentialVMMigration {
+    let api: Api<ConfidentialVMMigration> = Api::namespaced(client.clone(), ns);
+    let status = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVMMigration",
+        "status": {"phase": phase, "sourceNode": source, "targetNode": target},
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER_OPERATOR).force(),
+        &Patch::Apply(status),
+    )
+    .await
+    .unwrap()
+}
+
+fn mig_condition<'a>(
+    m: &'a ConfidentialVMMigration,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    m.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+}
+
+async fn wait_for_migration(
+    api: &Api<ConfidentialVMMigration>,
+    name: &str,
+    what: &str,
+    ok: impl Fn(&ConfidentialVMMigration) -> bool,
+) -> ConfidentialVMMigration {
+    let start = Instant::now();
+    loop {
+        let last = api.get_opt(name).await.unwrap();
+        if let Some(m) = &last {
+            if ok(m) {
+                return m.clone();
+            }
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "timed out waiting for {what} on migration {name}; last status: {:#?}",
+            last.and_then(|m| m.status)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator's switch: the CVM is rebound to `target` (label, annotation with the
+/// switch time in whole seconds, then status.nodeName).
+async fn switch(client: &Client, ns: &str, name: &str, target: &str) -> i64 {
+    let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    let at = k8s_openapi::jiff::Timestamp::now();
+    let stamp = k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", at).unwrap();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {
+            "labels": {LABEL_NODE: target},
+            "annotations": {ANNOTATION_MIGRATED_AT: stamp},
+        }})),
+    )
+    .await
+    .unwrap();
+    let status = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+        "status": {
+            "nodeName": target,
+            "phase": "Scheduled",
+            "conditions": [{
+                "type": "Scheduled", "status": "True", "reason": "Migrated",
+                "message": format!("rebound to {target} by a live migration"),
+                "lastTransitionTime": stamp,
+            }],
+        },
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER_OPERATOR).force(),
+        &Patch::Apply(status),
+    )
+    .await
+    .unwrap();
+    at.as_second()
+}
+
+fn evidence_collected(c: &ConfidentialVM) -> Option<i64> {
+    Some(
+        c.status
+            .as_ref()?
+            .evidence
+            .as_ref()?
+            .collected_at
+            .0
+            .as_second(),
+    )
+}
+
+/// Verifies SNP evidence (from a CVM or a migration) against `policy` and `challenge`.
+fn verify_snp_evidence(
+    ev: &cvm_crds::cvm::Evidence,
+    policy: SnpPolicy,
+    challenge: Vec<u8>,
+) -> cvm_attest::snp::SnpAppraisal {
+    assert_eq!(ev.format, EvidenceFormat::SevSnpReport);
+    let report = decode_report(ev).unwrap();
+    let certs: Vec<Vec<u8>> =
+        cvm_attest::snp::parse_certs(ev.cert_chain.as_deref().unwrap().as_bytes())
+            .unwrap()
+            .iter()
+            .map(|c| c.der().to_vec())
+            .collect();
+    SnpVerifier::new(policy).unwrap().verify(
+        &SnpEvidence {
+            report: &report,
+            certs: &certs,
+            crls: &[],
+        },
+        &SnpContext {
+            nonce: Some(challenge),
+        },
+        now(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_migration_prepares_attests_sends_and_adopts() {
+    let client = cluster().await;
+    let (ns, src, dst) = ("np-mig", "np-node-mig-src", "np-node-mig-dst");
+    namespace(&client, ns).await;
+    node(&client, src).await;
+    node(&client, dst).await;
+    let roots = tempfile::tempdir().unwrap();
+    let src_state = tempfile::tempdir().unwrap();
+    let dst_state = tempfile::tempdir().unwrap();
+    let source = start(
+        &client,
+        src,
+        TeeType::SevSnp,
+        src_state.path(),
+        roots.path(),
+    )
+    .await;
+    let target = start(
+        &client,
+        dst,
+        TeeType::SevSnp,
+        dst_state.path(),
+        roots.path(),
+    )
+    .await;
+    let snp_root = source.fingerprints.snp.clone().unwrap();
+    assert_eq!(target.fingerprints.snp.as_deref(), Some(snp_root.as_str()));
+
+    let cvm = example("sev-snp-cvm.yaml", "web", ns);
+    let expected = simulated_measurement(&cvm.spec);
+    let mut policy = SnpPolicy::trusting(snp_root.parse().unwrap());
+    policy.measurements = vec![expected.parse().unwrap()];
+    policy.require_nonce = true;
+    create_and_bind(&client, &cvm, src).await;
+    let cvms: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    let c = wait_for(&cvms, "web", "Launched=True on the source", launched).await;
+    let cvm_uid = c.metadata.uid.clone().unwrap();
+    assert!(c
+        .condition(ConditionType::Launched)
+        .unwrap()
+        .message
+        .contains(src));
+
+    // 1. Pending: the target prepares a receiving guest and reports its evidence.
+    let migs: Api<ConfidentialVMMigration> = Api::namespaced(client.clone(), ns);
+    let m = accept_migration(&client, ns, "move-web", "web", src, dst).await;
+    let mig_uid = m.metadata.uid.clone().unwrap();
+    let m = wait_for_migration(&migs, "move-web", "TargetPrepared=True", |m| {
+        mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let prepared = mig_condition(&m, CONDITION_TARGET_PREPARED).unwrap();
+    assert_eq!(prepared.reason, "ReceivingGuestReady");
+    assert!(prepared.message.contains(dst), "{}", prepared.message);
+    let ev = m.status.as_ref().unwrap().target_evidence.clone().unwrap();
+    assert_eq!(ev.launch_measurement.as_deref(), Some(expected.as_str()));
+    let a = verify_snp_evidence(&ev, policy.clone(), migration_challenge(&mig_uid));
+    assert!(a.is_affirmed(), "{:#?}", a.findings());
+    // Bound to the migration: the CVM's own challenge does not verify it.
+    let replay = verify_snp_evidence(&ev, policy.clone(), cvm_uid.as_bytes().to_vec());
+    assert!(!replay.is_affirmed());
+    let guests = guests_file(dst_state.path());
+    assert_eq!(
+        guests["guests"][&cvm_uid]["incoming"],
+        json!(true),
+        "{guests}"
+    );
+    assert_eq!(target.metrics.migrations_prepared.get(), 1);
+    // The operator's fields are left alone, and the plugin owns only its share.
+    let st = m.status.clone().unwrap();
+    assert_eq!(
+        (st.phase, st.source_node.as_deref()),
+        (Some(cvm_crds::MigrationPhase::Pending), Some(src))
+    );
+    let fields = m.metadata.managed_fields.clone().unwrap_or_default();
+    let ours = fields
+        .iter()
+        .find(|f| f.manager.as_deref() == Some(MANAGER_NODE_PLUGIN))
+        .expect("the target's field manager owns its share");
+    let owned = serde_json::to_string(&ours.fields_v1).unwrap();
+    assert!(owned.contains("f:targetEvidence"), "{owned}");
+    assert!(
+        !owned.contains("f:phase") && !owned.contains("f:sourceNode"),
+        "{owned}"
+    );
+
+    // A restarted target keeps the receiving guest: its CVM is not bound there, but the
+    // migration is still in progress.
+    target.shutdown().await.unwrap();
+    let target = start(
+        &client,
+        dst,
+        TeeType::SevSnp,
+        dst_state.path(),
+        roots.path(),
+    )
+    .await;
+
+    // 2. The operator found the evidence affirming: the source sends.
+    operator_phase(&client, ns, "move-web", "TargetReady", src, dst).await;
+    operator_phase(&client, ns, "move-web", "TargetAttested", src, dst).await;
+    let m = wait_for_migration(&migs, "move-web", "Transferred=True", |m| {
+        mig_condition(m, CONDITION_TRANSFERRED).is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_eq!(
+        mig_condition(&m, CONDITION_TRANSFERRED).unwrap().reason,
+        "Transferred"
+    );
+    // The source's apply did not take the target's share away.
+    assert!(m.status.as_ref().unwrap().target_evidence.is_some());
+    assert!(mig_condition(&m, CONDITION_TARGET_PREPARED).is_some());
+    assert_eq!(source.metrics.migrations_sent.get(), 1);
+    assert_eq!(
+        guests_file(src_state.path())["guests"][&cvm_uid]["sentTo"],
+        json!(dst)
+    );
+    assert_eq!(
+        guests_in(src_state.path()),
+        1,
+        "the source copy waits for the switch"
+    );
+
+    // 3. The switch: the target adopts the guest with fresh evidence, the source stops
+    // its copy.
+    operator_phase(&client, ns, "move-web", "Transferring", src, dst).await;
+    let switched_at = switch(&client, ns, "web", dst).await;
+    let c = wait_for(&cvms, "web", "fresh evidence from the target", |c| {
+        evidence_collected(c).is_some_and(|t| t > switched_at)
+            && c.condition(ConditionType::Launched)
+                .is_some_and(|l| l.status == "True" && l.message.contains(dst))
+    })
+    .await;
+    let facts = c.status.as_ref().unwrap().platform.clone().unwrap();
+    assert_eq!(facts.guest_state, Some(GuestState::Running));
+    assert_eq!(
+        facts.computed_measurement.as_deref(),
+        Some(expected.as_str())
+    );
+    let fresh = verify_snp(&c, policy.clone());
+    assert!(fresh.is_affirmed(), "{:#?}", fresh.findings());
+    let m = source.metrics.clone();
+    wait_until("the source stopping its copy", || {
+        m.guests_stopped.get() == 1
+    })
+    .await;
+    assert_eq!(guests_in(src_state.path()), 0);
+    assert_eq!(guests_in(dst_state.path()), 1);
+    // Adopted, never launched anew nor stopped (also across the target's restart).
+    assert_eq!(target.metrics.guests_launched.get(), 0);
+    assert_eq!(target.metrics.guests_stopped.get(), 0);
+
+    // The migration is over; the CVM lives on at the target.
+    operator_phase(&client, ns, "move-web", "Succeeded", src, dst).await;
+    cvms.delete("web", &DeleteParams::default()).await.unwrap();
+    wait_for(&cvms, "web", "guestState Stopped", |c| {
+        guest_state(c) == Some(GuestState::Stopped)
+    })
+    .await;
+    assert_eq!(guests_in(dst_state.path()), 0);
+    cvms.patch(
+        "web",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    source.shutdown().await.unwrap();
+    target.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_transfer_and_refused_target_roll_back() {
+    let client = cluster().await;
+    let (ns, src, dst, tdx) = (
+        "np-mig-fail",
+        "np-node-migf-src",
+        "np-node-migf-dst",
+        "np-node-migf-tdx",
+    );
+    namespace(&client, ns).await;
+    for n in [src, dst, tdx] {
+        node(&client, n).await;
+    }
+    let roots = tempfile::tempdir().unwrap();
+    let (src_state, dst_state, tdx_state) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let failing = SimConfig {
+        tees: vec![TeeType::SevSnp],
+        slots: 4,
+        fail_sends: true,
+        ..Default::default()
+    };
+    let source = start_with(&client, src, failing, src_state.path(), roots.path()).await;
+    let target = start(
+        &client,
+        dst,
+        TeeType::SevSnp,
+        dst_state.path(),
+        roots.path(),
+    )
+    .await;
+    let intel = start(&client, tdx, TeeType::Tdx, tdx_state.path(), roots.path()).await;
+    let cvms: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
+    let migs: Api<ConfidentialVMMigration> = Api::namespaced(client.clone(), ns);
+    create_and_bind(&client, &example("sev-snp-cvm.yaml", "db", ns), src).await;
+    wait_for(&cvms, "db", "Launched=True on the source", launched).await;
+
+    // A target that cannot run the guest says why, and holds nothing.
+    accept_migration(&client, ns, "to-intel", "db", src, tdx).await;
+    let m = wait_for_migration(&migs, "to-intel", "TargetPrepared=False", |m| {
+        mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let refused = mig_condition(&m, CONDITION_TARGET_PREPARED).unwrap();
+    assert_eq!(refused.reason, "TeeUnsupported");
+    assert!(
+        refused.message.contains("does not offer SEV-SNP") && refused.message.contains(tdx),
+        "{}",
+        refused.message
+    );
+    assert!(m.status.as_ref().unwrap().target_evidence.is_none());
+    assert_eq!(guests_in(tdx_state.path()), 0);
+    operator_phase(&client, ns, "to-intel", "Failed", src, tdx).await;
+
+    // A transfer that fails: Transferred=False, the guest keeps running at the source,
+    // and once the operator fails the migration the receiving guest is stopped.
+    accept_migration(&client, ns, "to-dst", "db", src, dst).await;
+    wait_for_migration(&migs, "to-dst", "TargetPrepared=True", |m| {
+        mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert_eq!(guests_in(dst_state.path()), 1);
+    operator_phase(&client, ns, "to-dst", "TargetAttested", src, dst).await;
+    let m = wait_for_migration(&migs, "to-dst", "Transferred=False", |m| {
+        mig_condition(m, CONDITION_TRANSFERRED).is_some_and(|c| c.status == "False")
+    })
+    .await;
+    let failed = mig_condition(&m, CONDITION_TRANSFERRED).unwrap();
+    assert_eq!(failed.reason, "TransferFailed");
+    assert!(
+        failed.message.contains("failSends") && failed.message.contains("keeps running"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(source.metrics.migrations_sent.get(), 0);
+    let errors = source.metrics.render();
+    assert!(
+        errors.contains(r#"action="send""#) && errors.contains(r#"reason="TransferFailed""#),
+        "{errors}"
+    );
+    operator_phase(&client, ns, "to-dst", "Failed", src, dst).await;
+    let m = target.metrics.clone();
+    wait_until("the receiving guest stopped after the roll-back", || {
+        m.guests_stopped.get() == 1
+    })
+    .await;
+    assert_eq!(guests_in(dst_state.path()), 0);
+    assert_eq!(guests_in(src_state.path()), 1);
+    let c = cvms.get("db").await.unwrap();
+    assert!(
+        launched(&c)
+            && c.condition(ConditionType::Launched)
+                .unwrap()
+                .message
+                .contains(src)
+    );
+    assert_eq!(source.metrics.guests_stopped.get(), 0);
+
+    cvms.delete("db", &DeleteParams::default()).await.unwrap();
+    wait_for(&cvms, "db", "guestState Stopped", |c| {
+        guest_state(c) == Some(GuestState::Stopped)
+    })
+    .await;
+    cvms.patch(
+        "db",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    for p in [source, target, intel] {
+        p.shutdown().await.unwrap();
+    }
 }
