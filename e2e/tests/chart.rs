@@ -1,9 +1,12 @@
 //! The Helm chart installed with helm into the real API server, and the trust boundary
 //! it sets up: a node plugin's bound token (node-name claim) may write only the CVMs bound
-//! to its own node, never the operator's verdict, and only its own Node.
+//! to its own node, never the operator's verdict, and only its own Node; and only the
+//! migrations from or to its node, only its own share of them (the target the evidence and
+//! `TargetPrepared`, the source `Transferred`), never the operator's decision.
 
 use anyhow::{bail, Context, Result};
 use cvm_e2e::shared::{shared, ClusterInfo};
+use cvm_node_plugin::status::{MIGRATION_SOURCE_MANAGER, MIGRATION_TARGET_MANAGER};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
@@ -97,6 +100,56 @@ async fn bound_cvm(admin: &Client, ns: &str, name: &str, node: &str) -> Result<(
     Ok(())
 }
 
+fn migration_api(client: Client, ns: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("cvmp.io", "v1alpha1", "ConfidentialVMMigration");
+    Api::namespaced_with(client, ns, &ApiResource::from_gvk(&gvk))
+}
+
+/// A migration of `cvm` as the operator has accepted it: from `source` to `target`.
+async fn accepted_migration(
+    admin: &Client,
+    ns: &str,
+    name: &str,
+    cvm: &str,
+    source: &str,
+    target: &str,
+) -> Result<()> {
+    let api = migration_api(admin.clone(), ns);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVMMigration",
+        "metadata": {"name": name},
+        "spec": {"cvmName": cvm, "targetNode": target},
+    }))?;
+    api.create(&PostParams::default(), &obj).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Pending", "sourceNode": source, "targetNode": target,
+            "message": "preparing the target",
+        }})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The apply a node plugin makes of one condition (and the target's evidence).
+fn plugin_migration_patch(cond: &str, status: &str, evidence: bool) -> serde_json::Value {
+    let mut p = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVMMigration",
+        "status": {"conditions": [{
+            "type": cond, "status": status, "reason": "Probe", "message": "probe",
+            "lastTransitionTime": "2026-01-01T00:00:00Z",
+        }]},
+    });
+    if evidence {
+        p["status"]["targetEvidence"] = json!({
+            "format": "sev-snp-report", "report": "AA==", "collectedAt": "2026-01-01T00:00:00Z",
+        });
+    }
+    p
+}
+
 fn denial(r: kube::Result<DynamicObject>) -> Option<String> {
     match r {
         Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s.message),
@@ -188,7 +241,7 @@ async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
     .is_some());
 
     // Nodes: its own, yes; another, no.
-    let plugin_nodes: Api<Node> = Api::all(plugin);
+    let plugin_nodes: Api<Node> = Api::all(plugin.clone());
     plugin_nodes
         .patch(
             &mine,
@@ -212,5 +265,118 @@ async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
         ),
         other => bail!("labelling another node must be denied, got {other:?}"),
     }
+
+    // Migrations: "mv" moves "mine"'s neighbour from `other` to `mine`.
+    accepted_migration(&admin, ns, "mv", "other", &other, &mine).await?;
+    let as_target = migration_api(plugin.clone(), ns);
+    let target_pp = PatchParams::apply(MIGRATION_TARGET_MANAGER).force();
+    let source_pp = PatchParams::apply(MIGRATION_SOURCE_MANAGER).force();
+    as_target
+        .patch_status(
+            "mv",
+            &target_pp,
+            &Patch::Apply(plugin_migration_patch("TargetPrepared", "True", true)),
+        )
+        .await
+        .context("the target's plugin reports the receiving guest's evidence")?;
+    let m = denial(
+        as_target
+            .patch_status(
+                "mv",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+            )
+            .await,
+    )
+    .context("a plugin changing the migration's phase must be denied")?;
+    assert!(
+        m.contains("may write only a migration's targetEvidence and its TargetPrepared and Transferred conditions"),
+        "{m}"
+    );
+    let forged = json!({"status": {"targetAttestation": {"status": "affirming", "verifiedAt": "2026-01-01T00:00:00Z", "verifier": "me"}}});
+    assert!(
+        denial(
+            as_target
+                .patch_status("mv", &PatchParams::default(), &Patch::Merge(forged))
+                .await
+        )
+        .is_some(),
+        "a plugin must not write the operator's appraisal"
+    );
+    let m = denial(
+        as_target
+            .patch_status(
+                "mv",
+                &source_pp,
+                &Patch::Apply(plugin_migration_patch("Transferred", "True", false)),
+            )
+            .await,
+    )
+    .context("the target claiming the transfer must be denied")?;
+    assert!(
+        m.contains(&format!(
+            "only the source node plugin may write the Transferred condition; {mine} is not the source"
+        )),
+        "{m}"
+    );
+
+    // The source's plugin: the transfer is its to report, the evidence is not.
+    let source_plugin = plugin_client(&c, &admin, &other).await?;
+    let as_source = migration_api(source_plugin, ns);
+    as_source
+        .patch_status(
+            "mv",
+            &source_pp,
+            &Patch::Apply(plugin_migration_patch("Transferred", "Unknown", false)),
+        )
+        .await
+        .context("the source's plugin reports the transfer")?;
+    // (A different verdict: rewriting the same values would change nothing, and is allowed.)
+    let m = denial(
+        as_source
+            .patch_status(
+                "mv",
+                &target_pp,
+                &Patch::Apply(plugin_migration_patch("TargetPrepared", "False", false)),
+            )
+            .await,
+    )
+    .context("the source writing the target's evidence must be denied")?;
+    assert!(
+        m.contains(&format!(
+            "only the target node plugin may write targetEvidence and TargetPrepared; {other} is not the target"
+        )),
+        "{m}"
+    );
+    // Each share survives the other's apply (distinct field managers), and the
+    // operator's fields are untouched.
+    let now = migration_api(admin.clone(), ns).get("mv").await?;
+    let st = &now.data["status"];
+    assert_eq!(st["phase"], "Pending", "{st}");
+    assert_eq!(st["targetEvidence"]["format"], "sev-snp-report", "{st}");
+    let types: Vec<&str> = st["conditions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["type"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(types, ["TargetPrepared", "Transferred"], "{st}");
+
+    // A migration neither from nor to the plugin's node: refused outright.
+    accepted_migration(&admin, ns, "elsewhere", "other", "tee-gone-1", "tee-gone-2").await?;
+    let m = denial(
+        as_target
+            .patch_status(
+                "elsewhere",
+                &target_pp,
+                &Patch::Apply(plugin_migration_patch("TargetPrepared", "True", true)),
+            )
+            .await,
+    )
+    .context("a plugin writing another node's migration must be denied")?;
+    assert!(
+        m.contains(&format!(
+            "the node plugin of node {mine} may only write migrations from or to that node"
+        )),
+        "{m}"
+    );
     Ok(())
 }
