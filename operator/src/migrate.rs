@@ -677,9 +677,7 @@ fn switch(
     }];
     st.started_at.get_or_insert(Time(at));
     st.phase = MigrationPhase::Transferring;
-    st.message = Some(format!(
-        "transfer complete; switched to {target}; waiting for the guest's evidence from {target} to be verified"
-    ));
+    st.message = Some(awaiting_target_evidence(target));
     Outcome {
         status: st,
         effect: done_at.is_none().then(|| Effect::Rebind {
@@ -687,6 +685,11 @@ fn switch(
             at,
         }),
     }
+}
+
+/// The message from the switch until the verdict (one text: no status write in between).
+fn awaiting_target_evidence(target: &str) -> String {
+    format!("transfer complete; switched to {target}; waiting for the guest's evidence from {target} to be verified")
 }
 
 /// After the switch: Succeeded once the CVM is Verified on the target with evidence
@@ -760,7 +763,7 @@ fn after_switch(
             progress(
                 st,
                 MigrationPhase::Transferring,
-                format!("switched to {target}; waiting for the guest's evidence from {target} to be verified"),
+                awaiting_target_evidence(target),
             )
         }
     }
@@ -1388,6 +1391,7 @@ mod tests {
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::Transferring);
         assert_eq!(o.effect, None);
+        assert!(message(&o).contains("waiting for the guest's evidence from n2"));
         // Fresh evidence verified on the target.
         c.cvm = Some(on_target(Tri::True, 1005, 1005));
         let o = c.run();
@@ -1396,6 +1400,24 @@ mod tests {
         assert!(message(&o).contains("runs on n2"), "{}", message(&o));
         // The Switched condition is carried along (SSA would drop it otherwise).
         assert_eq!(o.status.switched_at(), Some(ts(1005)));
+    }
+
+    #[test]
+    fn waiting_after_the_switch_rewrites_nothing() {
+        let mut st = accepted(MigrationPhase::Transferring);
+        st.conditions = vec![cond(CONDITION_TRANSFERRED, "True", "Sent", "")];
+        let first = Case::new(st.clone()).run();
+        // What the next pass reads: the operator's status as written, the CVM rebound.
+        st.phase = Some(first.status.phase);
+        st.message = first.status.message.clone();
+        st.started_at = first.status.started_at.clone();
+        st.conditions.extend(first.status.conditions.clone());
+        let mut c = Case::new(st);
+        c.now = 1012;
+        c.cvm = Some(on_target(Tri::True, 1001, 1010));
+        let next = c.run();
+        assert_eq!(next.status, first.status);
+        assert_eq!(next.effect, None);
     }
 
     #[test]
