@@ -519,12 +519,10 @@ pub fn decide(i: &Input<'_>) -> Outcome {
         }
         MigrationPhase::TargetReady | MigrationPhase::TargetAttested => match i.appraisal.clone() {
             Some(TargetAppraisal::PolicyProblem { reason, message }) => {
-                return fail(
-                        st,
-                        &now,
-                        reason,
-                        format!("{message}; target node {target} could not be appraised and the guest keeps running on {source}"),
-                    );
+                let detail = format!(
+                    "{message}; target node {target} could not be appraised and the guest keeps running on {source}"
+                );
+                return fail(st, &now, reason, detail);
             }
             Some(TargetAppraisal::Result(r)) => {
                 let (ok, _, text) = state::verdict_text(&r);
@@ -534,19 +532,15 @@ pub fn decide(i: &Input<'_>) -> Outcome {
                     .unwrap_or_else(|| "(built-in defaults)".into());
                 st.target_attestation = Some(r);
                 if !ok {
-                    return fail(
-                            st,
-                            &now,
-                            reason::TARGET_ATTESTATION_FAILED,
-                            format!("target node {target} failed attestation: {text}; the guest keeps running on {source}"),
-                        );
+                    let detail = format!(
+                        "target node {target} failed attestation: {text}; the guest keeps running on {source}"
+                    );
+                    return fail(st, &now, reason::TARGET_ATTESTATION_FAILED, detail);
                 }
-                st = progress(
-                        st,
-                        MigrationPhase::TargetAttested,
-                        format!("node {target} passed attestation under policy {policy}; waiting for node {source} to send the guest"),
-                    )
-                    .status;
+                let message = format!(
+                    "node {target} passed attestation under policy {policy}; waiting for node {source} to send the guest"
+                );
+                st = progress(st, MigrationPhase::TargetAttested, message).status;
             }
             None => {}
         },
