@@ -89,6 +89,9 @@ pub struct SimNode {
     /// plugin runs for this node: then the plugin detects and publishes them, as on a
     /// real host.
     pub publish_tee: bool,
+    /// Further simulator settings for its plugin (`--sim-config` fields, camelCase), e.g.
+    /// `{"snpTcb": {"bootloader": 1}}` for a host with an old TCB.
+    pub sim_settings: Option<serde_json::Value>,
 }
 
 impl SimNode {
@@ -101,6 +104,7 @@ impl SimNode {
             tee_slots: 16,
             extra_labels: BTreeMap::new(),
             publish_tee: true,
+            sim_settings: None,
         }
     }
 

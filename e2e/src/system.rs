@@ -147,6 +147,23 @@ impl System {
         if let Some(t) = node.tee {
             args.push(format!("--sim-tee={}", tee_flag(t)));
         }
+        if let Some(extra) = &node.sim_settings {
+            // A config file replaces the --sim-* flags: carry them over, then the extras.
+            let mut cfg = serde_json::json!({
+                "tees": node.tee.map(|t| vec![tee_flag(t)]).unwrap_or_default(),
+                "slots": node.tee_slots,
+                "launchDelayMs": self.launch_delay_ms,
+            });
+            if let (Some(base), Some(more)) = (cfg.as_object_mut(), extra.as_object()) {
+                for (k, v) in more {
+                    base.insert(k.clone(), v.clone());
+                }
+            }
+            let path = state.join("sim-config.json");
+            std::fs::write(&path, cfg.to_string()).map_err(io("writing", &path))?;
+            args.retain(|a| !a.starts_with("--sim-") || a.starts_with("--sim-root-dir"));
+            args.push(format!("--sim-config={}", path.display()));
+        }
         self.procs
             .spawn(&name, &self.exe, &args, &self.log(&name))?;
         Ok(())

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{attest, evidence, measure_cmd, report, status};
+use crate::{attest, evidence, measure_cmd, migrate, report, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -54,6 +54,9 @@ enum Command {
     /// Show a CVM's phase, node, TEE, who verified it and when, and the findings.
     #[command(after_help = status::EXAMPLES)]
     Status(status::StatusArgs),
+    /// Live-migrate a CVM to another node (the target must pass attestation first).
+    #[command(after_help = migrate::EXAMPLES)]
+    Migrate(migrate::MigrateArgs),
     /// Work with attestation evidence files.
     Evidence {
         #[command(subcommand)]
@@ -108,6 +111,7 @@ where
         Command::Attest(a) => attest::run(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Report(a) => report::run(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Status(a) => status::run(&cli.kube, &a).map_err(|e| e.to_string()),
+        Command::Migrate(a) => migrate::run(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Evidence {
             command: EvidenceCommand::Verify(a),
         } => evidence::run(&a)

@@ -11,5 +11,6 @@ pub mod cluster;
 pub mod evidence;
 pub mod measure;
 pub mod measure_cmd;
+pub mod migrate;
 pub mod report;
 pub mod status;
