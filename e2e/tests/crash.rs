@@ -3,7 +3,7 @@
 
 mod common_cvm;
 
-use common_cvm::{apply_json, cond_is, cvm, guests_on, POLICY, WAIT};
+use common_cvm::{apply_json, cond_is, cvm, guests_on, wait_guest, POLICY, WAIT};
 use cvm_crds::cvm::GuestState;
 use cvm_crds::ConfidentialVM;
 use cvm_e2e::system::{plugin_name, System, SystemOptions};
@@ -11,7 +11,6 @@ use cvm_e2e::{wait, SimNode, Tee};
 use kube::api::{Api, DeleteParams};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
 
 fn guest_state(c: &ConfidentialVM) -> Option<GuestState> {
     c.status.as_ref()?.platform.as_ref()?.guest_state
@@ -124,10 +123,7 @@ async fn crashes_leave_no_duplicate_or_orphan_guest() {
     );
     sys.start_plugin(sim).unwrap();
     wait::gone(&cvms, &victim_name, WAIT).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    while guests_on(&sys, &node).contains(&victim_uid) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_guest(&sys, &node, &victim_uid, false).await;
     let remaining = cvms.list(&Default::default()).await.unwrap().items;
     assert_guests_match(&sys, &nodes, &remaining);
 }

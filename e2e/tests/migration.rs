@@ -7,12 +7,10 @@ mod common_cvm;
 use common_cvm::*;
 use cvm_crds::wellknown::{ANNOTATION_MIGRATED_AT, LABEL_NODE};
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
-use cvm_e2e::system::System;
 use cvm_e2e::wait;
 use cvm_e2e::{SimNode, Tee};
 use kube::api::Api;
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
 
 fn migration(name: &str, ns: &str, cvm: &str, target: Option<&str>) -> Value {
     let mut v = json!({
@@ -53,20 +51,6 @@ async fn wait_finished(
             .is_some_and(MigrationPhase::is_terminal)
     })
     .await
-}
-
-/// Waits until `node`'s simulated plugin holds (or no longer holds) `uid`.
-async fn wait_guest(sys: &System, node: &str, uid: &str, held: bool) {
-    let deadline = Instant::now() + WAIT;
-    while guests_on(sys, node).iter().any(|g| g == uid) != held {
-        assert!(
-            Instant::now() < deadline,
-            "node {node} should {}hold guest {uid}; it holds {:?}",
-            if held { "" } else { "no longer " },
-            guests_on(sys, node)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn message(m: &ConfidentialVMMigration) -> String {

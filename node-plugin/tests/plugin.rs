@@ -23,6 +23,7 @@ use cvm_node_plugin::{
 };
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::object::HasStatus;
 use kube::Client;
 use serde_json::json;
 
@@ -150,12 +151,11 @@ async fn create_and_bind(client: &Client, cvm: &ConfidentialVM, node: &str) -> C
 }
 
 /// Polls the object until `ok` holds; panics with its status when it does not in time.
-async fn wait_for(
-    api: &Api<ConfidentialVM>,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&ConfidentialVM) -> bool,
-) -> ConfidentialVM {
+async fn wait_for<K>(api: &Api<K>, name: &str, what: &str, ok: impl Fn(&K) -> bool) -> K
+where
+    K: kube::Resource + HasStatus + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K::Status: std::fmt::Debug,
+{
     let start = Instant::now();
     loop {
         let last = api.get_opt(name).await.unwrap();
@@ -167,7 +167,7 @@ async fn wait_for(
         assert!(
             start.elapsed() < TIMEOUT,
             "timed out waiting for {what} on {name}; last status: {:#?}",
-            last.and_then(|c| c.status)
+            last.as_ref().and_then(|c| c.status())
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -700,29 +700,6 @@ fn mig_condition<'a>(
         .find(|c| c.type_ == type_)
 }
 
-async fn wait_for_migration(
-    api: &Api<ConfidentialVMMigration>,
-    name: &str,
-    what: &str,
-    ok: impl Fn(&ConfidentialVMMigration) -> bool,
-) -> ConfidentialVMMigration {
-    let start = Instant::now();
-    loop {
-        let last = api.get_opt(name).await.unwrap();
-        if let Some(m) = &last {
-            if ok(m) {
-                return m.clone();
-            }
-        }
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "timed out waiting for {what} on migration {name}; last status: {:#?}",
-            last.and_then(|m| m.status)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The operator's switch: the CVM is rebound to `target` (label, annotation with the
 /// switch time in whole seconds, then status.nodeName).
 async fn switch(client: &Client, ns: &str, name: &str, target: &str) -> i64 {
@@ -848,7 +825,7 @@ async fn live_migration_prepares_attests_sends_and_adopts() {
     let migs: Api<ConfidentialVMMigration> = Api::namespaced(client.clone(), ns);
     let m = accept_migration(&client, ns, "move-web", "web", src, dst).await;
     let mig_uid = m.metadata.uid.clone().unwrap();
-    let m = wait_for_migration(&migs, "move-web", "TargetPrepared=True", |m| {
+    let m = wait_for(&migs, "move-web", "TargetPrepared=True", |m| {
         mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "True")
     })
     .await;
@@ -902,7 +879,7 @@ async fn live_migration_prepares_attests_sends_and_adopts() {
     // 2. The operator found the evidence affirming: the source sends.
     operator_phase(&client, ns, "move-web", "TargetReady", src, dst).await;
     operator_phase(&client, ns, "move-web", "TargetAttested", src, dst).await;
-    let m = wait_for_migration(&migs, "move-web", "Transferred=True", |m| {
+    let m = wait_for(&migs, "move-web", "Transferred=True", |m| {
         mig_condition(m, CONDITION_TRANSFERRED).is_some_and(|c| c.status == "True")
     })
     .await;
@@ -1014,7 +991,7 @@ async fn failed_transfer_and_refused_target_roll_back() {
 
     // A target that cannot run the guest says why, and holds nothing.
     accept_migration(&client, ns, "to-intel", "db", src, tdx).await;
-    let m = wait_for_migration(&migs, "to-intel", "TargetPrepared=False", |m| {
+    let m = wait_for(&migs, "to-intel", "TargetPrepared=False", |m| {
         mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "False")
     })
     .await;
@@ -1032,13 +1009,13 @@ async fn failed_transfer_and_refused_target_roll_back() {
     // A transfer that fails: Transferred=False, the guest keeps running at the source,
     // and once the operator fails the migration the receiving guest is stopped.
     accept_migration(&client, ns, "to-dst", "db", src, dst).await;
-    wait_for_migration(&migs, "to-dst", "TargetPrepared=True", |m| {
+    wait_for(&migs, "to-dst", "TargetPrepared=True", |m| {
         mig_condition(m, CONDITION_TARGET_PREPARED).is_some_and(|c| c.status == "True")
     })
     .await;
     assert_eq!(guests_in(dst_state.path()), 1);
     operator_phase(&client, ns, "to-dst", "TargetAttested", src, dst).await;
-    let m = wait_for_migration(&migs, "to-dst", "Transferred=False", |m| {
+    let m = wait_for(&migs, "to-dst", "Transferred=False", |m| {
         mig_condition(m, CONDITION_TRANSFERRED).is_some_and(|c| c.status == "False")
     })
     .await;

@@ -7,7 +7,7 @@ use kube::api::{Api, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const POLICY: &str = "e2e-sim";
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -116,4 +116,18 @@ pub fn guests_on(sys: &System, node: &str) -> Vec<String> {
         .as_object()
         .map(|m| m.keys().cloned().collect())
         .unwrap_or_default()
+}
+
+/// Waits until `node`'s simulated plugin holds (or no longer holds) `uid`.
+pub async fn wait_guest(sys: &System, node: &str, uid: &str, held: bool) {
+    let deadline = Instant::now() + WAIT;
+    while guests_on(sys, node).iter().any(|g| g == uid) != held {
+        assert!(
+            Instant::now() < deadline,
+            "node {node} should {}hold guest {uid}; it holds {:?}",
+            if held { "" } else { "no longer " },
+            guests_on(sys, node)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
