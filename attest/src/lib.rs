@@ -7,6 +7,7 @@
 //! Every check that fails produces a [`Finding`] that names itself and says what was
 //! expected and what was seen, so that a user can act on it.
 
+pub mod binding;
 pub mod ear;
 pub mod finding;
 pub mod sim;

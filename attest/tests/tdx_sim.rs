@@ -434,3 +434,36 @@ fn appraisals_become_ear_submods() {
         "tcb-status-warning"
     );
 }
+
+#[test]
+fn each_simulated_host_has_its_own_platform_identity() {
+    let p = platform();
+    let a = p.with_own_pck_at(b"node-a", NOW).unwrap();
+    let b = p.with_own_pck_at(b"node-b", NOW).unwrap();
+    assert_eq!(
+        a.root_fingerprint(),
+        p.root_fingerprint(),
+        "one shared root"
+    );
+    assert_ne!(a.ppid().unwrap(), b.ppid().unwrap());
+    let mut ids = Vec::new();
+    for host in [&a, &b] {
+        let ev = host.issue_quote_at(&request(), NOW).unwrap();
+        let v =
+            tdx::verify_quote(&ev.quote, &ev.collateral_json, &pinned_policy(p), &ctx()).unwrap();
+        assert!(v.is_affirmed(), "{:#?}", v.findings);
+        ids.push(v.platform_id.expect("a verified quote names its platform"));
+    }
+    assert_ne!(ids[0], ids[1]);
+    // Unverified evidence names no platform: an untrusting policy learns nothing from it.
+    let ev = a.issue_quote_at(&request(), NOW).unwrap();
+    let v = tdx::verify_quote(
+        &ev.quote,
+        &ev.collateral_json,
+        &TdxPolicy::default(),
+        &ctx(),
+    )
+    .unwrap();
+    assert!(!v.verified);
+    assert_eq!(v.platform_id, None);
+}

@@ -131,6 +131,9 @@ pub struct ReportRequest {
     pub chip_id: Option<[u8; 64]>,
     /// Override the platform's TCB (a VCEK for it is issued to match).
     pub tcb: Option<TcbVersion>,
+    /// REPORT_ID, which the firmware chooses once per launch (default: derived from the
+    /// seed, measurement and host data, so one per image on this chip).
+    pub report_id: Option<[u8; 32]>,
 }
 
 impl Default for ReportRequest {
@@ -146,6 +149,7 @@ impl Default for ReportRequest {
             guest_svn: 0,
             chip_id: None,
             tcb: None,
+            report_id: None,
         }
     }
 }
@@ -491,11 +495,14 @@ impl SimSnpPlatform {
         put(r::OFF_REPORT_DATA, &req.report_data);
         put(r::OFF_MEASUREMENT, &req.measurement);
         put(r::OFF_HOST_DATA, &req.host_data);
-        let report_id = Sha256::new()
-            .chain_update(self.seed)
-            .chain_update(req.measurement)
-            .chain_update(req.host_data)
-            .finalize();
+        let report_id: [u8; 32] = req.report_id.unwrap_or_else(|| {
+            Sha256::new()
+                .chain_update(self.seed)
+                .chain_update(req.measurement)
+                .chain_update(req.host_data)
+                .finalize()
+                .into()
+        });
         put(r::OFF_REPORT_ID, &report_id);
         put(r::OFF_REPORT_ID_MA, &[0xFF; 32]);
         put(r::OFF_REPORTED_TCB, &tcb_raw);

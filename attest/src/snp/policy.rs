@@ -294,7 +294,7 @@ pub fn appraise(
                 out.push(Finding::mismatch(
                     "report-data-mismatch",
                     Claim::InstanceIdentity,
-                    "report_data (SHA-512 of the nonce)",
+                    "report_data (SHA-512 of the challenge)",
                     hex::encode(want),
                     hex::encode(report.report_data),
                 ));

@@ -64,6 +64,11 @@ pub struct TdxAppraisal {
     pub advisory_ids: Vec<String>,
     /// `sha256:<hex>` of the last certificate of the PCK chain.
     pub root_fingerprint: Option<String>,
+    /// The platform's hardware identity from the verified PCK certificate's SGX extension:
+    /// the platform instance ID on multi-package platforms, else the PPID. `None` unless
+    /// `verified`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_id: Option<Vec<u8>>,
     pub findings: Vec<Finding>,
     /// AR4SI claims whose checks ran on verified evidence (a finding on the same
     /// claim still outranks this): feed both to the EAR builder,

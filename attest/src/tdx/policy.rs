@@ -456,7 +456,7 @@ fn appraise_binding(
                     hex::encode(&q.report_data),
                 );
                 f.message = format!(
-                    "report_data mismatch: expected SHA-512(nonce) = {}, reported {} (stale or replayed evidence?)",
+                    "report_data mismatch: expected SHA-512 of the challenge = {}, reported {} (evidence for another CVM, nonce or guest instance, or replayed?)",
                     f.expected, f.reported
                 );
                 out.push(f);

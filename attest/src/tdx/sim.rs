@@ -271,29 +271,10 @@ impl SimTdxPlatform {
             .der()
             .to_vec();
 
-        let pck_kp = pck_key.rcgen()?;
-        let pck_ca_issuer = Issuer::new(ca_params(PCK_CA_CN, 0), &pck_ca_kp);
-        let mut pck_p = dn_params(PCK_CN);
-        pck_p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::ContentCommitment,
-        ];
-        validity(&mut pck_p, start, 10)?;
-        pck_p.serial_number = Some(SerialNumber::from_slice(
-            &Sha256::digest(&pck_key.pkcs8)[..16],
-        ));
         let ppid: [u8; 16] = Sha256::digest(root_key.public_xy()?)[..16]
             .try_into()
             .map_err(|_| TdxError::Simulator("ppid".into()))?;
-        pck_p.custom_extensions = vec![CustomExtension::from_oid_content(
-            &SGX_EXT_OID,
-            sgx_extension(&ppid),
-        )];
-        let pck_der = pck_p
-            .signed_by(&pck_kp, &pck_ca_issuer)
-            .map_err(sim_err)?
-            .der()
-            .to_vec();
+        let pck_der = pck_cert(&pck_key, &pck_ca_key, &ppid, start)?;
 
         Ok(SimTdxPlatform {
             root_key,
@@ -306,6 +287,43 @@ impl SimTdxPlatform {
             tcb_der,
             attestation_key,
         })
+    }
+
+    /// The same platform (root, PCK CA, TCB signer) with a PCK key and certificate of its
+    /// own, whose PPID is derived from `platform_seed`: one simulated TDX host per node,
+    /// each with its own hardware identity, as real hosts have.
+    pub fn with_own_pck(&self, platform_seed: &[u8]) -> Result<Self, TdxError> {
+        self.with_own_pck_at(platform_seed, now_unix())
+    }
+
+    /// [`Self::with_own_pck`] with a PCK certificate valid from `unix` - 1 day.
+    pub fn with_own_pck_at(&self, platform_seed: &[u8], unix: u64) -> Result<Self, TdxError> {
+        let pck_key = SimKey::generate()?;
+        let ppid: [u8; 16] = Sha256::new()
+            .chain_update(b"cvm simulated TDX PPID\0")
+            .chain_update(platform_seed)
+            .finalize()[..16]
+            .try_into()
+            .map_err(|_| TdxError::Simulator("ppid".into()))?;
+        let pck_der = pck_cert(&pck_key, &self.pck_ca_key, &ppid, unix.saturating_sub(DAY))?;
+        Ok(SimTdxPlatform {
+            root_key: self.root_key.clone(),
+            root_der: self.root_der.clone(),
+            pck_ca_key: self.pck_ca_key.clone(),
+            pck_ca_der: self.pck_ca_der.clone(),
+            pck_key,
+            pck_der,
+            tcb_key: self.tcb_key.clone(),
+            tcb_der: self.tcb_der.clone(),
+            attestation_key: self.attestation_key.clone(),
+        })
+    }
+
+    /// The PPID in this platform's PCK certificate.
+    pub fn ppid(&self) -> Result<Vec<u8>, TdxError> {
+        dcap_qvl::intel::parse_pck_extension(&self.pck_der)
+            .map(|e| e.ppid)
+            .map_err(|e| TdxError::Simulator(format!("PCK extension: {e}")))
     }
 
     /// The simulated root certificate (DER).
@@ -674,6 +692,38 @@ fn sgx_oid(suffix: &[u64]) -> Vec<u8> {
 /// Intel's SGX extension (OID 1.2.840.113741.1.13.1) as a Platform CA PCK cert has it:
 /// PPID, TCB (16 component SVNs, PCESVN, CPUSVN), PCE-ID, FMSPC, SGX type,
 /// platform instance ID and configuration.
+/// A PCK leaf for `pck_key` under the PCK CA, carrying Intel's SGX extension with `ppid`.
+fn pck_cert(
+    pck_key: &SimKey,
+    pck_ca_key: &SimKey,
+    ppid: &[u8; 16],
+    start: u64,
+) -> Result<Vec<u8>, TdxError> {
+    let pck_kp = pck_key.rcgen()?;
+    let pck_ca_kp = pck_ca_key.rcgen()?;
+    let pck_ca_issuer = Issuer::new(ca_params(PCK_CA_CN, 0), &pck_ca_kp);
+    let mut pck_p = dn_params(PCK_CN);
+    pck_p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::ContentCommitment,
+    ];
+    validity(&mut pck_p, start, 10)?;
+    pck_p.serial_number = Some(SerialNumber::from_slice(
+        &Sha256::digest(&pck_key.pkcs8)[..16],
+    ));
+    pck_p.custom_extensions = vec![CustomExtension::from_oid_content(
+        &SGX_EXT_OID,
+        sgx_extension(ppid),
+    )];
+    let der = pck_p
+        .signed_by(&pck_kp, &pck_ca_issuer)
+        .map_err(sim_err)?
+        .der()
+        .to_vec();
+
+    Ok(der)
+}
+
 fn sgx_extension(ppid: &[u8; 16]) -> Vec<u8> {
     let entry = |suffix: &[u64], value: Vec<u8>| der_seq(&[sgx_oid(suffix), value]);
     let mut tcb: Vec<Vec<u8>> = SIM_CPU_SVN

@@ -90,6 +90,12 @@ impl TdxVerifier {
             }
         });
 
+        // Read only once the chain verified: before that the extension is the host's word.
+        let platform_id = tcb.as_ref().and_then(|_| {
+            let leaf = chain.as_ref().ok()?.first()?;
+            let ext = dcap_qvl::intel::parse_pck_extension(leaf).ok()?;
+            Some(ext.platform_instance_id.unwrap_or(ext.ppid))
+        });
         findings.extend(appraise(&decoded, tcb.as_ref(), &self.policy, ctx));
         let affirmed = if tcb.is_some() {
             affirmed_claims(&decoded, &self.policy, ctx)
@@ -102,6 +108,7 @@ impl TdxVerifier {
             tcb_status: tcb.as_ref().map(|t| t.status),
             advisory_ids: tcb.map(|t| t.advisory_ids).unwrap_or_default(),
             root_fingerprint,
+            platform_id,
             findings,
             affirmed,
         })
