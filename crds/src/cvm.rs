@@ -493,6 +493,41 @@ pub struct ConfidentialVMStatus {
     /// The operator's appraisal of `evidence`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationResult>,
+
+    /// The guest instance the operator pinned for this CVM (operator): the first verified
+    /// evidence pins it, later evidence must come from the same instance. A relaunch shows
+    /// here as a new pin with `relaunches` counted up, and as an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_instance: Option<GuestInstancePin>,
+}
+
+/// The identity of the guest instance whose evidence counts for a CVM.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestInstancePin {
+    /// SHA-256 of the instance key the guest agent made at boot (hex); its hash is bound
+    /// into every report the instance produces.
+    #[schemars(length(min = 64, max = 64), regex(pattern = HEX_PATTERN))]
+    pub key_sha256: String,
+    /// SEV-SNP REPORT_ID (hex): chosen by the firmware at launch, unique per guest, signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 64, max = 64), regex(pattern = HEX_PATTERN))]
+    pub report_id: Option<String>,
+    /// Node the instance ran on when it was pinned.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// When the operator pinned it.
+    pub pinned_at: Time,
+    /// `status.platform.launchedAt` the node plugin reported for this instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<Time>,
+    /// How many times the CVM's pin moved to a new instance (relaunches and migrations).
+    #[serde(default)]
+    pub relaunches: u32,
+    /// The key_sha256 of the instance pinned before this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 64, max = 64), regex(pattern = HEX_PATTERN))]
+    pub previous_key_sha256: Option<String>,
 }
 
 /// Life-cycle phase of a confidential VM.
@@ -540,14 +575,17 @@ impl fmt::Display for CvmPhase {
     }
 }
 
-/// Launch facts the node plugin reports about the host and the guest.
+/// Launch facts the node plugin reports about the host and the guest. Shown, never used
+/// by the verdict (docs/evidence-binding.md).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlatformFacts {
     /// State of the guest on the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_state: Option<GuestState>,
-    /// Whether the platform is simulated (evidence signed by a simulator root, not by hardware).
+    /// Whether the platform is simulated (evidence signed by a simulator root, not by
+    /// hardware). The host's word: shown, never trusted; only a policy that names the
+    /// simulator's root accepts simulated evidence.
     #[serde(default)]
     pub simulated: bool,
     /// Version of the TEE firmware (AMD SEV firmware or Intel TDX module), e.g. `1.55.21`.
@@ -594,22 +632,34 @@ pub enum GuestState {
 pub struct Evidence {
     /// Encoding of `report`: `sev-snp-report`, `tdx-quote` or `sev-launch-measure`.
     pub format: EvidenceFormat,
-    /// The raw attestation report, quote or launch measurement, base64-encoded.
+    /// The raw attestation report, quote or launch measurement, base64-encoded (at most
+    /// 48 KiB of text: an SNP report is 1.2 KiB, a TDX quote 5 to 8 KiB).
+    #[schemars(length(max = 49152))]
     pub report: String,
     /// PEM certificates that sign the report (VCEK/VLEK, ASK, ARK or the PCK chain), as the
     /// host provided them; the verifier checks them against trusted roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
     pub cert_chain: Option<String>,
     /// Further verification collateral by name (e.g. `tcbInfo`, `qeIdentity`, `pckCrl`), each PEM or JSON text.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 8), inner(length(max = 131072)))]
     pub collateral: BTreeMap<String, String>,
-    /// The challenge (spec.attestation.nonce) this evidence answers, as hex; its hash is in the report data.
+    /// The challenge (spec.attestation.nonce) this evidence answers, as hex; the report data
+    /// binds it (docs/evidence-binding.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub nonce: Option<String>,
+    /// Public key of the guest instance that produced the report, base64: the guest agent
+    /// makes it at boot and binds its SHA-256 into the report data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub instance_key: Option<String>,
     /// When the node plugin collected the evidence.
     pub collected_at: Time,
     /// Launch measurement as the report states it (hex); informative, the verifier reads the signed report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub launch_measurement: Option<String>,
 }
 
@@ -639,6 +689,14 @@ pub struct AttestationResult {
     /// The nonce the appraised evidence was bound to, as hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<String>,
+    /// SHA-256 of the appraised report bytes (hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence_sha256: Option<String>,
+    /// When the operator first saw the appraised report: the age `maxEvidenceAge` limits is
+    /// counted from here, on the operator's clock (the node plugin's `collectedAt` is shown,
+    /// never trusted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence_seen_at: Option<Time>,
 }
 
 /// EAR overall status tiers.

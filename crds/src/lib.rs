@@ -1,4 +1,5 @@
-//! cvmp.io API types: `ConfidentialVM`, `AttestationPolicy` and `ConfidentialVMMigration`.
+//! cvmp.io API types: `ConfidentialVM`, `AttestationPolicy`, `ConfidentialVMMigration` and
+//! `HostPin`.
 //!
 //! The CRDs served to the API server come from [`crds`], never from `T::crd()` directly:
 //! [`crds`] post-processes the derived schemas (see [`schema`]).
@@ -7,6 +8,7 @@ pub mod common;
 pub mod conditions;
 pub mod cvm;
 pub mod docs;
+pub mod hostpin;
 pub mod migration;
 pub mod policy;
 pub mod schema;
@@ -18,6 +20,7 @@ pub use common::{
 };
 pub use conditions::{set_condition, ConditionType};
 pub use cvm::{ConfidentialVM, ConfidentialVMSpec, ConfidentialVMStatus, CvmPhase};
+pub use hostpin::{HardwareIdKind, HostPin, HostPinSpec, PinSource};
 pub use migration::{
     ConfidentialVMMigration, ConfidentialVMMigrationSpec, ConfidentialVMMigrationStatus,
     MigrationPhase,

@@ -3,7 +3,8 @@
 //! The protocol, all through this object's status (each party writes only its share):
 //! 1. The operator accepts or refuses the request, and picks `targetNode` (phase Pending).
 //! 2. The target's node plugin prepares a receiving guest from the same launch inputs and
-//!    reports its evidence, answering the challenge [`migration_challenge`]
+//!    reports its evidence, bound to the migration's UID (purpose `migration` in
+//!    docs/evidence-binding.md)
 //!    (`targetEvidence`, condition `TargetPrepared`); the operator moves to TargetReady.
 //! 3. The operator verifies that evidence against the CVM's own policy
 //!    (`targetAttestation`): TargetAttested, or Failed before any guest state moves.
@@ -34,12 +35,6 @@ pub const CONDITION_TARGET_PREPARED: &str = "TargetPrepared";
 pub const CONDITION_TRANSFERRED: &str = "Transferred";
 /// Condition the operator sets when it rebinds the CVM to the target node.
 pub const CONDITION_SWITCHED: &str = "Switched";
-
-/// The challenge the receiving guest's evidence answers: the migration's UID, so that
-/// evidence cannot be replayed from another migration (its SHA-512 is the report data).
-pub fn migration_challenge(migration_uid: &str) -> Vec<u8> {
-    migration_uid.as_bytes().to_vec()
-}
 
 /// A request to live-migrate one ConfidentialVM to another node.
 // clippy reads the repeated `type_ = "string"` of separate printcolumn(...) groups as

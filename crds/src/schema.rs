@@ -6,7 +6,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
 use kube::CustomResourceExt;
 use serde_json::Value;
 
-use crate::{AttestationPolicy, ConfidentialVM, ConfidentialVMMigration};
+use crate::{AttestationPolicy, ConfidentialVM, ConfidentialVMMigration, HostPin};
 
 /// Header of the generated YAML, so nobody edits it by hand.
 pub const GENERATED_HEADER: &str =
@@ -28,6 +28,7 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
         ConfidentialVM::crd(),
         AttestationPolicy::crd(),
         ConfidentialVMMigration::crd(),
+        HostPin::crd(),
     ]
     .into_iter()
     .map(post_process)

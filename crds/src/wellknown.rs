@@ -1,5 +1,6 @@
 //! Names the operator, the node plugin, the CLI and the e2e suite share: labels, field
-//! managers, the finalizer, extended resources and the evidence binding rule.
+//! managers, the finalizer and extended resources (the evidence binding rule is
+//! `cvm_attest::binding`).
 //!
 //! The custom resource is the only channel between the operator and the node plugins
 //! (KubeVirt's "choreography"), so these names are the protocol.
@@ -58,17 +59,8 @@ pub fn slot_name(tee: TeeType) -> &'static str {
     }
 }
 
-/// The challenge the evidence must answer: the user's nonce when given (hex-decoded),
-/// otherwise the CVM's UID, which binds evidence to this very object. The report's
-/// `report_data` must then equal SHA-512 of these bytes (see the attestation library).
-pub fn challenge_bytes(nonce_hex: Option<&str>, uid: &str) -> Option<Vec<u8>> {
-    match nonce_hex {
-        Some(n) => decode_hex(n),
-        None => Some(uid.as_bytes().to_vec()),
-    }
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
+/// Lowercase or uppercase hex to bytes; `None` for odd length or a non-hex digit.
+pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -90,10 +82,10 @@ mod tests {
     }
 
     #[test]
-    fn challenge_is_nonce_bytes_or_uid() {
-        assert_eq!(challenge_bytes(Some("00ff"), "u"), Some(vec![0, 255]));
-        assert_eq!(challenge_bytes(None, "abc"), Some(b"abc".to_vec()));
-        assert_eq!(challenge_bytes(Some("0g"), "u"), None);
-        assert_eq!(challenge_bytes(Some("abc"), "u"), None);
+    fn hex_decoding() {
+        assert_eq!(decode_hex("00ff"), Some(vec![0, 255]));
+        assert_eq!(decode_hex(""), Some(vec![]));
+        assert_eq!(decode_hex("0g"), None);
+        assert_eq!(decode_hex("abc"), None);
     }
 }
