@@ -34,6 +34,40 @@ struct Args {
     /// Seconds one report may take.
     #[arg(long, default_value_t = 60)]
     report_timeout_secs: u64,
+    /// Where this boot's instance key is kept (PKCS#8), so that an agent restart keeps the
+    /// instance's identity; a reboot (tmpfs) or a new guest makes a new one.
+    #[arg(
+        long,
+        default_value = "/run/cvm-agent/instance-key",
+        env = "CVM_AGENT_INSTANCE_KEY"
+    )]
+    instance_key: PathBuf,
+}
+
+/// This boot's instance key: read from `path`, else made and saved there (owner-only).
+fn instance_key(path: &std::path::Path) -> Result<cvm_attest::binding::InstanceKey, String> {
+    use cvm_attest::binding::InstanceKey;
+    match std::fs::read(path) {
+        Ok(der) => InstanceKey::from_pkcs8(&der).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = InstanceKey::generate().map_err(|e| e.to_string())?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| format!("saving the instance key to {}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut f, key.pkcs8())
+                .map_err(|e| format!("saving the instance key to {}: {e}", path.display()))?;
+            Ok(key)
+        }
+        Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
 }
 
 #[tokio::main]
@@ -46,10 +80,21 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    let key = match instance_key(&args.instance_key) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cvm-agent: instance key: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        key_sha256 = %hex::encode(cvm_attest::binding::key_id(key.public())),
+        "guest instance key"
+    );
     let cfg = ServerConfig {
         idle_timeout: Duration::from_secs(args.idle_timeout_secs),
         report_timeout: Duration::from_secs(args.report_timeout_secs),
-        ..ServerConfig::default()
+        ..ServerConfig::new(key)
     };
     let source: Arc<dyn EvidenceSource> = Arc::new(ConfigfsTsm::new(&args.tsm_root));
     // Say at start whether evidence can be produced at all; keep serving either way so

@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cvm_attest::binding::{InstanceKey, KeyError};
 use cvm_host::agent_proto::{
-    b64_encode, decode_nonce, read_frame, report_data_for, write_frame, ErrorCode,
-    EvidenceResponse, ProtoError, ProviderInfo, Request, Response, MAX_REQUEST_BYTES,
-    MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
+    b64_encode, read_frame, write_frame, ErrorCode, EvidenceResponse, ProtoError, ProviderInfo,
+    Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
@@ -34,9 +34,12 @@ impl EvidenceSource for ConfigfsTsm {
     }
 }
 
-/// Server limits.
+/// Server limits and the guest instance's key.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// This guest instance's key: its hash goes into every report's data, so evidence
+    /// names the instance that produced it (docs/evidence-binding.md).
+    pub instance_key: Arc<InstanceKey>,
     /// How long a connection may stay silent (between or inside frames) before it is closed.
     pub idle_timeout: Duration,
     /// How long one report may take (SNP certificate fetches and TDX quoting go through
@@ -46,13 +49,20 @@ pub struct ServerConfig {
     pub max_connections: usize,
 }
 
-impl Default for ServerConfig {
-    fn default() -> Self {
+impl ServerConfig {
+    /// Default limits for an instance with this key.
+    pub fn new(instance_key: InstanceKey) -> Self {
         ServerConfig {
+            instance_key: Arc::new(instance_key),
             idle_timeout: Duration::from_secs(60),
             report_timeout: Duration::from_secs(60),
             max_connections: 8,
         }
+    }
+
+    /// Default limits and a fresh instance key.
+    pub fn with_new_key() -> Result<Self, KeyError> {
+        Ok(Self::new(InstanceKey::generate()?))
     }
 }
 
@@ -101,17 +111,21 @@ pub async fn handle(
                 Err(r) => r,
             }
         }
-        Request::GetEvidence { nonce } => {
-            let bytes = match decode_nonce(&nonce) {
-                Ok(b) => b,
+        req @ Request::GetEvidence { .. } => {
+            let challenge = match req.challenge() {
+                Ok(Some(c)) => c,
+                Ok(None) => return Response::error(ErrorCode::BadRequest, "not a challenge"),
                 Err(e) => return Response::error(ErrorCode::BadRequest, e.to_string()),
             };
-            let rd = report_data_for(&bytes);
+            // The caller picks purpose, subject and nonce; the key is always our own.
+            let key = cfg.instance_key.public().to_vec();
+            let rd = challenge.report_data(&key);
             let s = source.clone();
             match blocking(cfg.report_timeout, move || s.report(&rd)).await {
                 Ok(r) => Response::Evidence(EvidenceResponse {
                     provider: r.provider,
                     report_data: hex::encode(rd),
+                    instance_key: b64_encode(&key),
                     outblob: b64_encode(&r.outblob),
                     auxblob: r.auxblob.as_deref().map(b64_encode),
                     generation: r.generation,

@@ -11,8 +11,7 @@ use cvm_agent::server::{serve_unix, EvidenceSource, ServerConfig};
 use cvm_agent::tsm::{ConfigfsTsm, RealFs, TsmError, TsmFs};
 use cvm_host::agent_client::{AgentClient, AgentClientError};
 use cvm_host::agent_proto::{
-    read_frame, report_data_for, write_frame, ErrorCode, Response, MAX_REQUEST_BYTES,
-    MAX_RESPONSE_BYTES,
+    read_frame, write_frame, Challenge, ErrorCode, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -100,7 +99,7 @@ fn entries(tsm: &Path) -> usize {
 fn report_writes_inblob_reads_blobs_and_removes_the_entry() {
     let (_d, tsm) = tsm_tree();
     let src = ConfigfsTsm::with_fs(&tsm, Arc::new(FakeKernel::snp()));
-    let rd = report_data_for(b"nonce");
+    let rd = Challenge::cvm("u", Some(b"nonce")).report_data(b"k");
     let r = src.report(&rd).unwrap();
     assert_eq!(r.provider, "sev_guest");
     assert_eq!(&r.outblob[..7], b"REPORT:");
@@ -225,27 +224,43 @@ fn snp_source() -> (tempfile::TempDir, Arc<dyn EvidenceSource>) {
 #[tokio::test]
 async fn client_gets_bound_evidence_from_the_agent() {
     let (_t, src) = snp_source();
-    let (_d, sock) = agent(src, ServerConfig::default()).await;
+    let cfg = ServerConfig::with_new_key().unwrap();
+    let key = cfg.instance_key.public().to_vec();
+    let (_d, sock) = agent(src, cfg).await;
     let mut c = AgentClient::connect_unix(&sock).await.unwrap();
     let info = c.provider_info().await.unwrap();
     assert_eq!(info.provider, "sev_guest");
-    assert_eq!(info.protocol_versions, vec![1]);
-    // Several requests on one connection.
-    for nonce in [&b"feedfacecafebeef"[..], b"\x00", &[0xaa; 1024]] {
-        let ev = c.get_evidence(nonce).await.unwrap();
-        assert_eq!(ev.report_data, report_data_for(nonce));
-        assert_eq!(&ev.outblob[7..], &report_data_for(nonce)[..]);
+    assert_eq!(info.protocol_versions, vec![2]);
+    // Several requests on one connection; every answer names the same instance key.
+    for nonce in [&b"feedfacecafebeef"[..], b"\x00", &[0xaa; 1024], b""] {
+        let ch = Challenge::cvm("cvm-uid", Some(nonce));
+        let ev = c.get_evidence(&ch).await.unwrap();
+        assert_eq!(ev.instance_key, key);
+        assert_eq!(ev.report_data, ch.report_data(&key));
+        assert_eq!(&ev.outblob[7..], &ch.report_data(&key)[..]);
         assert_eq!(ev.auxblob.as_deref(), Some(&b"CERT-TABLE"[..]));
     }
+    // Another agent (another instance) answers the same challenge with other report data.
+    let (_t2, src2) = snp_source();
+    let (_d2, sock2) = agent(src2, ServerConfig::with_new_key().unwrap()).await;
+    let mut other = AgentClient::connect_unix(&sock2).await.unwrap();
+    let ch = Challenge::cvm("cvm-uid", Some(b"n"));
+    let a = c.get_evidence(&ch).await.unwrap();
+    let b = other.get_evidence(&ch).await.unwrap();
+    assert_ne!(a.instance_key, b.instance_key);
+    assert_ne!(a.report_data, b.report_data);
 }
 
 #[tokio::test]
 async fn provider_missing_reaches_the_client_as_a_code() {
     let dir = tempfile::tempdir().unwrap();
     let src: Arc<dyn EvidenceSource> = Arc::new(ConfigfsTsm::new(dir.path().join("none")));
-    let (_d, sock) = agent(src, ServerConfig::default()).await;
+    let (_d, sock) = agent(src, ServerConfig::with_new_key().unwrap()).await;
     let mut c = AgentClient::connect_unix(&sock).await.unwrap();
-    let e = c.get_evidence(b"n").await.unwrap_err();
+    let e = c
+        .get_evidence(&Challenge::cvm("u", Some(b"n")))
+        .await
+        .unwrap_err();
     match e {
         AgentClientError::Agent { code, message } => {
             assert_eq!(code, ErrorCode::ProviderMissing);
@@ -269,7 +284,7 @@ async fn raw(sock: &Path, bytes: &[u8]) -> (Option<Response>, bool) {
     .unwrap()
     .map(|b| Response::decode(&b).unwrap());
     // A second request tells whether the connection is still served.
-    let ping = br#"{"version":1,"type":"get-provider-info"}"#;
+    let ping = br#"{"version":2,"type":"get-provider-info"}"#;
     let open = write_frame(&mut s, ping, MAX_REQUEST_BYTES).await.is_ok()
         && matches!(
             tokio::time::timeout(
@@ -298,7 +313,7 @@ fn code(r: &Option<Response>) -> ErrorCode {
 #[tokio::test]
 async fn bad_bodies_get_errors_and_the_connection_stays_open() {
     let (_t, src) = snp_source();
-    let (_d, sock) = agent(src, ServerConfig::default()).await;
+    let (_d, sock) = agent(src, ServerConfig::with_new_key().unwrap()).await;
 
     let (r, closed) = raw(&sock, &frame(b"this is not json")).await;
     assert_eq!(code(&r), ErrorCode::BadRequest);
@@ -306,7 +321,7 @@ async fn bad_bodies_get_errors_and_the_connection_stays_open() {
 
     let (r, closed) = raw(
         &sock,
-        &frame(br#"{"version":2,"type":"get-evidence","nonce":"00"}"#),
+        &frame(br#"{"version":1,"type":"get-evidence","nonce":"00"}"#),
     )
     .await;
     assert_eq!(code(&r), ErrorCode::UnsupportedVersion);
@@ -314,19 +329,21 @@ async fn bad_bodies_get_errors_and_the_connection_stays_open() {
 
     let (r, _) = raw(
         &sock,
-        &frame(br#"{"version":1,"type":"get-evidence","nonce":"xyz"}"#),
+        &frame(
+            br#"{"version":2,"type":"get-evidence","purpose":"cvm","subject":"u","nonce":"xyz"}"#,
+        ),
     )
     .await;
     assert_eq!(code(&r), ErrorCode::BadRequest);
 
-    let (r, _) = raw(&sock, &frame(br#"{"version":1,"type":"launch-missiles"}"#)).await;
+    let (r, _) = raw(&sock, &frame(br#"{"version":2,"type":"launch-missiles"}"#)).await;
     assert_eq!(code(&r), ErrorCode::BadRequest);
 }
 
 #[tokio::test]
 async fn oversize_and_empty_frames_get_an_error_then_close() {
     let (_t, src) = snp_source();
-    let (_d, sock) = agent(src, ServerConfig::default()).await;
+    let (_d, sock) = agent(src, ServerConfig::with_new_key().unwrap()).await;
 
     // Only the header is sent: the agent must refuse without waiting for 64 KiB + 1.
     let (r, closed) = raw(&sock, &(MAX_REQUEST_BYTES + 1).to_be_bytes()).await;
@@ -343,7 +360,7 @@ async fn torn_and_idle_connections_are_closed_without_answer() {
     let (_t, src) = snp_source();
     let cfg = ServerConfig {
         idle_timeout: Duration::from_millis(200),
-        ..ServerConfig::default()
+        ..ServerConfig::with_new_key().unwrap()
     };
     let (_d, sock) = agent(src, cfg).await;
 
@@ -419,7 +436,7 @@ async fn vsock_loopback_when_the_kernel_offers_it() {
     tokio::spawn(cvm_agent::server::serve_vsock(
         listener,
         src,
-        ServerConfig::default(),
+        ServerConfig::with_new_key().unwrap(),
     ));
     let mut c = match AgentClient::connect_vsock(VMADDR_CID_LOCAL, port).await {
         Ok(c) => c,
@@ -428,6 +445,9 @@ async fn vsock_loopback_when_the_kernel_offers_it() {
             return;
         }
     };
-    let ev = c.get_evidence(b"over vsock").await.unwrap();
+    let ev = c
+        .get_evidence(&Challenge::cvm("u", Some(b"over vsock")))
+        .await
+        .unwrap();
     assert_eq!(ev.provider, "sev_guest");
 }

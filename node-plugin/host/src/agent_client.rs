@@ -2,8 +2,9 @@
 //! production and a unix socket in tests.
 //!
 //! The client checks what it can without trusting the guest's host path: the response
-//! version, the size limit, and that `report_data` is SHA-512 of the nonce it sent. The
-//! signature over the report is the verifier's business (`cvm-attest`), not this module's.
+//! version, the size limit, and that `report_data` binds the challenge it sent and the
+//! instance key the agent names (`cvm_attest::binding`). The signature over the report is
+//! the verifier's business (`cvm-attest`), not this module's.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,8 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
 use crate::agent_proto::{
-    b64_decode, read_frame, report_data_for, write_frame, ErrorCode, ProtoError, ProviderInfo,
-    Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
+    b64_decode, read_frame, write_frame, Challenge, ErrorCode, ProtoError, ProviderInfo, Request,
+    Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES,
 };
 
 /// Default time for one request and its response.
@@ -25,6 +26,8 @@ pub struct GuestEvidence {
     /// configfs-tsm provider: `sev_guest` or `tdx_guest`.
     pub provider: String,
     pub report_data: [u8; 64],
+    /// The guest instance's public key, whose hash `report_data` binds.
+    pub instance_key: Vec<u8>,
     /// SNP report or TDX quote.
     pub outblob: Vec<u8>,
     /// SNP certificate table, when the host provided one.
@@ -53,7 +56,7 @@ pub enum AgentClientError {
         asked: &'static str,
         got: &'static str,
     },
-    #[error("guest agent returned evidence for other report_data (expected SHA-512 of our nonce {expected}…, got {got}…): stale or replayed evidence")]
+    #[error("guest agent returned evidence for other report_data (expected {expected}… for our challenge and its instance key, got {got}…): stale or replayed evidence")]
     ReportDataMismatch { expected: String, got: String },
     #[error("guest agent returned an empty report from provider {0}")]
     EmptyReport(String),
@@ -137,9 +140,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
         }
     }
 
-    /// Asks for fresh evidence bound to `nonce` and checks the binding.
-    pub async fn get_evidence(&mut self, nonce: &[u8]) -> Result<GuestEvidence, AgentClientError> {
-        let resp = match self.call(&Request::get_evidence(nonce)).await? {
+    /// Asks for fresh evidence bound to `challenge` and checks the binding.
+    pub async fn get_evidence(
+        &mut self,
+        challenge: &Challenge,
+    ) -> Result<GuestEvidence, AgentClientError> {
+        let resp = match self.call(&Request::get_evidence(challenge)).await? {
             Response::Evidence(ev) => ev,
             Response::Error(e) => {
                 return Err(AgentClientError::Agent {
@@ -154,7 +160,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
                 })
             }
         };
-        let expected = report_data_for(nonce);
+        let instance_key = b64_decode("instanceKey", &resp.instance_key)?;
+        let expected = challenge.report_data(&instance_key);
         let got = hex::decode(&resp.report_data).unwrap_or_default();
         if got.as_slice() != expected.as_slice() {
             return Err(AgentClientError::ReportDataMismatch {
@@ -173,6 +180,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
         Ok(GuestEvidence {
             provider: resp.provider,
             report_data: expected,
+            instance_key,
             outblob,
             auxblob,
             generation: resp.generation,
@@ -198,16 +206,18 @@ mod tests {
 
     #[tokio::test]
     async fn evidence_for_another_nonce_is_refused() {
+        let old = Challenge::cvm("u", Some(b"old nonce"));
         let resp = Response::Evidence(EvidenceResponse {
             provider: "sev_guest".into(),
-            report_data: hex::encode(report_data_for(b"old nonce")),
+            report_data: hex::encode(old.report_data(b"key")),
+            instance_key: b64_encode(b"key"),
             outblob: b64_encode(b"report"),
             auxblob: None,
             generation: 1,
         });
         let e = fake_agent(resp)
             .await
-            .get_evidence(b"new nonce")
+            .get_evidence(&Challenge::cvm("u", Some(b"new nonce")))
             .await
             .unwrap_err();
         assert!(

@@ -7,26 +7,30 @@
 //! answers `frame-too-large`) and the connection is closed, because the rest of the stream
 //! can no longer be trusted to be aligned on frames.
 //!
-//! Evidence is bound to the caller's nonce: the agent writes `SHA-512(nonce)` as the 64
-//! bytes of `report_data` (configfs-tsm `inblob`), the binding the whole project uses
-//! (`cvm_crds::wellknown::challenge_bytes`).
+//! Evidence is bound to the caller's challenge *and* to the guest instance: the agent adds
+//! the SHA-256 of its own instance key (made at boot) and writes the result of
+//! `cvm_attest::binding` (docs/evidence-binding.md) as the 64 bytes of `report_data`
+//! (configfs-tsm `inblob`). The caller chooses the purpose, the subject UID and the nonce,
+//! never the key, so one guest cannot answer as another instance.
 
 use std::time::Duration;
 
 use base64::Engine as _;
+pub use cvm_attest::binding::{Challenge, Purpose};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha512};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks (2: the instance-bound challenge).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest request frame body (64 KiB).
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 /// Largest response frame body (1 MiB): an SNP report is ~1.2 KiB, a TDX quote ~5-8 KiB,
 /// the SNP certificate table a few KiB; base64 adds a third.
 pub const MAX_RESPONSE_BYTES: u32 = 1024 * 1024;
 /// Longest nonce a client may send, in bytes (it is hashed, so length only costs time).
-pub const MAX_NONCE_BYTES: usize = 1024;
+pub const MAX_NONCE_BYTES: usize = cvm_attest::binding::MAX_NONCE_BYTES;
+/// Longest subject UID, in characters (Kubernetes UIDs are 36).
+pub const MAX_SUBJECT_CHARS: usize = 128;
 /// Default vsock port of the agent.
 pub const DEFAULT_VSOCK_PORT: u32 = 4050;
 
@@ -36,9 +40,15 @@ pub const DEFAULT_VSOCK_PORT: u32 = 4050;
 pub enum Request {
     /// Which TEE provider the guest has, and what the agent speaks.
     GetProviderInfo,
-    /// Fresh evidence whose `report_data` is SHA-512 of `nonce`.
+    /// Fresh evidence whose `report_data` binds purpose, subject, nonce and the agent's
+    /// own instance key (`cvm_attest::binding`).
     GetEvidence {
-        /// The challenge, lowercase hex, 1 to [`MAX_NONCE_BYTES`] bytes.
+        /// `cvm` or `migration`.
+        purpose: String,
+        /// UID of the CVM (or migration) the report is for, 1 to [`MAX_SUBJECT_CHARS`].
+        subject: String,
+        /// The owner's challenge, lowercase hex, 0 to [`MAX_NONCE_BYTES`] bytes.
+        #[serde(default)]
         nonce: String,
     },
 }
@@ -70,8 +80,11 @@ pub struct ProviderInfo {
 pub struct EvidenceResponse {
     /// configfs-tsm provider that produced `outblob`.
     pub provider: String,
-    /// The 64 bytes written to `inblob`, hex: SHA-512 of the request's nonce.
+    /// The 64 bytes written to `inblob`, hex: `cvm_attest::binding` of the request and
+    /// `instanceKey`.
     pub report_data: String,
+    /// The agent's instance public key (Ed25519, 32 bytes), base64.
+    pub instance_key: String,
     /// The report (SNP) or quote (TDX), base64.
     pub outblob: String,
     /// Supplemental data (the SNP certificate table: VCEK/VLEK, ASK, ARK), base64, when the
@@ -266,17 +279,49 @@ impl Request {
     /// Decodes and validates a request body.
     pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
         let req: Request = decode(body, "request")?;
-        if let Request::GetEvidence { nonce } = &req {
-            decode_nonce(nonce)?;
+        if let Request::GetEvidence { .. } = &req {
+            req.challenge()?;
         }
         Ok(req)
     }
 
-    /// A `get-evidence` request for these challenge bytes.
-    pub fn get_evidence(nonce: &[u8]) -> Self {
+    /// A `get-evidence` request for this challenge.
+    pub fn get_evidence(c: &Challenge) -> Self {
         Request::GetEvidence {
-            nonce: hex::encode(nonce),
+            purpose: c.purpose.as_str().into(),
+            subject: c.subject_uid.clone(),
+            nonce: hex::encode(&c.nonce),
         }
+    }
+
+    /// The validated challenge of a `get-evidence` request (`None` for other requests).
+    pub fn challenge(&self) -> Result<Option<Challenge>, ProtoError> {
+        let Request::GetEvidence {
+            purpose,
+            subject,
+            nonce,
+        } = self
+        else {
+            return Ok(None);
+        };
+        let purpose = Purpose::parse(purpose).ok_or_else(|| ProtoError::Invalid {
+            field: "purpose",
+            detail: format!("{purpose:?}; must be \"cvm\" or \"migration\""),
+        })?;
+        if subject.is_empty() || subject.chars().count() > MAX_SUBJECT_CHARS {
+            return Err(ProtoError::Invalid {
+                field: "subject",
+                detail: format!(
+                    "{} characters; must be 1 to {MAX_SUBJECT_CHARS}",
+                    subject.chars().count()
+                ),
+            });
+        }
+        Ok(Some(Challenge {
+            purpose,
+            subject_uid: subject.clone(),
+            nonce: decode_nonce(nonce)?,
+        }))
     }
 }
 
@@ -303,24 +348,16 @@ pub fn decode_nonce(nonce: &str) -> Result<Vec<u8>, ProtoError> {
         field: "nonce",
         detail: format!("not hex: {e}"),
     })?;
-    if bytes.is_empty() || bytes.len() > MAX_NONCE_BYTES {
+    if bytes.len() > MAX_NONCE_BYTES {
         return Err(ProtoError::Invalid {
             field: "nonce",
             detail: format!(
-                "{} bytes; must be 1 to {MAX_NONCE_BYTES} bytes",
+                "{} bytes; must be at most {MAX_NONCE_BYTES} bytes",
                 bytes.len()
             ),
         });
     }
     Ok(bytes)
-}
-
-/// The `report_data` that binds evidence to a nonce: SHA-512 of its bytes.
-pub fn report_data_for(nonce: &[u8]) -> [u8; 64] {
-    let digest = Sha512::digest(nonce);
-    let mut out = [0u8; 64];
-    out.copy_from_slice(&digest);
-    out
 }
 
 /// Standard base64 with padding, the encoding of `outblob` and `auxblob`.
@@ -344,20 +381,25 @@ mod tests {
 
     #[test]
     fn request_round_trip_carries_version() {
-        let req = Request::get_evidence(b"\x00\xff");
+        let c = Challenge::cvm("uid-1", Some(&[0x00, 0xff]));
+        let req = Request::get_evidence(&c);
         let body = req.encode().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["version"], 1);
+        assert_eq!(v["version"], 2);
         assert_eq!(v["type"], "get-evidence");
+        assert_eq!(v["purpose"], "cvm");
+        assert_eq!(v["subject"], "uid-1");
         assert_eq!(v["nonce"], "00ff");
-        assert_eq!(Request::decode(&body).unwrap(), req);
+        let back = Request::decode(&body).unwrap();
+        assert_eq!(back, req);
+        assert_eq!(back.challenge().unwrap(), Some(c));
     }
 
     #[test]
     fn wrong_or_missing_version_is_refused() {
-        let e = Request::decode(br#"{"version":2,"type":"get-provider-info"}"#).unwrap_err();
+        let e = Request::decode(br#"{"version":1,"type":"get-provider-info"}"#).unwrap_err();
         assert!(
-            matches!(e, ProtoError::UnsupportedVersion { got: 2 }),
+            matches!(e, ProtoError::UnsupportedVersion { got: 1 }),
             "{e}"
         );
         assert_eq!(e.code(), ErrorCode::UnsupportedVersion);
@@ -368,9 +410,11 @@ mod tests {
     #[test]
     fn bad_nonce_and_unknown_type_are_bad_requests() {
         for body in [
-            &br#"{"version":1,"type":"get-evidence","nonce":"zz"}"#[..],
-            br#"{"version":1,"type":"get-evidence","nonce":""}"#,
-            br#"{"version":1,"type":"format-disk"}"#,
+            &br#"{"version":2,"type":"get-evidence","purpose":"cvm","subject":"u","nonce":"zz"}"#[..],
+            br#"{"version":2,"type":"get-evidence","purpose":"cvm","subject":"","nonce":""}"#,
+            br#"{"version":2,"type":"get-evidence","purpose":"attack","subject":"u"}"#,
+            br#"{"version":2,"type":"get-evidence","nonce":"00"}"#,
+            br#"{"version":2,"type":"format-disk"}"#,
             br#"[1,2]"#,
             b"not json",
         ] {
@@ -378,14 +422,16 @@ mod tests {
             assert_eq!(e.code(), ErrorCode::BadRequest, "{e}");
         }
         let long = "ab".repeat(MAX_NONCE_BYTES + 1);
-        let body = format!(r#"{{"version":1,"type":"get-evidence","nonce":"{long}"}}"#);
+        let body = format!(
+            r#"{{"version":2,"type":"get-evidence","purpose":"cvm","subject":"u","nonce":"{long}"}}"#
+        );
         assert!(Request::decode(body.as_bytes()).is_err());
-    }
-
-    #[test]
-    fn report_data_is_sha512_of_nonce() {
-        let rd = report_data_for(b"abc");
-        assert_eq!(&hex::encode(rd)[..16], "ddaf35a193617aba");
+        // No nonce is a valid challenge: the CVM's UID and the instance key still bind it.
+        let ok = br#"{"version":2,"type":"get-evidence","purpose":"migration","subject":"m"}"#;
+        assert_eq!(
+            Request::decode(ok).unwrap().challenge().unwrap(),
+            Some(Challenge::migration("m"))
+        );
     }
 
     #[tokio::test]
