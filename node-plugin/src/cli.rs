@@ -34,7 +34,10 @@ pub struct Cli {
     cmd: Option<Sub>,
     /// Print the simulated launch measurement of each ConfidentialVM in FILE (YAML, one
     /// or more documents) and exit: the value for spec.attestation.expectedMeasurements.
-    #[arg(long, value_name = "FILE", exclusive = true)]
+    /// Takes no other option ($KUBECONFIG and $NODE_NAME are ignored).
+    // Not `exclusive`: clap counts values from the environment as given, so any shell with
+    // KUBECONFIG set would refuse it. `parse` keeps it alone on the command line instead.
+    #[arg(long, value_name = "FILE")]
     measure: Option<PathBuf>,
     /// Name of the Node this plugin serves (the Node must exist).
     #[arg(long, env = "NODE_NAME", required_unless_present = "measure")]
@@ -275,13 +278,41 @@ fn print_measurements(file: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the command line. `--measure` stands alone on it, but values that options take
+/// from the environment (`KUBECONFIG`, `NODE_NAME`, set in many shells and every plugin
+/// pod) do not count against it.
+fn parse<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    if given("measure") {
+        let other = cmd
+            .get_arguments()
+            .filter(|a| a.get_id() != "measure" && given(a.get_id().as_str()))
+            .find_map(|a| a.get_long());
+        if let Some(other) = other {
+            return Err(cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("--measure takes no other option, but --{other} was given"),
+            ));
+        }
+    }
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
+}
+
 /// Parses `args` (the first is the program name) and runs the plugin to completion.
 pub fn main_with_args<I, T>(args: I) -> std::process::ExitCode
 where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match parse(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
@@ -436,5 +467,30 @@ mod tests {
         assert_eq!(cfg.tees, vec![cvm_crds::TeeType::Tdx]);
         assert!(cfg.fail_sends);
         assert!(!sim_config(&parse(&[])).unwrap().fail_sends);
+    }
+
+    #[test]
+    fn measure_stands_alone_on_the_command_line() {
+        let cli = super::parse(["cvm-node-plugin", "--measure", "cvm.yaml"]).unwrap();
+        assert_eq!(cli.measure, Some(PathBuf::from("cvm.yaml")));
+        for other in [
+            &["--kubeconfig", "/k"][..],
+            &["--node-name", "n"],
+            &["--state-dir", "/s"],
+            &["--log-json"],
+            &["--platform", "sim"],
+        ] {
+            let mut args = vec!["cvm-node-plugin", "--measure", "cvm.yaml"];
+            args.extend_from_slice(other);
+            let e = super::parse(args).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{other:?}"
+            );
+            assert!(e.to_string().contains(other[0]), "{other:?}: {e}");
+        }
+        // A subcommand and --measure do not mix either.
+        assert!(super::parse(["cvm-node-plugin", "--measure", "f", "detect"]).is_err());
     }
 }

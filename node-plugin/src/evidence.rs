@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
+use cvm_attest::binding;
 use cvm_crds::cvm::Evidence;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use sha2::{Digest, Sha512};
 
 use crate::platform::{Challenge, RawEvidence};
 
@@ -15,24 +15,25 @@ use crate::platform::{Challenge, RawEvidence};
 /// `cvm_attest::tdx::verify_quote`.
 pub const COLLATERAL_TDX_QUOTE_V3: &str = "quoteCollateralV3";
 
-/// The challenge a CVM's evidence must answer: `report_data` = SHA-512 of
-/// `challenge_bytes(nonce, uid)`. `None` when the nonce is not hex (the API server's
-/// schema refuses that, so only a hand-made object gets here).
+/// The challenge a CVM's evidence must answer: the CVM's UID and the owner's nonce
+/// (`cvm_attest::binding`). `None` when the nonce is not hex (the API server's schema
+/// refuses that, so only a hand-made object gets here).
 pub fn challenge_for(nonce: Option<&str>, uid: &str) -> Option<Challenge> {
-    let bytes = cvm_crds::wellknown::challenge_bytes(nonce, uid)?;
+    let bytes = match nonce {
+        Some(n) => Some(cvm_crds::wellknown::decode_hex(n)?),
+        None => None,
+    };
     Some(Challenge {
-        report_data: Sha512::digest(&bytes).into(),
+        binding: binding::Challenge::cvm(uid, bytes.as_deref()),
         nonce: nonce.map(str::to_string),
     })
 }
 
-/// The challenge a receiving guest's evidence answers in a live migration:
-/// `report_data` = SHA-512 of `cvm_crds::migration::migration_challenge(migration UID)`,
-/// and no nonce to echo.
+/// The challenge a receiving guest's evidence answers in a live migration: the
+/// migration's UID, and no nonce to echo.
 pub fn migration_challenge_for(migration_uid: &str) -> Challenge {
-    let bytes = cvm_crds::migration::migration_challenge(migration_uid);
     Challenge {
-        report_data: Sha512::digest(&bytes).into(),
+        binding: binding::Challenge::migration(migration_uid),
         nonce: None,
     }
 }
@@ -51,6 +52,10 @@ pub fn encode(raw: &RawEvidence, challenge: &Challenge, now: Time) -> Evidence {
         nonce: challenge.nonce.clone(),
         collected_at: now,
         launch_measurement: (!raw.measurement.is_empty()).then(|| hex::encode(&raw.measurement)),
+        instance_key: raw
+            .instance_key
+            .as_ref()
+            .map(|k| base64::engine::general_purpose::STANDARD.encode(k)),
     }
 }
 
@@ -65,16 +70,16 @@ mod tests {
     use cvm_crds::EvidenceFormat;
 
     #[test]
-    fn nonce_or_uid_is_the_challenge() {
+    fn the_challenge_carries_uid_and_nonce() {
         let c = challenge_for(Some("00ff"), "uid-1").unwrap();
-        assert_eq!(c.report_data, <[u8; 64]>::from(Sha512::digest([0u8, 255])));
+        assert_eq!(c.binding, binding::Challenge::cvm("uid-1", Some(&[0, 255])));
         assert_eq!(c.nonce.as_deref(), Some("00ff"));
         let u = challenge_for(None, "uid-1").unwrap();
-        assert_eq!(u.report_data, <[u8; 64]>::from(Sha512::digest(b"uid-1")));
+        assert_eq!(u.binding, binding::Challenge::cvm("uid-1", None));
         assert_eq!(u.nonce, None);
         assert!(challenge_for(Some("xyz"), "uid-1").is_none());
         let m = migration_challenge_for("mig-1");
-        assert_eq!(m.report_data, <[u8; 64]>::from(Sha512::digest(b"mig-1")));
+        assert_eq!(m.binding, binding::Challenge::migration("mig-1"));
         assert_eq!(m.nonce, None);
     }
 
@@ -86,6 +91,7 @@ mod tests {
             cert_chain: None,
             collateral: vec![(COLLATERAL_TDX_QUOTE_V3.into(), "{}".into())],
             measurement: vec![0xab; 48],
+            instance_key: Some(vec![9; 32]),
         };
         let c = challenge_for(Some("01"), "u").unwrap();
         let e = encode(&raw, &c, Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
@@ -93,5 +99,9 @@ mod tests {
         assert_eq!(e.nonce.as_deref(), Some("01"));
         assert_eq!(e.collateral[COLLATERAL_TDX_QUOTE_V3], "{}");
         assert_eq!(e.launch_measurement, Some("ab".repeat(48)));
+        assert_eq!(
+            e.instance_key,
+            Some(base64::engine::general_purpose::STANDARD.encode([9u8; 32]))
+        );
     }
 }

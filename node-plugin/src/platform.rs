@@ -143,11 +143,12 @@ pub struct GuestInfo {
     pub message: Option<String>,
 }
 
-/// What the evidence must answer: `report_data` is SHA-512 of the challenge bytes
-/// (`cvm_crds::wellknown::challenge_bytes`), `nonce` the user's hex nonce to echo.
+/// What the evidence must answer. The guest, not the plugin, turns it into report data:
+/// it adds its own instance key (`cvm_attest::binding`), so the host cannot make one guest
+/// answer as another. `nonce` is the user's hex nonce to echo in the status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
-    pub report_data: [u8; 64],
+    pub binding: cvm_attest::binding::Challenge,
     pub nonce: Option<String>,
 }
 
@@ -163,6 +164,8 @@ pub struct RawEvidence {
     pub collateral: Vec<(String, String)>,
     /// The measurement the signed evidence states.
     pub measurement: Vec<u8>,
+    /// Public key of the guest instance that produced the report (bound in its report data).
+    pub instance_key: Option<Vec<u8>>,
 }
 
 /// Errors a backend reports, phrased for the CVM's `Launched` condition.

@@ -25,7 +25,7 @@ use cvm_host::qemu::{
     command_line, HostCaps, QemuError, QemuGuestSpec, QemuProcess, QmpClient, StartOptions,
 };
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256, Sha512};
+use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::platform::{
@@ -720,14 +720,6 @@ impl QemuPlatform {
                 "the guest agent of {who} is unreachable at vsock:{cid}:{port} ({detail}): is cvm-agent running in the guest?"
             ))
         };
-        // The agent binds report_data = SHA-512(nonce): send the challenge's bytes.
-        let bytes = cvm_crds::wellknown::challenge_bytes(challenge.nonce.as_deref(), &g.info.uid)
-            .filter(|b| <[u8; 64]>::from(Sha512::digest(b)) == challenge.report_data)
-            .ok_or_else(|| {
-                PlatformError::Evidence(
-                    "the challenge does not match this guest's nonce or UID".into(),
-                )
-            })?;
         let timeout = self.opts.agent_timeout;
         let client = tokio::time::timeout(
             timeout,
@@ -738,7 +730,7 @@ impl QemuPlatform {
         .map_err(|e| unreachable(e.to_string()))?;
         let ev = client
             .with_timeout(timeout)
-            .get_evidence(&bytes)
+            .get_evidence(&challenge.binding)
             .await
             .map_err(|e| PlatformError::Evidence(format!("guest agent of {who}: {e}")))?;
         match tee {
@@ -760,6 +752,7 @@ impl QemuPlatform {
                     report: ev.outblob,
                     cert_chain,
                     collateral: Vec::new(),
+                    instance_key: Some(ev.instance_key),
                 })
             }
             TeeType::Tdx => {
@@ -771,6 +764,7 @@ impl QemuPlatform {
                     report: ev.outblob,
                     cert_chain: None,
                     collateral: Vec::new(),
+                    instance_key: Some(ev.instance_key),
                 })
             }
             TeeType::Sev | TeeType::SevEs => Err(PlatformError::Evidence(format!(
@@ -918,6 +912,7 @@ impl Platform for QemuPlatform {
                     cert_chain: None,
                     collateral: Vec::new(),
                     measurement: measure,
+                    instance_key: None,
                 })
             }
             TeeType::SevSnp | TeeType::Tdx => self.agent_evidence(&g, challenge).await,

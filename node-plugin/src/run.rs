@@ -33,6 +33,7 @@ use crate::plan::{self, Action, BoundCvm, EvidenceKey, HeldGuest, StopCause};
 use crate::platform::{GuestInfo, GuestRequest, Platform, PlatformError};
 use crate::status;
 use crate::store;
+use cvm_telemetry::watch::{WatchRetry, PLUGIN_RETRY_MAX};
 
 /// File (in `--state-dir`) recording which nonce / re-attest request each guest's latest
 /// evidence answered, so a restarted plugin does not re-issue evidence needlessly.
@@ -143,7 +144,10 @@ impl<P: Platform> NodePlugin<P> {
         let cfg = watcher::Config::default().labels(&format!("{LABEL_NODE}={node}"));
         let (reader, writer) = reflector::store();
         let notify = Arc::new(Notify::new());
-        let stream = reflector::reflector(writer, watcher(api, cfg)).default_backoff();
+        let stream = reflector::reflector(writer, watcher(api, cfg)).backoff(WatchRetry::new(
+            "ConfidentialVM (this node)",
+            PLUGIN_RETRY_MAX,
+        ));
         let wake = notify.clone();
         let watch_node = node.clone();
         let watch = tokio::spawn(async move {
@@ -160,7 +164,7 @@ impl<P: Platform> NodePlugin<P> {
         let (migrations, mig_writer) = reflector::store();
         let mig_stream =
             reflector::reflector(mig_writer, watcher(mig_api, watcher::Config::default()))
-                .default_backoff();
+                .backoff(WatchRetry::new("ConfidentialVMMigration", PLUGIN_RETRY_MAX));
         let wake = notify.clone();
         let watch_node = node.clone();
         let mig_watch = tokio::spawn(async move {

@@ -1,4 +1,4 @@
-//! `cvm-node-plugin detect` and `qemu-args` as an administrator runs them.
+//! `cvm-node-plugin detect`, `qemu-args` and `--measure` as an administrator runs them.
 
 use std::process::Command;
 
@@ -57,4 +57,42 @@ fn qemu_args_for_the_snp_example() {
     );
     let (ok, _, err) = plugin(&["qemu-args", "--cvm", "/nonexistent.yaml"]);
     assert!(!ok && err.contains("/nonexistent.yaml"), "{err}");
+}
+
+/// `--measure` in a shell (or pod) where KUBECONFIG and NODE_NAME are set, as they are
+/// wherever anyone works with a cluster: the environment does not count as options.
+#[test]
+fn measure_works_with_kubeconfig_and_node_name_in_the_environment() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/sev-snp-cvm.yaml");
+    let run = |args: &[&str], env: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvm-node-plugin"));
+        cmd.args(args)
+            .env_remove("KUBECONFIG")
+            .env_remove("NODE_NAME");
+        if env {
+            cmd.env("KUBECONFIG", "/nonexistent/kubeconfig")
+                .env("NODE_NAME", "tee-1");
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, with_env, err) = run(&["--measure", example], true);
+    assert!(ok, "{err}");
+    let fields: Vec<&str> = with_env.trim().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{with_env}");
+    assert_eq!(fields[1], "SEV-SNP", "{with_env}");
+    assert!(
+        fields[2].len() == 96 && fields[2].chars().all(|c| c.is_ascii_hexdigit()),
+        "a 48-byte launch digest in hex: {with_env}"
+    );
+    let (ok, without_env, err) = run(&["--measure", example], false);
+    assert!(ok, "{err}");
+    assert_eq!(with_env, without_env);
+    // Given on the command line, another option still conflicts.
+    let (ok, _, err) = run(&["--measure", example, "--kubeconfig", "/k"], true);
+    assert!(!ok && err.contains("--kubeconfig"), "{err}");
 }

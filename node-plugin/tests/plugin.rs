@@ -9,8 +9,8 @@ use cvm_attest::snp::{SnpContext, SnpEvidence, SnpPolicy, SnpVerifier};
 use cvm_attest::tdx::{AppraisalContext, TdxPolicy};
 use cvm_crds::cvm::{ConfidentialVM, GuestState};
 use cvm_crds::migration::{
-    migration_challenge, ConfidentialVMMigration, ConfidentialVMMigrationSpec,
-    CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
+    ConfidentialVMMigration, ConfidentialVMMigrationSpec, CONDITION_TARGET_PREPARED,
+    CONDITION_TRANSFERRED,
 };
 use cvm_crds::wellknown::{
     nfd_label, ANNOTATION_MIGRATED_AT, ANNOTATION_REATTEST, FINALIZER, LABEL_NODE,
@@ -202,25 +202,16 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// Verifies a CVM's SNP evidence as the operator binds it: the CVM's UID, the nonce the
+/// evidence answers and the instance key it names.
 fn verify_snp(c: &ConfidentialVM, policy: SnpPolicy) -> cvm_attest::snp::SnpAppraisal {
     let ev = c.status.as_ref().unwrap().evidence.as_ref().unwrap();
-    assert_eq!(ev.format, EvidenceFormat::SevSnpReport);
-    let report = decode_report(ev).unwrap();
-    let certs: Vec<Vec<u8>> =
-        cvm_attest::snp::parse_certs(ev.cert_chain.as_deref().unwrap().as_bytes())
-            .unwrap()
-            .iter()
-            .map(|c| c.der().to_vec())
-            .collect();
-    let nonce = hex::decode(ev.nonce.as_deref().unwrap()).unwrap();
-    SnpVerifier::new(policy).unwrap().verify(
-        &SnpEvidence {
-            report: &report,
-            certs: &certs,
-            crls: &[],
-        },
-        &SnpContext { nonce: Some(nonce) },
-        now(),
+    let nonce = ev.nonce.as_deref().map(|n| hex::decode(n).unwrap());
+    let uid = c.metadata.uid.clone().unwrap();
+    verify_snp_evidence(
+        ev,
+        policy,
+        cvm_attest::binding::Challenge::cvm(&uid, nonce.as_deref()),
     )
 }
 
@@ -409,7 +400,16 @@ async fn restart_keeps_one_guest_and_stops_orphans() {
     let quote = decode_report(&ev).unwrap();
     let collateral = ev.collateral.get(COLLATERAL_TDX_QUOTE_V3).unwrap();
     let nonce = hex::decode(ev.nonce.as_deref().unwrap()).unwrap();
-    let ctx = AppraisalContext::at(now()).with_nonce(&nonce);
+    let key = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(ev.instance_key.as_deref().unwrap())
+            .unwrap()
+    };
+    let preimage =
+        cvm_attest::binding::Challenge::cvm(c.metadata.uid.as_deref().unwrap(), Some(&nonce))
+            .preimage(&cvm_attest::binding::key_id(&key));
+    let ctx = AppraisalContext::at(now()).with_nonce(&preimage);
     let mut policy = TdxPolicy::trusting(tdx_root.clone().try_into().unwrap());
     policy.mrtd = vec![hex::decode(simulated_measurement(&keep.spec)).unwrap()];
     policy.mr_config_id = Some(hex::decode(keep.spec.tee.host_data.clone().unwrap()).unwrap());
@@ -750,13 +750,19 @@ fn evidence_collected(c: &ConfidentialVM) -> Option<i64> {
     )
 }
 
-/// Verifies SNP evidence (from a CVM or a migration) against `policy` and `challenge`.
+/// Verifies SNP evidence (from a CVM or a migration) against `policy` and `challenge`,
+/// bound to the instance key the evidence names.
 fn verify_snp_evidence(
     ev: &cvm_crds::cvm::Evidence,
     policy: SnpPolicy,
-    challenge: Vec<u8>,
+    challenge: cvm_attest::binding::Challenge,
 ) -> cvm_attest::snp::SnpAppraisal {
+    use base64::Engine as _;
     assert_eq!(ev.format, EvidenceFormat::SevSnpReport);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(ev.instance_key.as_deref().unwrap())
+        .unwrap();
+    let challenge = challenge.preimage(&cvm_attest::binding::key_id(&key));
     let report = decode_report(ev).unwrap();
     let certs: Vec<Vec<u8>> =
         cvm_attest::snp::parse_certs(ev.cert_chain.as_deref().unwrap().as_bytes())
@@ -834,10 +840,18 @@ async fn live_migration_prepares_attests_sends_and_adopts() {
     assert!(prepared.message.contains(dst), "{}", prepared.message);
     let ev = m.status.as_ref().unwrap().target_evidence.clone().unwrap();
     assert_eq!(ev.launch_measurement.as_deref(), Some(expected.as_str()));
-    let a = verify_snp_evidence(&ev, policy.clone(), migration_challenge(&mig_uid));
+    let a = verify_snp_evidence(
+        &ev,
+        policy.clone(),
+        cvm_attest::binding::Challenge::migration(&mig_uid),
+    );
     assert!(a.is_affirmed(), "{:#?}", a.findings());
     // Bound to the migration: the CVM's own challenge does not verify it.
-    let replay = verify_snp_evidence(&ev, policy.clone(), cvm_uid.as_bytes().to_vec());
+    let replay = verify_snp_evidence(
+        &ev,
+        policy.clone(),
+        cvm_attest::binding::Challenge::cvm(&cvm_uid, None),
+    );
     assert!(!replay.is_affirmed());
     let guests = guests_file(dst_state.path());
     assert_eq!(

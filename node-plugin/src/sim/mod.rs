@@ -52,6 +52,26 @@ struct SimGuest {
     /// The node this guest's state was sent to ([`Platform::send`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sent_to: Option<String>,
+    /// The instance key this guest's "agent" made at launch (PKCS#8, hex): a relaunch
+    /// makes a new one, as a real guest's boot does.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    instance_key: String,
+    /// The SEV-SNP REPORT_ID the "firmware" chose at launch (hex).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    report_id: String,
+}
+
+impl SimGuest {
+    fn instance_key(&self) -> Result<cvm_attest::binding::InstanceKey, PlatformError> {
+        let der = hex::decode(&self.instance_key).map_err(|e| {
+            PlatformError::Evidence(format!(
+                "guest {} has no usable instance key in the state file ({e}); stop and relaunch it",
+                self.info.uid
+            ))
+        })?;
+        cvm_attest::binding::InstanceKey::from_pkcs8(&der)
+            .map_err(|e| PlatformError::Evidence(format!("guest {}: {e}", self.info.uid)))
+    }
 }
 
 /// A simulated TEE host.
@@ -244,6 +264,10 @@ impl SimPlatform {
             launched_at: now_unix(),
             message: None,
         };
+        let key = cvm_attest::binding::InstanceKey::generate()
+            .map_err(|e| PlatformError::Launch(format!("making the guest's instance key: {e}")))?;
+        let report_id = cvm_attest::binding::random_bytes::<32>()
+            .map_err(|e| PlatformError::Launch(format!("choosing the REPORT_ID: {e}")))?;
         file.guests.insert(
             req.uid.clone(),
             SimGuest {
@@ -251,6 +275,8 @@ impl SimPlatform {
                 host_data: req.host_data.clone(),
                 incoming,
                 sent_to: None,
+                instance_key: hex::encode(key.pkcs8()),
+                report_id: hex::encode(report_id),
             },
         );
         if let Err(e) = self.persist(&file) {
@@ -276,14 +302,25 @@ impl SimPlatform {
 
     fn issue(&self, g: &SimGuest, challenge: &Challenge) -> Result<RawEvidence, PlatformError> {
         let info = &g.info;
-        match info.tee {
-            TeeType::Sev | TeeType::SevEs => Ok(RawEvidence {
+        if matches!(info.tee, TeeType::Sev | TeeType::SevEs) {
+            // No report data in an SEV launch measurement: nothing binds a challenge.
+            return Ok(RawEvidence {
                 format: EvidenceFormat::SevLaunchMeasure,
                 report: info.measurement.clone(),
                 cert_chain: None,
                 collateral: Vec::new(),
                 measurement: info.measurement.clone(),
-            }),
+                instance_key: None,
+            });
+        }
+        // As the guest agent does: the guest adds its own key to the challenge.
+        let key = g.instance_key()?;
+        let report_data = challenge.binding.report_data(key.public());
+        let instance_key = Some(key.public().to_vec());
+        match info.tee {
+            TeeType::Sev | TeeType::SevEs => Err(PlatformError::Evidence(
+                "unreachable: SEV evidence handled above".into(),
+            )),
             TeeType::SevSnp => {
                 let host = self.roots.snp.as_ref().ok_or_else(|| {
                     PlatformError::Evidence("no simulated SNP root loaded".into())
@@ -292,8 +329,11 @@ impl SimPlatform {
                     measurement: fixed(Some(&info.measurement)),
                     policy: info.launch_policy,
                     host_data: fixed(g.host_data.as_deref()),
-                    report_data: challenge.report_data,
+                    report_data,
                     tcb: self.config.snp_tcb,
+                    report_id: hex::decode(&g.report_id)
+                        .ok()
+                        .and_then(|b| <[u8; 32]>::try_from(b).ok()),
                 };
                 let (report, chain) = host.issue(&input)?;
                 Ok(RawEvidence {
@@ -302,6 +342,7 @@ impl SimPlatform {
                     cert_chain: Some(chain),
                     collateral: Vec::new(),
                     measurement: info.measurement.clone(),
+                    instance_key,
                 })
             }
             TeeType::Tdx => {
@@ -312,7 +353,7 @@ impl SimPlatform {
                     mr_td: fixed(Some(&info.measurement)),
                     td_attributes: td_attr::SEPT_VE_DISABLE | info.launch_policy,
                     mr_config_id: fixed(g.host_data.as_deref()),
-                    report_data: challenge.report_data,
+                    report_data,
                     tcb_status: tdx_status(self.config.tdx_tcb_status),
                     ..TdQuoteRequest::default()
                 };
@@ -328,6 +369,7 @@ impl SimPlatform {
                     cert_chain: Some(p.pck_chain_pem()),
                     collateral: vec![(COLLATERAL_TDX_QUOTE_V3.to_string(), collateral)],
                     measurement: info.measurement.clone(),
+                    instance_key,
                 })
             }
         }
@@ -584,12 +626,30 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let ctx = cvm_attest::tdx::AppraisalContext::at(now).with_nonce(&[0xab, 0xcd]);
+        // Bound to the CVM's UID, the nonce and the guest's own instance key.
+        let key = ev.instance_key.clone().unwrap();
+        let preimage = c.binding.preimage(&cvm_attest::binding::key_id(&key));
+        let ctx = cvm_attest::tdx::AppraisalContext::at(now).with_nonce(&preimage);
         let collateral = &ev.collateral[0].1;
         let a = cvm_attest::tdx::verify_quote(&ev.report, collateral.as_bytes(), &policy, &ctx)
             .unwrap();
         assert!(a.is_affirmed(), "{:#?}", a.findings);
         assert_eq!(a.decoded.mr_td, req.expected_measurement);
         assert_eq!(a.root_fingerprint.as_deref(), Some(fp.as_str()));
+        // This node's own platform identity, distinct from another node's.
+        let other_roots = SimRoots::load_or_create(roots.path(), "m", false, true).unwrap();
+        let mine = SimRoots::load_or_create(roots.path(), "n", false, true).unwrap();
+        assert_ne!(
+            other_roots.tdx.unwrap().ppid().unwrap(),
+            mine.tdx.as_ref().unwrap().ppid().unwrap()
+        );
+        assert!(a.platform_id.is_some());
+        // The same guest keeps its key; a relaunched guest gets a new one.
+        let again = p.evidence("t", &c).await.unwrap();
+        assert_eq!(again.instance_key, ev.instance_key);
+        p.stop("t").await.unwrap();
+        p.launch(&req).await.unwrap();
+        let relaunched = p.evidence("t", &c).await.unwrap();
+        assert_ne!(relaunched.instance_key, ev.instance_key);
     }
 }

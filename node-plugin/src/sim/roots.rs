@@ -77,7 +77,8 @@ impl std::fmt::Debug for SimRoots {
 
 impl SimRoots {
     /// Loads (or creates on first use) what a host of these TEEs needs: the shared TDX
-    /// bundle for TDX hosts; the shared SNP root and this node's chip key for SNP hosts.
+    /// root with this node's own PCK for TDX hosts; the shared SNP root and this node's
+    /// chip key for SNP hosts. Each node thus has its own hardware identity.
     pub fn load_or_create(
         dir: &Path,
         node: &str,
@@ -86,7 +87,7 @@ impl SimRoots {
     ) -> Result<Self, RootsError> {
         Ok(SimRoots {
             tdx: if want_tdx {
-                Some(load_or_create_tdx(dir)?)
+                Some(load_or_create_node_tdx(dir, node)?)
             } else {
                 None
             },
@@ -124,6 +125,28 @@ fn load_or_create_tdx(dir: &Path) -> Result<SimTdxPlatform, RootsError> {
         })?;
         // Losing the race is fine: the winner's bundle is read below.
         store::create_exclusive(&path, fresh.to_pem().as_bytes())?;
+    }
+    let text = read(&path)?;
+    SimTdxPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// The shared TDX bundle with a PCK of `node`'s own (kept in `nodes/<node>/`), so that each
+/// simulated TDX host has its own platform identity (PPID), as real hosts do.
+fn load_or_create_node_tdx(dir: &Path, node: &str) -> Result<SimTdxPlatform, RootsError> {
+    let node_dir = dir.join("nodes").join(node);
+    let path = node_dir.join(TDX_FILE);
+    if !path.exists() {
+        let shared = load_or_create_tdx(dir)?;
+        let own = shared
+            .with_own_pck(node.as_bytes())
+            .map_err(|e| RootsError::Generate {
+                what: "TDX PCK",
+                message: e.to_string(),
+            })?;
+        store::create_exclusive(&path, own.to_pem().as_bytes())?;
     }
     let text = read(&path)?;
     SimTdxPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {

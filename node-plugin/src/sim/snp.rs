@@ -24,6 +24,8 @@ pub struct SnpReportInput {
     pub host_data: [u8; 32],
     pub report_data: [u8; 64],
     pub tcb: cvm_crds::SnpTcbVersion,
+    /// REPORT_ID chosen at launch (`None`: the simulator's per-image default).
+    pub report_id: Option<[u8; 32]>,
 }
 
 /// The SNP signing material of one simulated host.
@@ -101,6 +103,7 @@ impl SnpSimHost {
             policy: input.policy,
             host_data: input.host_data,
             chip_id: Some(self.chip_id),
+            report_id: input.report_id,
             tcb: Some(TcbVersion {
                 bootloader: t.bootloader.unwrap_or(0),
                 tee: t.tee.unwrap_or(0),
@@ -155,6 +158,7 @@ mod tests {
             host_data: [9; 32],
             report_data: cvm_attest::snp::report_data_for_nonce(b"n"),
             tcb: crate::config::default_snp_tcb(),
+            report_id: None,
         };
         let (report, chain) = h.issue(&input).unwrap();
         let certs: Vec<Vec<u8>> = cvm_attest::snp::parse_certs(chain.as_bytes())
