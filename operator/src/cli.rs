@@ -94,11 +94,6 @@ async fn run(cli: Cli) -> Result<(), String> {
     });
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cli.lease_namespace);
     let elector = Elector::new(leases, &cli.lease_name, &identity, Duration::from_secs(15));
-    tracing::info!(identity = %identity, lease = %cli.lease_name, "waiting to lead");
-    elector.acquire().await.map_err(|e| e.to_string())?;
-    tracing::info!(identity = %identity, migration_timeout = ?cli.migration_timeout, "leading; starting the controllers");
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -109,19 +104,49 @@ async fn run(cli: Cli) -> Result<(), String> {
         };
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
     };
-    let stop = async move {
-        let _ = stop_rx.await;
-    };
-    let ctrl = controller::run(client, metrics, &identity, cli.migration_timeout, stop);
-    tokio::select! {
-        _ = ctrl => Ok(()),
-        e = elector.keep() => {
-            let _ = stop_tx.send(());
-            Err(format!("stopping: {e}"))
-        }
-        _ = signals => {
-            tracing::info!("signal received; shutting down");
-            Ok(())
+    tokio::pin!(signals);
+    // Lead, and on losing the Lease (another replica took it, or the API server was
+    // unreachable until the renew deadline) stop the controllers and wait to lead again:
+    // a replica that still holds the Lease leads again as soon as the server answers.
+    loop {
+        tracing::info!(identity = %identity, lease = %cli.lease_name, "waiting to lead");
+        let renewed = tokio::select! {
+            r = elector.acquire() => r.map_err(|e| e.to_string())?,
+            _ = &mut signals => {
+                tracing::info!("signal received; shutting down");
+                return Ok(());
+            }
+        };
+        tracing::info!(identity = %identity, migration_timeout = ?cli.migration_timeout, "leading; starting the controllers");
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let _ = stop_rx.await;
+        };
+        let ctrl = controller::run(
+            client.clone(),
+            metrics.clone(),
+            &identity,
+            cli.migration_timeout,
+            stop,
+        );
+        tokio::select! {
+            _ = ctrl => return Ok(()),
+            e = elector.keep(renewed) => {
+                // Leaving this arm drops the controllers, aborting their reconciles.
+                let _ = stop_tx.send(());
+                metrics.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+                tracing::warn!(
+                    identity = %identity,
+                    lease = %cli.lease_name,
+                    error = %e,
+                    "stopped leading; the controllers stay stopped until this replica leads again"
+                );
+            }
+            _ = &mut signals => {
+                tracing::info!("signal received; shutting down");
+                return Ok(());
+            }
         }
     }
 }

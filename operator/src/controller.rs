@@ -16,18 +16,19 @@ use cvm_crds::wellknown::{
     tee_resource, ANNOTATION_MIGRATED_AT, FINALIZER, LABEL_NODE, MANAGER_OPERATOR,
 };
 use cvm_crds::{
-    AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase,
-    MigrationPhase,
+    AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase, HostPin,
+    HostPinSpec, MigrationPhase, PinSource,
 };
+use cvm_telemetry::watch::{WatchRetry, OPERATOR_RETRY_MAX};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::{reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
@@ -41,6 +42,8 @@ pub struct Context {
     pub client: Client,
     pub nodes: Store<Node>,
     pub cvms: Store<ConfidentialVM>,
+    /// Each node's pinned hardware identity (docs/evidence-binding.md).
+    pub host_pins: Store<HostPin>,
     /// Migrations, for the capacity their targets hold.
     pub migrations: Store<ConfidentialVMMigration>,
     /// Serialises placement (of CVMs and of migration targets), and remembers decisions
@@ -56,6 +59,9 @@ pub struct Context {
     pub freed: futures::channel::mpsc::UnboundedSender<()>,
     /// How long a migration may take to switch (`--migration-timeout`).
     pub migration_timeout: Duration,
+    /// The CVMs whose time to Verified is observed, so that each counts once however
+    /// many (stale) views reconcile its transition.
+    pub verified_once: std::sync::Mutex<crate::metrics::VerifiedOnce>,
 }
 
 /// Placement decisions not yet in the cache.
@@ -346,13 +352,62 @@ pub(crate) fn policy_not_found(name: &str) -> String {
     format!("AttestationPolicy {name} does not exist: create it or fix spec.attestation.policyRef")
 }
 
-/// The verification to record, keeping an unchanged earlier verdict (and its time).
-async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Result<Verification> {
+/// The verification to record, keeping an unchanged earlier verdict (and its time), and
+/// what the appraisal asks to record beyond the status (pins, alerts).
+struct Verdict {
+    verification: Verification,
+    appraised: Option<verify::Appraised>,
+}
+
+impl From<Verification> for Verdict {
+    fn from(verification: Verification) -> Self {
+        Verdict {
+            verification,
+            appraised: None,
+        }
+    }
+}
+
+/// The operator's host pins, as the appraisal reads them.
+pub(crate) fn host_pin_views(ctx: &Context) -> Vec<verify::HostPinView> {
+    ctx.host_pins
+        .state()
+        .iter()
+        .map(|p| verify::HostPinView {
+            node: p.name_any(),
+            kind: p.spec.kind,
+            id: p.spec.id.to_ascii_lowercase(),
+            source: match p.spec.source {
+                PinSource::Admin => "Admin",
+                PinSource::FirstUse => "FirstUse",
+            },
+        })
+        .collect()
+}
+
+/// `(namespace/name, keySha256)` of every other CVM's pinned guest instance.
+fn other_instances(cvm: &ConfidentialVM, ctx: &Context) -> Vec<(String, String)> {
+    let me = cvm.metadata.uid.as_deref();
+    ctx.cvms
+        .state()
+        .iter()
+        .filter(|c| c.metadata.uid.as_deref() != me)
+        .filter_map(|c| {
+            let pin = c.status.as_ref()?.guest_instance.as_ref()?;
+            Some((
+                format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any()),
+                pin.key_sha256.clone(),
+            ))
+        })
+        .collect()
+}
+
+async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Result<Verdict> {
     let status = cvm.status.clone().unwrap_or_default();
     let Some(evidence) = status.evidence.as_ref() else {
-        return Ok(Verification::Awaiting(
-            "waiting for the node plugin to report evidence".into(),
-        ));
+        return Ok(
+            Verification::Awaiting("waiting for the node plugin to report evidence".into()).into(),
+        );
     };
     // After a migration, evidence from before the switch came from the source host.
     let migrated_at = cvm.annotations().get(ANNOTATION_MIGRATED_AT);
@@ -363,13 +418,15 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
         return Ok(Verification::Awaiting(format!(
             "waiting for evidence from node {} after the migration",
             cvm.node_name().unwrap_or("(none)")
-        )));
+        ))
+        .into());
     }
     if !cvm.evidence_answers_nonce() {
         return Ok(Verification::Awaiting(format!(
             "waiting for fresh evidence answering nonce {}",
             cvm.nonce().unwrap_or_default()
-        )));
+        ))
+        .into());
     }
     let policy = match cvm.policy_ref() {
         None => None,
@@ -379,28 +436,118 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
                 return Ok(Verification::PolicyProblem {
                     reason: REASON_POLICY_NOT_FOUND,
                     message: policy_not_found(name),
-                })
+                }
+                .into())
             }
         },
     };
     let policy_ref: Option<(&str, &AttestationPolicySpec)> =
         policy.as_ref().map(|(n, s)| (n.as_str(), s));
-    let result = verify::appraise(&verify::Input {
+    let pins = host_pin_views(ctx);
+    let others = other_instances(cvm, ctx);
+    let appraised = verify::appraise(&verify::Input {
         cvm,
         policy: policy_ref,
         evidence,
         now,
-        challenge: None,
+        subject: verify::Subject::Cvm,
+        node: cvm.node_name().unwrap_or_default(),
+        records: verify::Records {
+            host_pins: &pins,
+            other_instances: &others,
+        },
+        migrated_at: migrated_at.and_then(|m| m.parse::<Timestamp>().ok()),
     });
-    match status.attestation {
-        Some(old) if verify::same_verdict(&old, &result) => Ok(Verification::Result(old)),
+    let result = match status.attestation {
+        Some(old) if verify::same_verdict(&old, &appraised.result) => old,
         _ => {
             ctx.metrics
                 .verifications
-                .with_label_values(&[&format!("{:?}", result.status).to_lowercase()])
+                .with_label_values(&[&format!("{:?}", appraised.result.status).to_lowercase()])
                 .inc();
-            Ok(Verification::Result(result))
+            appraised.result.clone()
         }
+    };
+    Ok(Verdict {
+        verification: Verification::Result {
+            result: Box::new(result),
+            instance: appraised.instance.clone(),
+        },
+        appraised: Some(appraised),
+    })
+}
+
+/// Records what an appraisal asks beyond the status: a first-use host pin (created, never
+/// overwritten: an existing pin, an administrator's above all, wins), and alerts.
+async fn record_appraisal(ctx: &Context, cvm: &ConfidentialVM, a: &verify::Appraised) {
+    let node = cvm.node_name().unwrap_or_default();
+    if let Some(hw) = &a.pin_host {
+        let pin = HostPin::new(
+            node,
+            HostPinSpec {
+                kind: hw.kind,
+                id: hw.id.clone(),
+                source: PinSource::FirstUse,
+                first_seen_from: Some(key(cvm)),
+            },
+        );
+        let api: Api<HostPin> = Api::all(ctx.client.clone());
+        match api.create(&PostParams::default(), &pin).await {
+            Ok(_) => {
+                info!(cvm = %key(cvm), node, kind = hw.kind.as_str(), id = %hw.id, "pinned the node's hardware identity on first use");
+                ctx.metrics
+                    .host_pins
+                    .with_label_values(&["first_use"])
+                    .inc();
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                // Pinned meanwhile (another CVM on the node, or an administrator): the
+                // next pass checks against that pin.
+                tracing::debug!(cvm = %key(cvm), node, "HostPin exists already");
+            }
+            Err(e) => {
+                warn!(cvm = %key(cvm), node, error = %e, "creating the HostPin failed; retried on the next pass")
+            }
+        }
+    }
+    let already_refused = cvm
+        .status
+        .as_ref()
+        .and_then(|s| s.attestation.as_ref())
+        .is_some_and(|r| {
+            r.findings
+                .iter()
+                .any(|f| f.check == "hardware-pinned-to-other-node")
+        });
+    if let Some(other) = a.host_conflict.as_ref().filter(|_| !already_refused) {
+        ctx.metrics.host_pins.with_label_values(&["conflict"]).inc();
+        warn!(cvm = %key(cvm), node, pinned_to = %other, "evidence from hardware pinned to another node");
+        publish(
+            ctx,
+            cvm,
+            EventType::Warning,
+            "HostIdentityConflict",
+            format!("node {node} presented evidence from the hardware pinned to node {other}; refused (one chip serves one node)"),
+        )
+        .await;
+    }
+    if let (Some((previous, why)), Some(pin)) = (&a.repinned, &a.instance) {
+        ctx.metrics
+            .host_pins
+            .with_label_values(&["instance_repinned"])
+            .inc();
+        info!(cvm = %key(cvm), node, previous = %previous, instance = %pin.key_sha256, reason = why.reason(), "guest instance re-pinned");
+        publish(
+            ctx,
+            cvm,
+            EventType::Normal,
+            why.reason(),
+            format!(
+                "evidence now comes from guest instance {} (previously {}); relaunches: {}",
+                pin.key_sha256, previous, pin.relaunches
+            ),
+        )
+        .await;
     }
 }
 
@@ -433,6 +580,7 @@ fn current_operator_view(cvm: &ConfidentialVM, derived: &OperatorStatus) -> bool
         && s.node_name == derived.node_name
         && s.observed_generation == derived.observed_generation
         && s.attestation == derived.attestation
+        && s.guest_instance == derived.guest_instance
         && mine == want
 }
 
@@ -514,7 +662,7 @@ async fn on_transitions(ctx: &Context, cvm: &ConfidentialVM, st: &OperatorStatus
             publish(ctx, cvm, EventType::Normal, "Scheduled", s.message.clone()).await;
         }
     }
-    if st.phase == CvmPhase::Verified && old.phase != Some(CvmPhase::Verified) {
+    if first_verified(ctx, cvm, old.phase, st.phase) {
         if let Some(created) = cvm.metadata.creation_timestamp.as_ref() {
             let secs = now.duration_since(created.0).as_secs_f64();
             ctx.metrics.time_to_verified.observe(secs.max(0.0));
@@ -584,12 +732,15 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         Placement::Bound(n) => Some(node_health(n, &ctx)),
         Placement::Unschedulable(_) => None,
     };
-    let verification = verification(&cvm, &ctx, now).await?;
+    let verdict = verification(&cvm, &ctx, now).await?;
+    if let Some(a) = &verdict.appraised {
+        record_appraisal(&ctx, &cvm, a).await;
+    }
     let st = state::derive(&Observed {
         cvm: &cvm,
         placement: placement.clone(),
         node,
-        verification,
+        verification: verdict.verification,
         deleting,
         now: Time(now),
     });
@@ -642,14 +793,51 @@ fn launched_ever(cvm: &ConfidentialVM) -> bool {
     })
 }
 
+/// Whether this reconcile's transition from `old` to `new` is the CVM's first into
+/// Verified ([`crate::metrics::VerifiedOnce`]); a CVM being deleted is forgotten, and so
+/// are deleted ones the bookkeeping still holds once it outgrows the cache.
+fn first_verified(
+    ctx: &Context,
+    cvm: &ConfidentialVM,
+    old: Option<CvmPhase>,
+    new: CvmPhase,
+) -> bool {
+    let mut seen = ctx
+        .verified_once
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let k = key(cvm);
+    if cvm.metadata.deletion_timestamp.is_some() {
+        seen.forget(&k);
+        return false;
+    }
+    let first = seen.first_verified(&k, old, new);
+    if first && seen.len() > ctx.cvms.len() {
+        let live: HashSet<String> = ctx.cvms.state().iter().map(|c| key(c)).collect();
+        seen.retain(|k| live.contains(k));
+    }
+    first
+}
+
+/// What the CVM controller does after a failed reconcile: a CVM deleted meanwhile (404)
+/// is done, a lost write conflict (409) is retried promptly, a real failure after a pause.
+pub(crate) fn after_error(err: &Error) -> Action {
+    match err.expected() {
+        Some(crate::error::Expected::Gone) => Action::await_change(),
+        Some(crate::error::Expected::Conflict) => Action::requeue(crate::error::CONFLICT_RETRY),
+        None => Action::requeue(crate::error::FAILURE_RETRY),
+    }
+}
+
 pub fn error_policy(cvm: Arc<ConfidentialVM>, err: &Error, ctx: Arc<Context>) -> Action {
-    warn!(cvm = %cvm.name_any(), error = %err, "reconcile failed; retrying");
-    ctx.metrics
-        .errors
-        .with_label_values(&[err.metric_label()])
-        .inc();
-    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
-    Action::requeue(Duration::from_secs(2))
+    // Expected outcomes (404, 409) are not errors: logged at debug, not counted in `errors`.
+    match ctx.metrics.count_reconcile_error(err) {
+        Some(outcome) => {
+            tracing::debug!(cvm = %cvm.name_any(), outcome = outcome.metric_label(), error = %err, "reconcile met an expected outcome")
+        }
+        None => warn!(cvm = %cvm.name_any(), error = %err, "reconcile failed; retrying"),
+    }
+    after_error(err)
 }
 
 /// Counts CVMs by phase for the gauge.
@@ -691,13 +879,19 @@ pub async fn run(
     let policies: Api<AttestationPolicy> = Api::all(client.clone());
 
     let (node_store, node_writer) = reflector::store();
-    let node_watch = reflector(
-        node_writer,
-        watcher(nodes.clone(), watcher::Config::default()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|_| futures::future::ready(()));
+    let node_watch =
+        WatchRetry::new("Node (scheduler cache)", OPERATOR_RETRY_MAX).drive(reflector(
+            node_writer,
+            watcher(nodes.clone(), watcher::Config::default()),
+        ));
+    let (pin_store, pin_writer) = reflector::store();
+    let pin_watch = WatchRetry::new("HostPin", OPERATOR_RETRY_MAX).drive(reflector(
+        pin_writer,
+        watcher(
+            Api::<HostPin>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    ));
 
     let controller = Controller::new(cvms.clone(), watcher::Config::default());
     let cvm_store = controller.store();
@@ -710,11 +904,13 @@ pub async fn run(
         freed,
         client: client.clone(),
         nodes: node_store,
+        host_pins: pin_store,
         cvms: cvm_store,
         migrations: migration_store.clone(),
         assumed: tokio::sync::Mutex::new(Assumed::default()),
         rebinds: tokio::sync::RwLock::new(HashMap::new()),
         migration_timeout,
+        verified_once: Default::default(),
         metrics: metrics.clone(),
         recorder: Recorder::new(
             client,
@@ -734,6 +930,11 @@ pub async fn run(
     metrics
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
+    // One backoff for all three watches of the controller (see WatchRetry).
+    let cvm_retry = WatchRetry::new(
+        "ConfidentialVM, Node, AttestationPolicy",
+        OPERATOR_RETRY_MAX,
+    );
     let ctrl = controller
         // A node that appears, frees up or changes readiness may let pending CVMs in and
         // changes the health of those bound to it.
@@ -760,29 +961,38 @@ pub async fn run(
             },
         )
         .reconcile_all_on(freed_rx)
+        .trigger_backoff(cvm_retry.clone())
         .graceful_shutdown_on(stop.clone())
         .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
+        .for_each(move |res| {
             if let Err(e) = res {
-                tracing::debug!(error = %e, "controller event");
+                cvm_retry.log_controller_error(&e);
             }
+            futures::future::ready(())
         });
+    let migration_retry = WatchRetry::new(
+        "ConfidentialVMMigration, ConfidentialVM",
+        OPERATOR_RETRY_MAX,
+    );
     let migration_ctrl = migration_controller::watching(migration_ctrl, cvms, migration_store)
+        .trigger_backoff(migration_retry.clone())
         .graceful_shutdown_on(stop)
         .run(
             migration_controller::reconcile,
             migration_controller::error_policy,
             ctx,
         )
-        .for_each(|res| async move {
+        .for_each(move |res| {
             if let Err(e) = res {
-                tracing::debug!(error = %e, "migration controller event");
+                migration_retry.log_controller_error(&e);
             }
+            futures::future::ready(())
         });
     tokio::select! {
         // Both shut down gracefully on `stop`; wait for both.
         _ = futures::future::join(ctrl, migration_ctrl) => {},
         _ = node_watch => {},
+        _ = pin_watch => {},
         _ = gauge => {},
     }
 }
@@ -839,5 +1049,23 @@ mod tests {
             since: long_ago,
         };
         assert!(r.settled_in(&cvm("n1", None)));
+    }
+
+    fn api_error(code: u16, reason: &str) -> Error {
+        crate::error::api_error("updating finalizers of web", code, reason)
+    }
+
+    #[test]
+    fn a_vanished_cvm_is_done_a_conflict_retries_promptly_a_failure_backs_off() {
+        assert_eq!(
+            after_error(&api_error(404, "NotFound")),
+            Action::await_change()
+        );
+        let conflict = after_error(&api_error(409, "Conflict"));
+        assert_eq!(conflict, Action::requeue(crate::error::CONFLICT_RETRY));
+        let failure = after_error(&api_error(500, "InternalError"));
+        assert_eq!(failure, Action::requeue(crate::error::FAILURE_RETRY));
+        assert!(crate::error::CONFLICT_RETRY < crate::error::FAILURE_RETRY);
+        assert_eq!(after_error(&Error::NoNamespace), failure);
     }
 }

@@ -42,11 +42,16 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseAction
     }
 }
 
+/// How often the leader renews and a candidate retries, at most (client-go's retry period).
+pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
+
 pub struct Elector {
     api: Api<Lease>,
     name: String,
     me: String,
     duration: Duration,
+    /// Time between attempts: [`RETRY_PERIOD`], or a third of `duration` if that is less.
+    retry: Duration,
 }
 
 impl Elector {
@@ -56,7 +61,27 @@ impl Elector {
             name: name.to_string(),
             me: me.to_string(),
             duration,
+            retry: RETRY_PERIOD.min(duration / 3),
         }
+    }
+
+    /// How long the leader may go without a renewal before it must stop: two thirds of
+    /// the Lease duration, so it stops well before others may take the Lease over.
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// One attempt, abandoned after `limit`: a request hanging on a dead connection must
+    /// not keep a leader acting past its deadline.
+    async fn attempt(&self, limit: Duration) -> Result<bool> {
+        tokio::time::timeout(limit, self.try_acquire_or_renew())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Leader(format!(
+                    "no answer about Lease {} within {limit:?}",
+                    self.name
+                )))
+            })
     }
 
     fn spec(&self, now: Timestamp, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -118,35 +143,75 @@ impl Elector {
         }
     }
 
-    /// Blocks until we lead.
-    pub async fn acquire(&self) -> Result<()> {
+    /// Blocks until we lead; returns when the winning attempt started (the renewal time
+    /// the Lease now shows), for [`Elector::keep`].
+    pub async fn acquire(&self) -> Result<std::time::Instant> {
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => return Ok(()),
+            let started = std::time::Instant::now();
+            match self.attempt(self.renew_deadline()).await {
+                Ok(true) => return Ok(started),
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election attempt failed"),
+                Err(e) => tracing::warn!(
+                    lease = %self.name,
+                    error = %e,
+                    retry_in = ?self.retry,
+                    "leader election attempt failed"
+                ),
             }
-            tokio::time::sleep(self.duration / 3).await;
+            tokio::time::sleep(self.retry).await;
         }
     }
 
-    /// Renews until a renewal is impossible for a whole lease duration; then returns the
-    /// reason. The caller must stop acting as leader at once.
-    pub async fn keep(&self) -> Error {
-        let mut last_ok = std::time::Instant::now();
+    /// Renews every retry period until no renewal has succeeded for the renew deadline (or
+    /// another replica holds the Lease); then returns the reason. The caller must stop
+    /// acting as leader at once. `renewed`: when the attempt that won or last renewed the
+    /// Lease started (the Lease shows that time, so the deadline counts from it).
+    pub async fn keep(&self, mut renewed: std::time::Instant) -> Error {
+        let mut failures = 0u32;
         loop {
-            tokio::time::sleep(self.duration / 3).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = std::time::Instant::now(),
+            let left = self.renew_deadline().saturating_sub(renewed.elapsed());
+            tokio::time::sleep(self.retry.min(left)).await;
+            let started = std::time::Instant::now();
+            let Some(left) = self
+                .renew_deadline()
+                .checked_sub(renewed.elapsed())
+                .filter(|l| !l.is_zero())
+            else {
+                return Error::Leader(format!(
+                    "Lease {} not renewed for {:?}",
+                    self.name,
+                    renewed.elapsed()
+                ));
+            };
+            match self.attempt(left).await {
+                Ok(true) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            lease = %self.name,
+                            failures,
+                            "renewed the leader Lease again"
+                        );
+                    }
+                    renewed = started;
+                    failures = 0;
+                }
                 Ok(false) => {
                     return Error::Leader(format!("lost Lease {} to another replica", self.name))
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "renewing the leader Lease failed");
+                    failures += 1;
                     // Stop before the Lease can expire for others: never two leaders.
-                    if last_ok.elapsed() > self.duration * 2 / 3 {
+                    let left = self.renew_deadline().saturating_sub(renewed.elapsed());
+                    if left.is_zero() {
                         return e;
                     }
+                    tracing::warn!(
+                        lease = %self.name,
+                        error = %e,
+                        retry_in = ?self.retry.min(left),
+                        steps_down_in = ?left,
+                        "renewing the leader Lease failed"
+                    );
                 }
             }
         }

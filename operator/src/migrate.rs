@@ -891,6 +891,7 @@ mod tests {
             nonce: None,
             collected_at: Time(ts(at)),
             launch_measurement: None,
+            instance_key: None,
         }
     }
 
@@ -904,6 +905,8 @@ mod tests {
             verifier: "cvm-operator".into(),
             evidence_collected_at: Some(Time(ts(collected))),
             nonce: None,
+            evidence_sha256: None,
+            evidence_seen_at: None,
         }
     }
 

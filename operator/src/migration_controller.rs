@@ -6,14 +6,13 @@
 //! leader election and placement lock.
 
 use crate::controller::{self, node_info, Context, Rebind};
-use crate::error::{kube as kerr, Error, Result};
+use crate::error::{kube as kerr, Error, Expected, Result, CONFLICT_RETRY, FAILURE_RETRY};
 use crate::migrate::{
     self, CvmView, Effect, MigrationView, OperatorStatus, OtherMigration, TargetAppraisal,
 };
 use crate::schedule::Placed;
 use crate::{state, verify};
 use cvm_crds::cvm::Evidence;
-use cvm_crds::migration::migration_challenge;
 use cvm_crds::wellknown::{ANNOTATION_MIGRATED_AT, LABEL_NODE, MANAGER_OPERATOR};
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
 use k8s_openapi::jiff::Timestamp;
@@ -26,7 +25,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// How often a migration in progress is looked at without any change: its timeout must
 /// fire even when nothing else happens.
@@ -151,7 +150,8 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
     }
     let appraisal = match (&cvm, &status.target_evidence) {
         (Some(c), Some(ev)) if migrate::needs_appraisal(&migration) => {
-            Some(appraise_target(&ctx, c, ev, &uid, now).await?)
+            let target = status.target_node.as_deref().unwrap_or_default();
+            Some(appraise_target(&ctx, c, ev, &uid, target, now).await?)
         }
         _ => None,
     };
@@ -204,6 +204,7 @@ async fn appraise_target(
     cvm: &ConfidentialVM,
     evidence: &Evidence,
     uid: &str,
+    target_node: &str,
     now: Timestamp,
 ) -> Result<TargetAppraisal> {
     let policy = match cvm.policy_ref() {
@@ -218,14 +219,21 @@ async fn appraise_target(
             }
         },
     };
-    let challenge = migration_challenge(uid);
+    let pins = controller::host_pin_views(ctx);
     let result = verify::appraise(&verify::Input {
         cvm,
         policy: policy.as_ref().map(|(n, s)| (n.as_str(), s)),
         evidence,
         now,
-        challenge: Some(&challenge),
-    });
+        subject: verify::Subject::Migration(uid),
+        node: target_node,
+        records: verify::Records {
+            host_pins: &pins,
+            other_instances: &[],
+        },
+        migrated_at: None,
+    })
+    .result;
     ctx.metrics
         .verifications
         .with_label_values(&[&format!("{:?}", result.status).to_lowercase()])
@@ -378,14 +386,30 @@ async fn on_transitions(
     }
 }
 
+/// What the migration controller does after a failed reconcile. A 404 means the migration
+/// or its CVM was deleted meanwhile: a deleted migration is done (the controller skips a
+/// requeue of an object no longer in its cache), and one whose CVM vanished fails with
+/// `CVMNotFound` at its next regular look. A lost write conflict is retried promptly, a
+/// real failure after a pause.
+pub(crate) fn after_error(err: &Error) -> Action {
+    match err.expected() {
+        Some(Expected::Gone) => Action::requeue(REQUEUE),
+        Some(Expected::Conflict) => Action::requeue(CONFLICT_RETRY),
+        None => Action::requeue(FAILURE_RETRY),
+    }
+}
+
 pub fn error_policy(mig: Arc<ConfidentialVMMigration>, err: &Error, ctx: Arc<Context>) -> Action {
-    warn!(migration = %mig.name_any(), cvm = %mig.spec.cvm_name, error = %err, "migration reconcile failed; retrying");
-    ctx.metrics
-        .errors
-        .with_label_values(&[err.metric_label()])
-        .inc();
-    ctx.metrics.reconciles.with_label_values(&["error"]).inc();
-    Action::requeue(Duration::from_secs(2))
+    // Expected outcomes (404, 409) are not errors: logged at debug, not counted in `errors`.
+    match ctx.metrics.count_reconcile_error(err) {
+        Some(outcome) => {
+            debug!(migration = %mig.name_any(), cvm = %mig.spec.cvm_name, outcome = outcome.metric_label(), error = %err, "migration reconcile met an expected outcome")
+        }
+        None => {
+            warn!(migration = %mig.name_any(), cvm = %mig.spec.cvm_name, error = %err, "migration reconcile failed; retrying")
+        }
+    }
+    after_error(err)
 }
 
 #[cfg(test)]
@@ -439,6 +463,27 @@ mod tests {
                 created: "2024-01-01T00:00:05Z".parse().unwrap(),
                 accepted: true,
             }]
+        );
+    }
+
+    fn api_error(code: u16, reason: &str) -> Error {
+        crate::error::api_error("reading ConfidentialVM d/web to rebind it", code, reason)
+    }
+
+    #[test]
+    fn gone_looks_again_at_the_regular_pace_a_conflict_at_once() {
+        // The CVM vanished mid-rebind: the migration must still come back to fail.
+        assert_eq!(
+            after_error(&api_error(404, "NotFound")),
+            Action::requeue(REQUEUE)
+        );
+        assert_eq!(
+            after_error(&api_error(409, "Conflict")),
+            Action::requeue(CONFLICT_RETRY)
+        );
+        assert_eq!(
+            after_error(&api_error(503, "ServiceUnavailable")),
+            Action::requeue(FAILURE_RETRY)
         );
     }
 }

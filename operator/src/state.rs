@@ -3,7 +3,7 @@
 //! the operator owns is recomputed on every pass (nothing is lost or left stale).
 
 use cvm_crds::conditions::{self, new_condition, unknown_condition};
-use cvm_crds::cvm::{AttestationResult, EarStatus, GuestState};
+use cvm_crds::cvm::{AttestationResult, EarStatus, GuestInstancePin, GuestState};
 use cvm_crds::{ConditionType, ConfidentialVM, CvmPhase, TeeType};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
@@ -35,8 +35,12 @@ pub enum Verification {
         reason: &'static str,
         message: String,
     },
-    /// A result (new or carried over from the last pass).
-    Result(AttestationResult),
+    /// A result (new or carried over from the last pass) and the guest instance pin it
+    /// leaves.
+    Result {
+        result: Box<AttestationResult>,
+        instance: Option<GuestInstancePin>,
+    },
 }
 
 /// Everything the status derivation needs.
@@ -61,6 +65,8 @@ pub struct OperatorStatus {
     pub conditions: Vec<Condition>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attestation: Option<AttestationResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_instance: Option<GuestInstancePin>,
 }
 
 /// The conditions the operator owns on a CVM.
@@ -86,6 +92,7 @@ pub fn recorded(cvm: &ConfidentialVM) -> OperatorStatus {
             .filter(|c| OPERATOR_CONDITIONS.iter().any(|t| t.as_str() == c.type_))
             .collect(),
         attestation: st.attestation,
+        guest_instance: st.guest_instance,
     }
 }
 
@@ -147,7 +154,8 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         }
     };
 
-    let (verified, attestation) = match &o.verification {
+    let kept_instance = o.cvm.status.as_ref().and_then(|s| s.guest_instance.clone());
+    let (verified, attestation, guest_instance) = match &o.verification {
         Verification::Awaiting(msg) => {
             set(unknown_condition(
                 ConditionType::Verified,
@@ -156,7 +164,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
                 gen,
                 now.clone(),
             ));
-            (false, None)
+            (false, None, kept_instance)
         }
         Verification::PolicyProblem { reason, message } => {
             set(new_condition(
@@ -167,19 +175,19 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
                 gen,
                 now.clone(),
             ));
-            (false, None)
+            (false, None, kept_instance)
         }
-        Verification::Result(r) => {
-            let (ok, reason, msg) = verdict_text(r);
+        Verification::Result { result, instance } => {
+            let (ok, reason, msg) = verdict_text(result);
             set(new_condition(
                 ConditionType::Verified,
                 ok,
-                reason,
+                reason.as_str(),
                 msg,
                 gen,
                 now.clone(),
             ));
-            (ok, Some(r.clone()))
+            (ok, Some((**result).clone()), instance.clone())
         }
     };
 
@@ -254,26 +262,62 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         observed_generation: gen,
         conditions: out,
         attestation,
+        guest_instance,
+    }
+}
+
+/// Reasons of the `Verified` condition when a result is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerdictReason {
+    /// Every check passed.
+    Affirming,
+    /// Verified, with warnings in the findings.
+    AffirmingWithWarnings,
+    /// A check failed; the message names each.
+    EvidenceRejected,
+    /// SEV / SEV-ES: nothing the operator can check signs the evidence; the owner must.
+    OwnerVerificationRequired,
+}
+
+impl VerdictReason {
+    /// The Kubernetes reason string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictReason::Affirming => "Affirming",
+            VerdictReason::AffirmingWithWarnings => "AffirmingWithWarnings",
+            VerdictReason::EvidenceRejected => "EvidenceRejected",
+            VerdictReason::OwnerVerificationRequired => "OwnerVerificationRequired",
+        }
     }
 }
 
 /// (verified?, reason, message) for a recorded result; the message names every finding.
-pub fn verdict_text(r: &AttestationResult) -> (bool, &'static str, String) {
+pub fn verdict_text(r: &AttestationResult) -> (bool, VerdictReason, String) {
     let contra: Vec<&str> = r
         .findings
         .iter()
         .filter(|f| f.severity == Some(cvm_crds::cvm::FindingSeverity::Contraindicated))
         .map(|f| f.message.as_str())
         .collect();
+    if r.findings
+        .iter()
+        .any(|f| f.check == crate::verify::CHECK_OWNER_VERIFICATION)
+    {
+        return (
+            false,
+            VerdictReason::OwnerVerificationRequired,
+            contra.join("; "),
+        );
+    }
     match r.status {
         EarStatus::Affirming => (
             true,
-            "Affirming",
+            VerdictReason::Affirming,
             "evidence verified against the policy".into(),
         ),
         EarStatus::Warning => (
             true,
-            "AffirmingWithWarnings",
+            VerdictReason::AffirmingWithWarnings,
             format!(
                 "evidence verified with warnings: {}",
                 r.findings
@@ -285,7 +329,7 @@ pub fn verdict_text(r: &AttestationResult) -> (bool, &'static str, String) {
         ),
         EarStatus::Contraindicated | EarStatus::None => (
             false,
-            "EvidenceRejected",
+            VerdictReason::EvidenceRejected,
             if contra.is_empty() {
                 "evidence was not affirmed".to_string()
             } else {
@@ -366,6 +410,8 @@ mod tests {
             verifier: "cvm-operator".into(),
             evidence_collected_at: None,
             nonce: None,
+            evidence_sha256: None,
+            evidence_seen_at: None,
         }
     }
 
@@ -418,7 +464,10 @@ mod tests {
         let s = obs(
             &r,
             bound(),
-            Verification::Result(result(EarStatus::Affirming, vec![])),
+            Verification::Result {
+                result: Box::new(result(EarStatus::Affirming, vec![])),
+                instance: None,
+            },
         );
         assert_eq!(s.phase, CvmPhase::Verified);
         assert_eq!(cond(&s, ConditionType::Ready).status, "True");
@@ -439,7 +488,10 @@ mod tests {
         let s = obs(
             &r,
             Placement::Bound("n".into()),
-            Verification::Result(result(EarStatus::Contraindicated, vec![f])),
+            Verification::Result {
+                result: Box::new(result(EarStatus::Contraindicated, vec![f])),
+                instance: None,
+            },
         );
         assert_eq!(s.phase, CvmPhase::Running);
         let v = cond(&s, ConditionType::Verified);
@@ -511,7 +563,10 @@ mod tests {
         let derived = obs(
             &c,
             Placement::Bound("n1".into()),
-            Verification::Result(result(EarStatus::Affirming, vec![])),
+            Verification::Result {
+                result: Box::new(result(EarStatus::Affirming, vec![])),
+                instance: None,
+            },
         );
         let st = c.status.get_or_insert_with(Default::default);
         st.phase = Some(derived.phase);

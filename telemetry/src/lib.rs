@@ -1,8 +1,11 @@
-//! The operator's and node plugin's `/metrics`, `/healthz` and `/readyz` endpoints.
+//! The operator's and node plugin's `/metrics`, `/healthz` and `/readyz` endpoints, and
+//! how their watches retry ([`watch`]).
 //!
 //! A deliberately tiny HTTP/1.0 responder: three fixed GET routes need no web framework.
 //! It reads the whole request head before answering, because a client may send it in
 //! several pieces (answering early and closing would reset the connection under it).
+
+pub mod watch;
 
 use prometheus::{Encoder, Registry, TextEncoder};
 use std::sync::atomic::{AtomicBool, Ordering};
