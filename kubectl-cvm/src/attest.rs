@@ -2,6 +2,7 @@
 //! it, and verify that evidence here, with the user's trust anchors and reference values.
 //! The operator's verdict is fetched only to say whether it agrees; it never decides.
 
+use base64::Engine as _;
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::PathBuf;
@@ -206,7 +207,24 @@ async fn attest(
             "evidence vanished from the status".into(),
         ));
     };
-    let nonce_bytes = hex::decode(&nonce).ok();
+    // The report data must bind this CVM's UID, our nonce and the guest instance's key
+    // (docs/evidence-binding.md): recompute it here, trusting nothing the cluster says.
+    let uid = cvm.metadata.uid.clone().unwrap_or_default();
+    let instance_key = match ev.instance_key.as_deref() {
+        Some(k) => base64::engine::general_purpose::STANDARD
+            .decode(k.trim())
+            .map_err(|e| ClusterError::Input(format!("status.evidence.instanceKey is not base64: {e}")))?,
+        None => {
+            return Err(ClusterError::Input(
+                "status.evidence.instanceKey is missing: the evidence names no guest instance,                  so it cannot be bound to one"
+                    .into(),
+            ))
+        }
+    };
+    let nonce_bytes = hex::decode(&nonce).ok().map(|n| {
+        cvm_attest::binding::Challenge::cvm(&uid, Some(&n))
+            .preimage(&cvm_attest::binding::key_id(&instance_key))
+    });
     let now = now_unix();
     let raw = cvm_node_plugin::evidence::decode_report(&ev)
         .map_err(|e| ClusterError::Input(format!("status.evidence.report is not base64: {e}")))?;

@@ -63,7 +63,7 @@ pub fn render(ns: &str, cvm: &ConfidentialVM) -> String {
         "TEE:             {}{}",
         cvm.tee_type().as_str(),
         if simulated {
-            " (simulated platform: evidence signed by a simulator root, not hardware)"
+            " (the host says: simulated platform; shown, not trusted)"
         } else {
             ""
         }
@@ -98,6 +98,24 @@ pub fn render(ns: &str, cvm: &ConfidentialVM) -> String {
         None => {
             let _ = writeln!(s, "Evidence:        none yet");
         }
+    }
+    if let Some(g) = &st.guest_instance {
+        let _ = writeln!(
+            s,
+            "Guest instance:  key sha256:{} on node {}, pinned {}{}{}",
+            g.key_sha256,
+            g.node,
+            g.pinned_at.0,
+            g.report_id
+                .as_deref()
+                .map(|r| format!(", REPORT_ID {r}"))
+                .unwrap_or_default(),
+            if g.relaunches > 0 {
+                format!(", relaunches {}", g.relaunches)
+            } else {
+                String::new()
+            }
+        );
     }
     match &st.attestation {
         Some(r) => {
