@@ -37,6 +37,9 @@ pub struct ControlPlane {
     _tmp: Option<tempfile::TempDir>,
     bin: PathBuf,
     api_url: String,
+    /// The API server's command line and log, to restart it as it was.
+    api_args: Vec<String>,
+    api_log: PathBuf,
     kubeconfig: PathBuf,
     supervisor: Supervisor,
     nodes: Arc<Mutex<Vec<SimNode>>>,
@@ -47,6 +50,7 @@ pub struct ControlPlane {
 }
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const API_SERVER: &str = "kube-apiserver";
 /// A Lease renewal every 10 s keeps nodes well inside the 40 s grace period.
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -110,6 +114,45 @@ impl ControlPlane {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n| n.name != name);
+    }
+
+    /// SIGKILLs the API server, as a crash would; etcd, the controller manager and the
+    /// node heartbeats keep running (and fail until it is back).
+    pub fn kill_apiserver(&self) {
+        self.supervisor.kill(API_SERVER);
+    }
+
+    /// Starts the API server again with the command line (so the port and certificates)
+    /// of the first start, after [`ControlPlane::kill_apiserver`]; its log goes on in the
+    /// same file. Returns at once: see [`ControlPlane::wait_apiserver_ready`].
+    pub fn start_apiserver(&self) -> Result<()> {
+        self.supervisor.respawn(
+            API_SERVER,
+            &self.bin.join(API_SERVER),
+            &self.api_args,
+            &self.api_log,
+        )?;
+        Ok(())
+    }
+
+    /// Waits until the API server answers `/readyz` with `ok`; fails early if it exits.
+    /// Blocking; safe to call from inside an async runtime, like [`ControlPlane::start`].
+    pub fn wait_apiserver_ready(&self, timeout: Duration) -> Result<()> {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| HarnessError::Thread(e.to_string()))?;
+                // A fresh client: connections pooled before a crash are dead.
+                let client = rt.block_on(client_from(&self.kubeconfig))?;
+                wait_until(&self.supervisor, API_SERVER, &self.api_log, timeout, || {
+                    rt.block_on(api_ready(&client))
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(HarnessError::Thread("readiness thread panicked".into())))
+        })
     }
 
     /// Stops everything now (also done on drop). Idempotent.
@@ -203,29 +246,25 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
     // kube-apiserver
     let api_log = logs.join("kube-apiserver.log");
     let p = |x: &Path| x.display().to_string();
-    sup.spawn(
-        "kube-apiserver",
-        &bin.join("kube-apiserver"),
-        &[
-            format!("--etcd-servers={etcd_url}"),
-            "--bind-address=127.0.0.1".into(),
-            "--advertise-address=127.0.0.1".into(),
-            format!("--secure-port={api_port}"),
-            format!("--tls-cert-file={}", p(&pki.server_cert)),
-            format!("--tls-private-key-file={}", p(&pki.server_key)),
-            format!("--client-ca-file={}", p(&pki.ca_cert)),
-            "--authorization-mode=Node,RBAC".into(),
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-            format!("--service-account-key-file={}", p(&pki.sa_pub)),
-            format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
-            "--service-cluster-ip-range=10.96.0.0/16".into(),
-            "--enable-admission-plugins=NodeRestriction".into(),
-            "--allow-privileged=true".into(),
-            "--endpoint-reconciler-type=none".into(),
-            "--v=1".into(),
-        ],
-        &api_log,
-    )?;
+    let api_args = vec![
+        format!("--etcd-servers={etcd_url}"),
+        "--bind-address=127.0.0.1".into(),
+        "--advertise-address=127.0.0.1".into(),
+        format!("--secure-port={api_port}"),
+        format!("--tls-cert-file={}", p(&pki.server_cert)),
+        format!("--tls-private-key-file={}", p(&pki.server_key)),
+        format!("--client-ca-file={}", p(&pki.ca_cert)),
+        "--authorization-mode=Node,RBAC".into(),
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+        format!("--service-account-key-file={}", p(&pki.sa_pub)),
+        format!("--service-account-signing-key-file={}", p(&pki.sa_key)),
+        "--service-cluster-ip-range=10.96.0.0/16".into(),
+        "--enable-admission-plugins=NodeRestriction".into(),
+        "--allow-privileged=true".into(),
+        "--endpoint-reconciler-type=none".into(),
+        "--v=1".into(),
+    ];
+    sup.spawn(API_SERVER, &bin.join(API_SERVER), &api_args, &api_log)?;
     let admin_kc = dir.join("kubeconfig");
     write_kubeconfig(
         &admin_kc,
@@ -239,25 +278,13 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
         .build()
         .map_err(|e| HarnessError::Thread(e.to_string()))?;
     let client = rt.block_on(client_from(&admin_kc))?;
-    wait_until(&sup, "kube-apiserver", &api_log, READY_TIMEOUT, || {
-        if port_bound_by_other(&api_log) {
-            return false;
-        }
-        rt.block_on(async {
-            let req = http::Request::get("/readyz").body(Vec::new());
-            match req {
-                Ok(req) => matches!(
-                    tokio::time::timeout(Duration::from_secs(2), client.request_text(req)).await,
-                    Ok(Ok(ref body)) if body.trim() == "ok"
-                ),
-                Err(_) => false,
-            }
-        })
+    wait_until(&sup, API_SERVER, &api_log, READY_TIMEOUT, || {
+        !port_bound_by_other(&api_log) && rt.block_on(api_ready(&client))
     })
     .map_err(|e| {
         if port_bound_by_other(&api_log) {
             HarnessError::PortInUse {
-                component: "kube-apiserver",
+                component: API_SERVER,
                 port: api_port,
             }
         } else {
@@ -330,6 +357,8 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
         _tmp: tmp,
         bin,
         api_url: format!("https://127.0.0.1:{api_port}"),
+        api_args,
+        api_log,
         kubeconfig: admin_kc,
         supervisor: sup,
         nodes,
@@ -337,6 +366,17 @@ fn start_inner(opts: Options) -> Result<ControlPlane> {
         heartbeat: Some(heartbeat),
         startup,
     })
+}
+
+/// Whether the API server answers `/readyz` with `ok` within 2 s.
+async fn api_ready(client: &Client) -> bool {
+    let Ok(req) = http::Request::get("/readyz").body(Vec::new()) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), client.request_text(req)).await,
+        Ok(Ok(ref body)) if body.trim() == "ok"
+    )
 }
 
 fn port_bound_by_other(log: &Path) -> bool {

@@ -75,20 +75,43 @@ pub fn apply_examples(sys: &System) -> Result<Vec<String>, String> {
     Ok(names.split_whitespace().map(String::from).collect())
 }
 
-/// `kubectl wait --for=condition=Verified` on each CVM (namespace `default`).
+/// What the demo waits for on one CVM: `Verified=True` for SEV-SNP and TDX, whose
+/// evidence the operator can check; for SEV and SEV-ES, `Verified=False` with reason
+/// `OwnerVerificationRequired`, since only the guest owner can check their evidence.
+pub fn expected_verdict(tee: &str) -> (&'static str, &'static str) {
+    match tee {
+        "SEV" | "SEV-ES" => ("False", "OwnerVerificationRequired"),
+        _ => ("True", "Affirming"),
+    }
+}
+
+/// Waits until each CVM (namespace `default`) shows its TEE's [`expected_verdict`].
 pub fn wait_verified(sys: &System, names: &[String], timeout_secs: u64) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
     for name in names {
-        kubectl(
-            sys,
-            &[
-                "wait",
-                "-n",
-                "default",
-                "--for=condition=Verified",
-                &format!("cvm/{name}"),
-                &format!("--timeout={timeout_secs}s"),
-            ],
-        )?;
+        let cvm = format!("cvm/{name}");
+        let get = |jsonpath: &str| kubectl(sys, &["get", "-n", "default", &cvm, "-o", jsonpath]);
+        let tee = get("jsonpath={.spec.tee.type}")?;
+        let (want_status, want_reason) = expected_verdict(tee.trim());
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let got = get(
+                r#"jsonpath={.status.conditions[?(@.type=="Verified")].status} {.status.conditions[?(@.type=="Verified")].reason}"#,
+            )?;
+            let mut parts = got.split_whitespace();
+            let (status, reason) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            if status == want_status && (want_status == "True" || reason == want_reason) {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "cvm/{name} ({}) shows Verified={status} ({reason}) after {timeout_secs} s; expected Verified={want_status} ({want_reason})",
+                    tee.trim()
+                ));
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(std::time::Duration::from_secs(1));
+        }
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod pki;
 pub mod process;
 pub mod shared;
 pub mod system;
+pub mod tokens;
 pub mod tools;
 pub mod wait;
 

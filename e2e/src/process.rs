@@ -48,6 +48,28 @@ impl Supervisor {
     /// Starts `program args…` with stdout and stderr in `log`.
     pub fn spawn(&self, name: &str, program: &Path, args: &[String], log: &Path) -> Result<u32> {
         let out = File::create(log).map_err(io("creating log", log))?;
+        self.spawn_logging_to(name, program, args, log, out)
+    }
+
+    /// Like [`Supervisor::spawn`], but appends to `log`: a restarted component keeps the
+    /// lines of its previous run above the new ones.
+    pub fn respawn(&self, name: &str, program: &Path, args: &[String], log: &Path) -> Result<u32> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io("opening log", log))?;
+        self.spawn_logging_to(name, program, args, log, out)
+    }
+
+    fn spawn_logging_to(
+        &self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        out: File,
+    ) -> Result<u32> {
         let err = out.try_clone().map_err(io("opening log", log))?;
         let mut cmd = Command::new(program);
         cmd.args(args)

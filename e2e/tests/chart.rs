@@ -5,13 +5,19 @@
 //! `TargetPrepared`, the source `Transferred`), never the operator's decision.
 
 use anyhow::{bail, Context, Result};
+use cvm_crds::conditions::new_condition;
+use cvm_crds::cvm::{Evidence, PlatformFacts};
+use cvm_crds::{ConditionType, ConfidentialVM, ConfidentialVMMigration};
 use cvm_e2e::shared::{shared, ClusterInfo};
-use cvm_node_plugin::status::{MIGRATION_SOURCE_MANAGER, MIGRATION_TARGET_MANAGER};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Node, Pod, ServiceAccount};
+use cvm_node_plugin::status::{
+    apply_patch, time_from_unix, FIELD_MANAGER, MIGRATION_SOURCE_MANAGER, MIGRATION_TARGET_MANAGER,
+    REASON_RUNNING,
+};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
+use kube::{Client, CustomResourceExt};
 use serde_json::json;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -49,32 +55,7 @@ fn helm_install(c: &ClusterInfo) -> Result<String> {
 
 async fn plugin_client(c: &ClusterInfo, admin: &Client, node: &str) -> Result<Client> {
     let sa = format!("{RELEASE}-node-plugin");
-    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": format!("plugin-{node}")},
-        "spec": {"nodeName": node, "serviceAccountName": sa,
-                 "containers": [{"name": "p", "image": "cvm-operator:test"}]},
-    }))?;
-    let pod = pods.create(&PostParams::default(), &pod).await?;
-    let sas: Api<ServiceAccount> = Api::namespaced(admin.clone(), NS);
-    let tr: TokenRequest = serde_json::from_value(json!({"spec": {
-        "audiences": [], "expirationSeconds": 600,
-        "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod.metadata.name, "uid": pod.metadata.uid},
-    }}))?;
-    let tr = sas
-        .create_subresource::<TokenRequest, TokenRequest>("token", &sa, &PostParams::default(), &tr)
-        .await?;
-    let token = tr.status.context("no token")?.token;
-    let mut cfg = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(&c.kubeconfig)?,
-        &Default::default(),
-    )
-    .await?;
-    cfg.auth_info = kube::config::AuthInfo {
-        token: Some(token.into()),
-        ..Default::default()
-    };
-    Ok(Client::try_from(cfg)?)
+    cvm_e2e::tokens::node_bound_client(&c.kubeconfig, admin, NS, &sa, node).await
 }
 
 fn cvm_api(client: Client, ns: &str) -> Api<DynamicObject> {
@@ -150,11 +131,84 @@ fn plugin_migration_patch(cond: &str, status: &str, evidence: bool) -> serde_jso
     p
 }
 
+/// The status apply the node plugin makes for a running guest (`status::apply_patch`).
+fn plugin_apply() -> Result<serde_json::Value> {
+    let platform: PlatformFacts = serde_json::from_value(json!({
+        "guestState": "Running", "simulated": true, "message": "running",
+    }))?;
+    let evidence: Evidence = serde_json::from_value(json!({
+        "format": "sev-snp-report", "report": "AA==", "collectedAt": "2026-01-01T00:00:00Z",
+    }))?;
+    let launched = new_condition(
+        ConditionType::Launched,
+        true,
+        REASON_RUNNING,
+        "guest running",
+        Some(1),
+        time_from_unix(1_767_225_600),
+    );
+    Ok(apply_patch(&platform, Some(&evidence), &launched))
+}
+
 fn denial(r: kube::Result<DynamicObject>) -> Option<String> {
     match r {
         Err(kube::Error::Api(s)) if s.code == 403 || s.code == 422 => Some(s.message),
         _ => None,
     }
+}
+
+/// The validation of `node-restriction.yaml` that carries `message`.
+fn policy_rule<'a>(policy: &'a str, message: &str) -> Option<&'a str> {
+    policy
+        .split("    - expression:")
+        .find(|rule| rule.contains(message))
+}
+
+/// The status fields of a CRD's served version.
+fn status_fields(crd: &CustomResourceDefinition) -> Vec<String> {
+    crd.spec
+        .versions
+        .iter()
+        .filter_map(|v| v.schema.as_ref()?.open_api_v3_schema.as_ref())
+        .filter_map(|s| s.properties.as_ref()?.get("status")?.properties.as_ref())
+        .flat_map(|p| p.keys().cloned())
+        .collect()
+}
+
+/// The policy lists what a plugin may not touch, so each status field the API gains is the
+/// operator's until the policy says otherwise: every field but the plugin's own must be
+/// held equal by the rule (observedGeneration once slipped through this way).
+#[test]
+fn node_restriction_holds_every_status_field_but_the_plugins() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/cvm-operator/templates/node-restriction.yaml");
+    let policy = std::fs::read_to_string(&path)?;
+    let cases = [
+        (
+            ConfidentialVM::crd(),
+            "a node plugin may write only status.platform, status.evidence and the Launched condition",
+            &["platform", "evidence", "conditions"][..],
+        ),
+        (
+            ConfidentialVMMigration::crd(),
+            "a node plugin may write only a migration's targetEvidence and its TargetPrepared and Transferred conditions",
+            &["targetEvidence", "conditions"][..],
+        ),
+    ];
+    for (crd, message, plugins) in cases {
+        let kind = &crd.spec.names.kind;
+        let rule = policy_rule(&policy, message).with_context(|| format!("no rule for {kind}"))?;
+        let fields = status_fields(&crd);
+        assert!(fields.len() > plugins.len(), "{kind}: {fields:?}");
+        for f in fields.iter().filter(|f| !plugins.contains(&f.as_str())) {
+            let held = format!("object.?status.?{f} == oldObject.?status.?{f}");
+            assert!(
+                rule.contains(&held),
+                "{kind}: the node restriction lets a plugin write status.{f}; add `{held}`"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[tokio::test]
@@ -239,6 +293,49 @@ async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
             .await
     )
     .is_some());
+
+    // status.observedGeneration is the operator's: a plugin may neither set nor change it,
+    // alone or inside an otherwise legitimate apply.
+    cvm_api(admin.clone(), ns)
+        .patch_status(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"observedGeneration": 1}})),
+        )
+        .await?;
+    let plugin_pp = PatchParams::apply(FIELD_MANAGER).force();
+    let generation = json!({"status": {"observedGeneration": 7}});
+    let m = denial(
+        as_plugin
+            .patch_status("mine", &PatchParams::default(), &Patch::Merge(generation))
+            .await,
+    )
+    .context("a plugin writing status.observedGeneration must be denied")?;
+    assert!(
+        m.contains("may write only status.platform, status.evidence and the Launched condition"),
+        "{m}"
+    );
+    let mut with_generation = plugin_apply()?;
+    with_generation["status"]["observedGeneration"] = json!(7);
+    assert!(
+        denial(
+            as_plugin
+                .patch_status("mine", &plugin_pp, &Patch::Apply(with_generation))
+                .await
+        )
+        .is_some(),
+        "observedGeneration slipped in with the plugin's own fields must be denied"
+    );
+    // The plugin's own share, as it applies it: platform, evidence, Launched.
+    as_plugin
+        .patch_status("mine", &plugin_pp, &Patch::Apply(plugin_apply()?))
+        .await
+        .context("a plugin applies platform, evidence and Launched to its own CVM")?;
+    let st = cvm_api(admin.clone(), ns).get("mine").await?.data["status"].clone();
+    assert_eq!(st["observedGeneration"], 1, "{st}");
+    assert_eq!(st["evidence"]["format"], "sev-snp-report", "{st}");
+    assert_eq!(st["platform"]["guestState"], "Running", "{st}");
+    assert_eq!(st["conditions"][0]["type"], "Launched", "{st}");
 
     // Nodes: its own, yes; another, no.
     let plugin_nodes: Api<Node> = Api::all(plugin.clone());

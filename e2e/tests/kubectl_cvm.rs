@@ -257,7 +257,7 @@ async fn status_and_report_show_what_the_cluster_holds() {
     assert!(text.contains("Phase:           Verified"), "{text}");
     assert!(text.contains(&format!("Node:            {node}")), "{text}");
     assert!(
-        text.contains("TEE:             SEV-SNP (simulated"),
+        text.contains("TEE:             SEV-SNP (the host says: simulated"),
         "{text}"
     );
     assert!(

@@ -110,7 +110,13 @@ async fn a_verified_cvm_moves_to_an_attested_target_and_is_verified_there() {
     );
     assert!(st.started_at.is_some() && st.completed_at.is_some());
 
-    let after: ConfidentialVM = cvms.get("mover").await.unwrap();
+    // The CVM verifies on the target: only the target's chip counts now (its HostPin), so
+    // whatever the source still reports is refused, never taken for the moved guest.
+    let after = wait::until(&cvms, "mover", WAIT, "Verified=True on the target", |c| {
+        cond_is(c, "Verified", "True") && c.node_name() == Some(target)
+    })
+    .await
+    .unwrap();
     assert_eq!(after.metadata.uid.as_deref(), Some(uid.as_str()));
     assert_eq!(after.node_name(), Some(target));
     assert_eq!(
@@ -121,7 +127,14 @@ async fn a_verified_cvm_moves_to_an_attested_target_and_is_verified_there() {
             .and_then(|l| l.get(LABEL_NODE)),
         Some(&target.to_string())
     );
-    assert!(cond_is(&after, "Verified", "True"));
+    assert!(
+        cond_is(&after, "Verified", "True"),
+        "{:?}",
+        after
+            .status
+            .as_ref()
+            .map(|s| (&s.conditions, &s.attestation, &s.guest_instance))
+    );
     let switched = after
         .metadata
         .annotations

@@ -214,15 +214,19 @@ impl Running {
     }
 }
 
-/// Applies the examples, waits for every example CVM to be Verified and shows
+/// Applies the examples, waits for every example CVM's verdict (Verified for SEV-SNP and
+/// TDX; OwnerVerificationRequired for SEV-ES, which only its owner can check) and shows
 /// `kubectl get cvm`.
 fn demo(sys: &System) -> Result<(), String> {
     let names = cvm_e2e::demo::apply_examples(sys)?;
-    eprintln!("cvm-dev: applied examples/; waiting for the example CVMs to be Verified");
+    eprintln!(
+        "cvm-dev: applied examples/; waiting for the SEV-SNP and TDX examples to be Verified \
+         (SEV-ES evidence is host-reported: it shows OwnerVerificationRequired)"
+    );
     let t0 = Instant::now();
     cvm_e2e::demo::wait_verified(sys, &names, 120)?;
     eprintln!(
-        "cvm-dev: all example CVMs Verified in {:.1} s",
+        "cvm-dev: every example CVM reached its verdict in {:.1} s",
         t0.elapsed().as_secs_f64()
     );
     eprint!(
