@@ -10,6 +10,7 @@
 //!            field(purpose)              "cvm" or "migration"
 //!            field(subject UID)          the CVM's (or the migration's) metadata.uid
 //!            field(nonce)                the owner's challenge bytes, empty when none
+//!            field(epoch)                UID of the live migration that last moved the CVM, empty when none
 //!            field(SHA-256(instance key)) the guest instance's public key, as the agent made it
 //! field(x)  = u32 big-endian length of x, then x
 //! ```
@@ -18,7 +19,8 @@
 //! preimage. The subject UID says which CVM the report was *requested for*; the instance
 //! key, which the guest agent generates at boot and never lets out, says which guest
 //! *produced* it. Neither the host nor the operator chooses the key hash: the agent puts
-//! its own, so one guest cannot answer for another instance.
+//! its own, so one guest cannot answer for another instance. The epoch makes evidence from
+//! before a migration's switch unable to answer after it.
 
 use ring::rand::SecureRandom;
 use ring::signature::KeyPair;
@@ -66,6 +68,9 @@ pub struct Challenge {
     pub subject_uid: String,
     /// The owner's nonce bytes (empty when none is set).
     pub nonce: Vec<u8>,
+    /// UID of the live migration that last moved the CVM (empty when none, and for a
+    /// migration's own challenge).
+    pub epoch: String,
 }
 
 impl Challenge {
@@ -75,7 +80,15 @@ impl Challenge {
             purpose: Purpose::Cvm,
             subject_uid: uid.to_string(),
             nonce: nonce.map(<[u8]>::to_vec).unwrap_or_default(),
+            epoch: String::new(),
         }
+    }
+
+    /// The same challenge after live migration `migration_uid` moved the CVM (`None`: never
+    /// moved).
+    pub fn after_migration(mut self, migration_uid: Option<&str>) -> Self {
+        self.epoch = migration_uid.unwrap_or_default().to_string();
+        self
     }
 
     /// A migration's challenge (no owner nonce: the migration's UID is fresh per migration).
@@ -84,13 +97,20 @@ impl Challenge {
             purpose: Purpose::Migration,
             subject_uid: migration_uid.to_string(),
             nonce: Vec::new(),
+            epoch: String::new(),
         }
     }
 
     /// The hash preimage for a guest whose instance key hashes to `key_id`.
     pub fn preimage(&self, key_id: &[u8; 32]) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            DOMAIN.len() + 1 + 16 + self.subject_uid.len() + self.nonce.len() + 32 + 9,
+            DOMAIN.len()
+                + 1
+                + 20
+                + self.subject_uid.len()
+                + self.nonce.len()
+                + self.epoch.len()
+                + 41,
         );
         out.extend_from_slice(DOMAIN);
         out.push(0);
@@ -98,6 +118,7 @@ impl Challenge {
             self.purpose.as_str().as_bytes(),
             self.subject_uid.as_bytes(),
             &self.nonce,
+            self.epoch.as_bytes(),
             key_id,
         ] {
             // Lengths are bounded by the API server's object size, far below 4 GiB.
@@ -201,6 +222,7 @@ mod tests {
         want.extend_from_slice(&[0, 0, 0, 2]);
         want.extend_from_slice(b"u1");
         want.extend_from_slice(&[0, 0, 0, 2, 0xab, 0xcd]);
+        want.extend_from_slice(&[0, 0, 0, 0]);
         want.extend_from_slice(&[0, 0, 0, 32]);
         want.extend_from_slice(&[7; 32]);
         assert_eq!(p, want);
@@ -213,8 +235,14 @@ mod tests {
         let c = Challenge::cvm("0b6f3b2e-uid", Some(&[1, 2, 3]));
         assert_eq!(
             hex::encode(c.report_data(b"instance-public-key")),
-            "4e126a08165ad812cb7dce646e8a9f487aea7f3bcd84fc6cdc0059934b96182e\
-             8ec27e3b4916c98ca4a19523635d518e3902066761b9260582508db16ad04b0d"
+            "d74a2bf64e70789ea57d973d16df7bb5c1694efd85b0e3438d7d46f68f0081b6\
+             acd476fa28f0bec6ad76fd7ae2e79e480d514567b07aa0174d28031554d3fc23"
+        );
+        let moved = c.after_migration(Some("mig-7"));
+        assert_eq!(
+            hex::encode(moved.report_data(b"instance-public-key")),
+            "aff56c075c2b80957219168c302c236aff309cbd95c0c760c67d9392b8eda26a\
+             0c47f376a42d339d0429fc3f1e07612b4ad4b3440ba69ffd6da46840fa7050f8"
         );
     }
 
@@ -226,6 +254,11 @@ mod tests {
         assert_ne!(rd, Challenge::cvm("a", Some(b"m")).report_data(b"k"));
         assert_ne!(rd, Challenge::cvm("a", None).report_data(b"k"));
         assert_ne!(rd, base.report_data(b"j"));
+        assert_ne!(
+            rd,
+            base.clone().after_migration(Some("m1")).report_data(b"k")
+        );
+        assert_eq!(rd, base.clone().after_migration(None).report_data(b"k"));
         let mig = Challenge {
             purpose: Purpose::Migration,
             ..base.clone()

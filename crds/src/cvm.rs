@@ -521,13 +521,19 @@ pub struct GuestInstancePin {
     /// `status.platform.launchedAt` the node plugin reported for this instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<Time>,
-    /// How many times the CVM's pin moved to a new instance (relaunches and migrations).
+    /// How many times the CVM's pin moved to a new instance (relaunches; a live migration
+    /// keeps the instance).
     #[serde(default)]
     pub relaunches: u32,
-    /// The key_sha256 of the instance pinned before this one.
+    /// The key_sha256 of the instance pinned before the last relaunch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 64, max = 64), regex(pattern = HEX_PATTERN))]
     pub previous_key_sha256: Option<String>,
+    /// The live migration (UID) whose switch the pinned evidence answered, if any: after a
+    /// later migration the same instance key must answer again, from the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub migration: Option<String>,
 }
 
 /// Life-cycle phase of a confidential VM.
@@ -655,6 +661,11 @@ pub struct Evidence {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub instance_key: Option<String>,
+    /// The live migration (UID, `cvmp.io/migration`) this evidence is bound to, if the CVM
+    /// was moved; echoed for display, the report data binds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
+    pub epoch: Option<String>,
     /// When the node plugin collected the evidence.
     pub collected_at: Time,
     /// Launch measurement as the report states it (hex); informative, the verifier reads the signed report.
@@ -692,6 +703,10 @@ pub struct AttestationResult {
     /// SHA-256 of the appraised report bytes (hex).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub evidence_sha256: Option<String>,
+    /// The live migration (UID) the appraised evidence was bound to: set once the guest's
+    /// evidence from a migration's target has been appraised.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<String>,
     /// When the operator first saw the appraised report: the age `maxEvidenceAge` limits is
     /// counted from here, on the operator's clock (the node plugin's `collectedAt` is shown,
     /// never trusted).

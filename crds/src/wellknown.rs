@@ -21,9 +21,14 @@ pub const MANAGER_NODE_PLUGIN: &str = "cvm-node-plugin";
 pub const ANNOTATION_REATTEST: &str = "cvmp.io/reattest";
 
 /// Annotation the operator sets on a CVM when a live migration rebinds it to the target
-/// node (RFC 3339 time of the switch). Evidence collected before it came from the source
-/// host: the operator does not count it, and the target's plugin reports fresh evidence.
+/// node (RFC 3339 time of the switch), for display and for repairing a lost rebind; no
+/// verdict compares it with evidence times (see [`ANNOTATION_MIGRATION`]).
 pub const ANNOTATION_MIGRATED_AT: &str = "cvmp.io/migrated-at";
+
+/// Annotation the operator sets with [`ANNOTATION_MIGRATED_AT`]: the UID of the live
+/// migration that moved the CVM. Evidence after the switch must bind it (the binding's
+/// epoch, docs/evidence-binding.md), which evidence from before the switch cannot.
+pub const ANNOTATION_MIGRATION: &str = "cvmp.io/migration";
 
 /// Extended resource counting SEV (legacy) ASIDs on a host.
 pub const RESOURCE_SEV_ASIDS: &str = "sev.amd.com/asids";

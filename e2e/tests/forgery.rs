@@ -266,7 +266,7 @@ async fn a_host_cannot_pass_off_other_evidence_or_flip_its_flags() -> Result<()>
     host.launch(&req).await?;
     let uid = rp_a.metadata.uid.clone().context("uid")?;
     let challenge =
-        cvm_node_plugin::evidence::challenge_for(Some(NONCE), &uid).context("challenge")?;
+        cvm_node_plugin::evidence::challenge_for(Some(NONCE), &uid, None).context("challenge")?;
     let raw = host.evidence(&uid, &challenge).await?;
     let second = cvm_node_plugin::evidence::encode(
         &raw,

@@ -135,24 +135,31 @@ async fn a_verified_cvm_moves_to_an_attested_target_and_is_verified_there() {
             .as_ref()
             .map(|s| (&s.conditions, &s.attestation, &s.guest_instance))
     );
-    let switched = after
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MIGRATED_AT))
-        .expect("migrated-at annotation");
-    let switched: k8s_openapi::jiff::Timestamp = switched.parse().expect("RFC 3339");
-    let collected = after
+    let annotations = after.metadata.annotations.clone().unwrap_or_default();
+    assert!(annotations.contains_key(ANNOTATION_MIGRATED_AT));
+    // Verified on evidence bound to this migration, from the instance that was moved.
+    let st = after.status.as_ref().expect("status");
+    let mig_uid = done.metadata.uid.clone().expect("uid");
+    assert_eq!(
+        annotations.get(cvm_crds::wellknown::ANNOTATION_MIGRATION),
+        Some(&mig_uid)
+    );
+    assert_eq!(
+        st.attestation.as_ref().and_then(|a| a.migration.as_deref()),
+        Some(mig_uid.as_str())
+    );
+    let pin = st.guest_instance.as_ref().expect("pinned");
+    let pin_before = before
         .status
         .as_ref()
-        .and_then(|s| s.evidence.as_ref())
-        .map(|e| e.collected_at.0)
-        .expect("evidence");
-    // Status times have whole seconds.
-    assert!(
-        collected.as_second() >= switched.as_second(),
-        "evidence collected {collected} predates the switch {switched}"
+        .and_then(|s| s.guest_instance.as_ref())
+        .expect("pinned before");
+    assert_eq!(
+        pin.key_sha256, pin_before.key_sha256,
+        "the same instance, moved"
     );
+    assert_eq!(pin.node, target);
+    assert_eq!(pin.relaunches, 0);
 
     // The guest now lives on the target only.
     wait_guest(&sys, target, &uid, true).await;

@@ -15,16 +15,16 @@ use crate::platform::{Challenge, RawEvidence};
 /// `cvm_attest::tdx::verify_quote`.
 pub const COLLATERAL_TDX_QUOTE_V3: &str = "quoteCollateralV3";
 
-/// The challenge a CVM's evidence must answer: the CVM's UID and the owner's nonce
-/// (`cvm_attest::binding`). `None` when the nonce is not hex (the API server's schema
-/// refuses that, so only a hand-made object gets here).
-pub fn challenge_for(nonce: Option<&str>, uid: &str) -> Option<Challenge> {
+/// The challenge a CVM's evidence must answer: the CVM's UID, the owner's nonce and the
+/// live migration that last moved it (`cvm_attest::binding`). `None` when the nonce is not
+/// hex (the API server's schema refuses that, so only a hand-made object gets here).
+pub fn challenge_for(nonce: Option<&str>, uid: &str, epoch: Option<&str>) -> Option<Challenge> {
     let bytes = match nonce {
         Some(n) => Some(cvm_crds::wellknown::decode_hex(n)?),
         None => None,
     };
     Some(Challenge {
-        binding: binding::Challenge::cvm(uid, bytes.as_deref()),
+        binding: binding::Challenge::cvm(uid, bytes.as_deref()).after_migration(epoch),
         nonce: nonce.map(str::to_string),
     })
 }
@@ -56,6 +56,7 @@ pub fn encode(raw: &RawEvidence, challenge: &Challenge, now: Time) -> Evidence {
             .instance_key
             .as_ref()
             .map(|k| base64::engine::general_purpose::STANDARD.encode(k)),
+        epoch: (!challenge.binding.epoch.is_empty()).then(|| challenge.binding.epoch.clone()),
     }
 }
 
@@ -71,13 +72,16 @@ mod tests {
 
     #[test]
     fn the_challenge_carries_uid_and_nonce() {
-        let c = challenge_for(Some("00ff"), "uid-1").unwrap();
+        let c = challenge_for(Some("00ff"), "uid-1", None).unwrap();
         assert_eq!(c.binding, binding::Challenge::cvm("uid-1", Some(&[0, 255])));
         assert_eq!(c.nonce.as_deref(), Some("00ff"));
-        let u = challenge_for(None, "uid-1").unwrap();
-        assert_eq!(u.binding, binding::Challenge::cvm("uid-1", None));
+        let u = challenge_for(None, "uid-1", Some("m-1")).unwrap();
+        assert_eq!(
+            u.binding,
+            binding::Challenge::cvm("uid-1", None).after_migration(Some("m-1"))
+        );
         assert_eq!(u.nonce, None);
-        assert!(challenge_for(Some("xyz"), "uid-1").is_none());
+        assert!(challenge_for(Some("xyz"), "uid-1", None).is_none());
         let m = migration_challenge_for("mig-1");
         assert_eq!(m.binding, binding::Challenge::migration("mig-1"));
         assert_eq!(m.nonce, None);
@@ -93,8 +97,9 @@ mod tests {
             measurement: vec![0xab; 48],
             instance_key: Some(vec![9; 32]),
         };
-        let c = challenge_for(Some("01"), "u").unwrap();
+        let c = challenge_for(Some("01"), "u", Some("m-2")).unwrap();
         let e = encode(&raw, &c, Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        assert_eq!(e.epoch.as_deref(), Some("m-2"));
         assert_eq!(decode_report(&e).unwrap(), raw.report);
         assert_eq!(e.nonce.as_deref(), Some("01"));
         assert_eq!(e.collateral[COLLATERAL_TDX_QUOTE_V3], "{}");

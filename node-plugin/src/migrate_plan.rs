@@ -8,8 +8,8 @@
 //!
 //! Adoption after the switch needs nothing here: the CVM is then bound to this node and
 //! [`crate::plan`] treats the receiving guest as the CVM's guest (fresh evidence, because
-//! the CVM's `cvmp.io/migrated-at` is newer than its evidence and than what this plugin
-//! last answered).
+//! the CVM's `cvmp.io/migration` is not what its evidence and this plugin's last answer
+//! are bound to).
 
 use std::collections::BTreeSet;
 
@@ -369,12 +369,12 @@ mod tests {
     #[test]
     fn after_the_switch_the_receiving_guest_is_adopted_with_fresh_evidence() {
         // The CVM is now bound here; its status still shows the source's guest and
-        // evidence (collected before the switch), and this plugin never answered for it.
+        // evidence (not bound to the migration), and this plugin never answered for it.
         let held = vec![guest("cvm-uid", "web")];
         let wanted = EvidenceKey {
             nonce: Some("aa".into()),
             reattest: None,
-            migrated_at: Some("2026-01-01T00:10:00Z".into()),
+            epoch: Some("mig-1".into()),
         };
         let cvm = BoundCvm {
             uid: "cvm-uid".into(),
@@ -389,7 +389,7 @@ mod tests {
                 has_evidence: true,
                 evidence_nonce: Some("aa".into()),
                 reattest_due: false,
-                evidence_predates_migration: true,
+                evidence_epoch: None,
             },
         };
         let keep = receiving(ME, &[mig(MigrationPhase::Transferring)], &held);
@@ -413,7 +413,7 @@ mod tests {
         // Once the fresh evidence is written and remembered: nothing more to do, also
         // after the migration is over.
         let mut fresh = cvm.clone();
-        fresh.reported.evidence_predates_migration = false;
+        fresh.reported.evidence_epoch = Some("mig-1".into());
         let p = plan::plan(&held, &[fresh.clone()], &answered, false, &BTreeSet::new());
         assert!(p.is_empty(), "{p:?}");
         // A restart that lost the answered file asks again, as for any CVM.

@@ -5,14 +5,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cvm_crds::cvm::{ConfidentialVM, GuestState, RunStrategy};
-use cvm_crds::wellknown::{ANNOTATION_MIGRATED_AT, ANNOTATION_REATTEST};
+use cvm_crds::wellknown::{ANNOTATION_MIGRATION, ANNOTATION_REATTEST};
 use cvm_crds::ConditionType;
-use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 /// What the latest evidence must answer: the user's nonce, the re-attest annotation and
-/// the live-migration switch (`cvmp.io/migrated-at`). A change of any asks for fresh
-/// evidence.
+/// the live migration that moved the CVM (`cvmp.io/migration`). A change of any asks for
+/// fresh evidence.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EvidenceKey {
@@ -20,10 +19,10 @@ pub struct EvidenceKey {
     pub nonce: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reattest: Option<String>,
-    /// The CVM's `cvmp.io/migrated-at`: a guest adopted after a live migration answers
-    /// for this node once, whatever the source had answered.
+    /// The CVM's `cvmp.io/migration` (the live migration that moved it here): evidence
+    /// must bind it, so a guest adopted after a migration answers again from this node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub migrated_at: Option<String>,
+    pub epoch: Option<String>,
 }
 
 /// What the CVM's status says about the guest (as last written by this plugin).
@@ -37,9 +36,8 @@ pub struct Reported {
     /// The evidence is older than `spec.attestation.reattestEvery` (judged by the caller's
     /// clock, see [`BoundCvm::of_at`]).
     pub reattest_due: bool,
-    /// The evidence was not collected after the CVM's `cvmp.io/migrated-at`: it came
-    /// from the source host of a live migration (see [`evidence_predates_migration`]).
-    pub evidence_predates_migration: bool,
+    /// The migration the reported evidence is bound to (its `epoch`).
+    pub evidence_epoch: Option<String>,
 }
 
 /// A CVM bound to this node, reduced to what decisions need.
@@ -87,7 +85,7 @@ impl BoundCvm {
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
                 reattest: annotation(cvm, ANNOTATION_REATTEST),
-                migrated_at: annotation(cvm, ANNOTATION_MIGRATED_AT),
+                epoch: annotation(cvm, ANNOTATION_MIGRATION),
             },
             reported: Reported {
                 guest_state: status
@@ -99,7 +97,7 @@ impl BoundCvm {
                 has_evidence: evidence.is_some(),
                 evidence_nonce: evidence.and_then(|e| e.nonce.clone()),
                 reattest_due: reattest_due(cvm, now_unix),
-                evidence_predates_migration: evidence_predates_migration(cvm),
+                evidence_epoch: evidence.and_then(|e| e.epoch.clone()),
             },
         })
     }
@@ -107,32 +105,6 @@ impl BoundCvm {
 
 fn annotation(cvm: &ConfidentialVM, key: &str) -> Option<String> {
     cvm.metadata.annotations.as_ref()?.get(key).cloned()
-}
-
-/// When a live migration rebound the CVM here (`cvmp.io/migrated-at`), if it did and
-/// the annotation is an RFC 3339 time.
-pub fn migrated_at(cvm: &ConfidentialVM) -> Option<Timestamp> {
-    cvm.metadata
-        .annotations
-        .as_ref()?
-        .get(ANNOTATION_MIGRATED_AT)?
-        .parse()
-        .ok()
-}
-
-/// Whether the CVM's evidence was collected no later than the switch of a live migration
-/// (`cvmp.io/migrated-at`), i.e. on the source host. Compared in whole seconds, the
-/// precision both times have on the wire, so evidence from the second of the switch counts
-/// as stale too: the plugin collects evidence for a migrated CVM only once its clock has
-/// passed that second (see `run`), and then it is newer under any reading of "after".
-pub fn evidence_predates_migration(cvm: &ConfidentialVM) -> bool {
-    let Some(switched) = migrated_at(cvm) else {
-        return false;
-    };
-    cvm.status
-        .as_ref()
-        .and_then(|s| s.evidence.as_ref())
-        .is_some_and(|e| e.collected_at.0.as_second() <= switched.as_second())
 }
 
 /// Whether the evidence is older than `spec.attestation.reattestEvery` at `now_unix`.
@@ -287,7 +259,7 @@ pub fn decide(
                 && r.launched == Some(true)
                 && r.has_evidence
                 && !r.reattest_due
-                && !r.evidence_predates_migration
+                && r.evidence_epoch == cvm.wanted.epoch
                 && r.evidence_nonce == cvm.wanted.nonce;
             let answered_current = answered == Some(&cvm.wanted);
             (!(status_current && answered_current)).then_some(Action::RefreshEvidence)
@@ -338,7 +310,7 @@ mod tests {
         EvidenceKey {
             nonce: nonce.map(Into::into),
             reattest: reattest.map(Into::into),
-            migrated_at: None,
+            epoch: None,
         }
     }
 
@@ -349,7 +321,7 @@ mod tests {
             has_evidence: true,
             evidence_nonce: nonce.map(Into::into),
             reattest_due: false,
-            evidence_predates_migration: false,
+            evidence_epoch: None,
         }
     }
 
@@ -390,21 +362,25 @@ mod tests {
         );
     }
 
-    /// A CVM the operator switched to `node` at 00:10:00 by a live migration, whose
-    /// evidence (written by the source's plugin) was collected at `collected`.
-    fn migrated_cvm(node: &str, collected: &str) -> ConfidentialVM {
+    /// A CVM the operator switched to `node` by live migration `m-1`, whose evidence is
+    /// bound to migration `epoch` (`None`: the source's, from before the switch).
+    fn migrated_cvm(node: &str, epoch: Option<&str>) -> ConfidentialVM {
+        let mut evidence = serde_json::json!({"format": "sev-snp-report", "report": "", "nonce": "aa",
+                                              "collectedAt": "2026-01-01T00:10:00Z"});
+        if let Some(e) = epoch {
+            evidence["epoch"] = serde_json::json!(e);
+        }
         serde_json::from_value(serde_json::json!({
             "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
             "metadata": {"name": "web", "namespace": "ns", "uid": "u",
                          "labels": {"cvmp.io/node": node},
-                         "annotations": {ANNOTATION_MIGRATED_AT: "2026-01-01T00:10:00Z"}},
+                         "annotations": {ANNOTATION_MIGRATION: "m-1"}},
             "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
                      "boot": {"firmware": {"name": "f"}}, "attestation": {"nonce": "aa"}},
             "status": {"nodeName": node, "platform": {"guestState": "Running", "simulated": true},
                        "conditions": [{"type": "Launched", "status": "True", "reason": "GuestRunning",
                                        "message": "running on the source", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
-                       "evidence": {"format": "sev-snp-report", "report": "", "nonce": "aa",
-                                    "collectedAt": collected}}
+                       "evidence": evidence}
         }))
         .unwrap()
     }
@@ -413,13 +389,10 @@ mod tests {
     fn adopted_guest_reports_fresh_evidence_once() {
         // Just switched: the status is the source's (Running, Launched, evidence for the
         // same nonce) and this node holds the receiving guest, running.
-        let obj = migrated_cvm("n2", "2026-01-01T00:09:30Z");
+        let obj = migrated_cvm("n2", None);
         let c = BoundCvm::of(&obj, "n2").unwrap();
-        assert_eq!(
-            c.wanted.migrated_at.as_deref(),
-            Some("2026-01-01T00:10:00Z")
-        );
-        assert!(c.reported.evidence_predates_migration);
+        assert_eq!(c.wanted.epoch.as_deref(), Some("m-1"));
+        assert_eq!(c.reported.evidence_epoch, None);
         let g = held("u", GuestState::Running);
         // Whether or not this plugin remembers an answer for the UID (it does not, after
         // a migration; the answered file may be stale), the source's evidence is replaced,
@@ -432,14 +405,16 @@ mod tests {
             decide(&c, Some(&g), Some(&c.wanted), false),
             Some(Action::RefreshEvidence)
         );
-        // Evidence from the second of the switch may be the source's, too.
-        let same_second = BoundCvm::of(&migrated_cvm("n2", "2026-01-01T00:10:00Z"), "n2").unwrap();
-        assert!(same_second.reported.evidence_predates_migration);
-        // Fresh evidence, answered by this plugin: done.
-        let fresh = BoundCvm::of(&migrated_cvm("n2", "2026-01-01T00:10:01Z"), "n2").unwrap();
-        assert!(!fresh.reported.evidence_predates_migration);
+        // Evidence bound to an earlier migration is not this one's either, whatever its time.
+        let older = BoundCvm::of(&migrated_cvm("n2", Some("m-0")), "n2").unwrap();
+        assert_eq!(
+            decide(&older, Some(&g), Some(&older.wanted), false),
+            Some(Action::RefreshEvidence)
+        );
+        // Evidence bound to this migration, answered by this plugin: done.
+        let fresh = BoundCvm::of(&migrated_cvm("n2", Some("m-1")), "n2").unwrap();
         assert_eq!(decide(&fresh, Some(&g), Some(&fresh.wanted), false), None);
-        // An answer recorded before the migration (no migrated-at) does not count.
+        // An answer recorded before the migration (no epoch) does not count.
         let before = key(Some("aa"), None);
         assert_eq!(
             decide(&fresh, Some(&g), Some(&before), false),
@@ -448,17 +423,12 @@ mod tests {
         // The receiving guest still launching: wait for it, never launch a second one.
         let launching = held("u", GuestState::Launching);
         assert_eq!(decide(&c, Some(&launching), None, true), None);
-        // A CVM that never migrated is unaffected, and a malformed annotation marks nothing.
-        let mut plain = migrated_cvm("n2", "2026-01-01T00:09:30Z");
+        // A CVM that never migrated asks for no epoch.
+        let mut plain = migrated_cvm("n2", None);
         plain.metadata.annotations = None;
-        assert!(!evidence_predates_migration(&plain));
-        let mut garbled = plain.clone();
-        garbled.metadata.annotations = Some(BTreeMap::from([(
-            ANNOTATION_MIGRATED_AT.to_string(),
-            "yesterday".to_string(),
-        )]));
-        assert!(!evidence_predates_migration(&garbled));
-        assert_eq!(migrated_at(&garbled), None);
+        let plain = BoundCvm::of(&plain, "n2").unwrap();
+        assert_eq!(plain.wanted.epoch, None);
+        assert_eq!(decide(&plain, Some(&g), Some(&plain.wanted), false), None);
         // The source no longer has it bound: its copy is an orphan.
         assert_eq!(BoundCvm::of(&obj, "n1"), None);
         let p = plan(

@@ -39,11 +39,6 @@ use cvm_telemetry::watch::{WatchRetry, PLUGIN_RETRY_MAX};
 /// evidence answered, so a restarted plugin does not re-issue evidence needlessly.
 pub const ANSWERED_FILE: &str = "evidence.json";
 
-/// Longest wait, before collecting evidence of a migrated CVM, for this host's clock to pass
-/// the second of the switch (`cvmp.io/migrated-at`, set by the operator's clock): evidence
-/// from that second or earlier counts as the source's. A longer gap is clock skew, logged.
-pub const MIGRATION_CLOCK_WAIT: Duration = Duration::from_secs(2);
-
 /// How the loop runs.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -427,14 +422,14 @@ impl<P: Platform> NodePlugin<P> {
         guest: &GuestInfo,
     ) -> Result<(), ActionError> {
         let nonce = bound.wanted.nonce.as_deref();
-        let challenge = evidence::challenge_for(nonce, &bound.uid)
+        let epoch = bound.wanted.epoch.as_deref();
+        let challenge = evidence::challenge_for(nonce, &bound.uid, epoch)
             .ok_or_else(|| ActionError::BadNonce(nonce.unwrap_or_default().to_string()))?;
-        if let Some(switched) = plan::migrated_at(cvm) {
+        if let Some(migration) = epoch {
             let before = self.lock_answered().get(&bound.uid).cloned();
-            if before.and_then(|k| k.migrated_at) != bound.wanted.migrated_at {
-                info!(cvm = %bound.key, node = %self.opts.node, phase = "adopt", migrated_at = %switched, "adopting the guest received by live migration: reporting this node's evidence");
+            if before.and_then(|k| k.epoch).as_deref() != Some(migration) {
+                info!(cvm = %bound.key, node = %self.opts.node, phase = "adopt", migration, "adopting the guest received by live migration: reporting this node's evidence, bound to the migration");
             }
-            self.wait_past(&bound.key, switched).await;
         }
         let raw = self.platform.evidence(&bound.uid, &challenge).await?;
         let ev = evidence::encode(&raw, &challenge, now());
@@ -489,22 +484,6 @@ impl<P: Platform> NodePlugin<P> {
         let cond = status::launched_condition(cvm, false, reason, message, now());
         self.write_status(cvm, &status::apply_patch(&facts, None, &cond))
             .await
-    }
-
-    /// Waits (at most [`MIGRATION_CLOCK_WAIT`]) until this host's clock is past the whole
-    /// second of `switched`, so that the evidence collected next is newer than the switch
-    /// at the precision of the wire (whole seconds).
-    async fn wait_past(&self, who: &str, switched: Timestamp) {
-        let due_ms = switched.as_second().saturating_add(1).saturating_mul(1000);
-        let left_ms = due_ms.saturating_sub(Timestamp::now().as_millisecond());
-        if left_ms <= 0 {
-            return;
-        }
-        let left = Duration::from_millis(u64::try_from(left_ms).unwrap_or(u64::MAX));
-        if left > MIGRATION_CLOCK_WAIT {
-            warn!(cvm = %who, node = %self.opts.node, phase = "adopt", migrated_at = %switched, ahead_ms = left_ms, "the switch time is ahead of this host's clock: are the clocks of the operator and this node synchronised? Evidence collected now may count as the source's");
-        }
-        tokio::time::sleep(left.min(MIGRATION_CLOCK_WAIT)).await;
     }
 
     /// Carries out one migration step after re-reading the migration (the reflector may

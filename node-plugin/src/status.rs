@@ -340,6 +340,7 @@ mod tests {
             collected_at: time_from_unix(5),
             launch_measurement: None,
             instance_key: None,
+            epoch: None,
         };
         let p = migration_patch(&ready, Some(&ev));
         let mut keys: Vec<&String> = p["status"].as_object().unwrap().keys().collect();

@@ -13,8 +13,8 @@ use cvm_crds::migration::{
     CONDITION_TRANSFERRED,
 };
 use cvm_crds::wellknown::{
-    nfd_label, ANNOTATION_MIGRATED_AT, ANNOTATION_REATTEST, FINALIZER, LABEL_NODE,
-    MANAGER_NODE_PLUGIN, MANAGER_OPERATOR, RESOURCE_SNP_ESIDS,
+    nfd_label, ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, ANNOTATION_REATTEST, FINALIZER,
+    LABEL_NODE, MANAGER_NODE_PLUGIN, MANAGER_OPERATOR, RESOURCE_SNP_ESIDS,
 };
 use cvm_crds::{ConditionType, EvidenceFormat, TeeType};
 use cvm_node_plugin::evidence::{decode_report, COLLATERAL_TDX_QUOTE_V3};
@@ -208,10 +208,17 @@ fn verify_snp(c: &ConfidentialVM, policy: SnpPolicy) -> cvm_attest::snp::SnpAppr
     let ev = c.status.as_ref().unwrap().evidence.as_ref().unwrap();
     let nonce = ev.nonce.as_deref().map(|n| hex::decode(n).unwrap());
     let uid = c.metadata.uid.clone().unwrap();
+    // As the operator reads it: the migration that moved the CVM, from its own annotation.
+    let epoch = c
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_MIGRATION))
+        .map(String::as_str);
     verify_snp_evidence(
         ev,
         policy,
-        cvm_attest::binding::Challenge::cvm(&uid, nonce.as_deref()),
+        cvm_attest::binding::Challenge::cvm(&uid, nonce.as_deref()).after_migration(epoch),
     )
 }
 
@@ -702,7 +709,7 @@ fn mig_condition<'a>(
 
 /// The operator's switch: the CVM is rebound to `target` (label, annotation with the
 /// switch time in whole seconds, then status.nodeName).
-async fn switch(client: &Client, ns: &str, name: &str, target: &str) -> i64 {
+async fn switch(client: &Client, ns: &str, name: &str, target: &str, migration_uid: &str) {
     let api: Api<ConfidentialVM> = Api::namespaced(client.clone(), ns);
     let at = k8s_openapi::jiff::Timestamp::now();
     let stamp = k8s_openapi::jiff::fmt::strtime::format("%Y-%m-%dT%H:%M:%SZ", at).unwrap();
@@ -711,7 +718,7 @@ async fn switch(client: &Client, ns: &str, name: &str, target: &str) -> i64 {
         &PatchParams::default(),
         &Patch::Merge(json!({"metadata": {
             "labels": {LABEL_NODE: target},
-            "annotations": {ANNOTATION_MIGRATED_AT: stamp},
+            "annotations": {ANNOTATION_MIGRATED_AT: stamp, ANNOTATION_MIGRATION: migration_uid},
         }})),
     )
     .await
@@ -735,19 +742,6 @@ async fn switch(client: &Client, ns: &str, name: &str, target: &str) -> i64 {
     )
     .await
     .unwrap();
-    at.as_second()
-}
-
-fn evidence_collected(c: &ConfidentialVM) -> Option<i64> {
-    Some(
-        c.status
-            .as_ref()?
-            .evidence
-            .as_ref()?
-            .collected_at
-            .0
-            .as_second(),
-    )
 }
 
 /// Verifies SNP evidence (from a CVM or a migration) against `policy` and `challenge`,
@@ -785,6 +779,7 @@ fn verify_snp_evidence(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_migration_prepares_attests_sends_and_adopts() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let client = cluster().await;
     let (ns, src, dst) = ("np-mig", "np-node-mig-src", "np-node-mig-dst");
     namespace(&client, ns).await;
@@ -918,13 +913,37 @@ async fn live_migration_prepares_attests_sends_and_adopts() {
     // 3. The switch: the target adopts the guest with fresh evidence, the source stops
     // its copy.
     operator_phase(&client, ns, "move-web", "Transferring", src, dst).await;
-    let switched_at = switch(&client, ns, "web", dst).await;
-    let c = wait_for(&cvms, "web", "fresh evidence from the target", |c| {
-        evidence_collected(c).is_some_and(|t| t > switched_at)
-            && c.condition(ConditionType::Launched)
-                .is_some_and(|l| l.status == "True" && l.message.contains(dst))
-    })
+    let key_before = cvms
+        .get("web")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.evidence)
+        .and_then(|e| e.instance_key);
+    switch(&client, ns, "web", dst, &mig_uid).await;
+    let c = wait_for(
+        &cvms,
+        "web",
+        "evidence from the target bound to the migration",
+        |c| {
+            c.status
+                .as_ref()
+                .and_then(|s| s.evidence.as_ref())
+                .is_some_and(|e| e.epoch.as_deref() == Some(mig_uid.as_str()))
+                && c.condition(ConditionType::Launched)
+                    .is_some_and(|l| l.status == "True" && l.message.contains(dst))
+        },
+    )
     .await;
+    // The moved guest answers with the instance key it had on the source (its memory,
+    // the agent's key with it, moved); a fresh receiving guest would not.
+    let key_after = c
+        .status
+        .as_ref()
+        .and_then(|s| s.evidence.as_ref())
+        .and_then(|e| e.instance_key.clone());
+    assert!(key_before.is_some());
+    assert_eq!(key_after, key_before);
     let facts = c.status.as_ref().unwrap().platform.clone().unwrap();
     assert_eq!(facts.guest_state, Some(GuestState::Running));
     assert_eq!(

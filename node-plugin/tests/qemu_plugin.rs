@@ -254,7 +254,7 @@ async fn guests_survive_a_restart_launch_once_and_stop() {
     assert_eq!(recorded_pid(&state, a), Some(pid));
 
     // No agent in this guest (and no vsock): evidence says so plainly.
-    let c = challenge_for(Some("00ff"), a).unwrap();
+    let c = challenge_for(Some("00ff"), a, None).unwrap();
     let e = p.evidence(a, &c).await.unwrap_err();
     assert_eq!(e.reason(), "EvidenceError");
     assert!(

@@ -13,7 +13,8 @@ use cvm_crds::conditions::{self, STATUS_TRUE};
 use cvm_crds::cvm::GuestState;
 use cvm_crds::policy::AttestationPolicySpec;
 use cvm_crds::wellknown::{
-    tee_resource, ANNOTATION_MIGRATED_AT, FINALIZER, LABEL_NODE, MANAGER_OPERATOR,
+    tee_resource, ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, FINALIZER, LABEL_NODE,
+    MANAGER_OPERATOR,
 };
 use cvm_crds::{
     AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase, HostPin,
@@ -409,15 +410,17 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
             Verification::Awaiting("waiting for the node plugin to report evidence".into()).into(),
         );
     };
-    // After a migration, evidence from before the switch came from the source host.
-    let migrated_at = cvm.annotations().get(ANNOTATION_MIGRATED_AT);
-    if migrate::evidence_predates_migration(
-        migrated_at.map(String::as_str),
-        evidence.collected_at.0,
-    ) {
+    // After a migration, evidence must bind the migration (its report data proves it; the
+    // plugin's echo only says whether to wait for it).
+    let migration = cvm
+        .annotations()
+        .get(ANNOTATION_MIGRATION)
+        .map(String::as_str);
+    if migration.is_some() && evidence.epoch.as_deref() != migration {
         return Ok(Verification::Awaiting(format!(
-            "waiting for evidence from node {} after the migration",
-            cvm.node_name().unwrap_or("(none)")
+            "waiting for evidence from node {} bound to live migration {}",
+            cvm.node_name().unwrap_or("(none)"),
+            migration.unwrap_or_default()
         ))
         .into());
     }
@@ -456,7 +459,7 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
             host_pins: &pins,
             other_instances: &others,
         },
-        migrated_at: migrated_at.and_then(|m| m.parse::<Timestamp>().ok()),
+        migration,
     });
     let result = match status.attestation {
         Some(old) if verify::same_verdict(&old, &appraised.result) => old,

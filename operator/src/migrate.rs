@@ -100,6 +100,8 @@ impl Cond {
 #[derive(Debug, Clone)]
 pub struct MigrationView<'a> {
     pub name: &'a str,
+    /// `metadata.uid`: what the CVM's evidence after the switch must be bound to.
+    pub uid: &'a str,
     pub cvm_name: &'a str,
     pub generation: Option<i64>,
     pub created: Timestamp,
@@ -123,9 +125,10 @@ pub struct CvmView {
     pub verified: Option<Cond>,
     /// `(allowed, reason, message)`, from [`state::live_migratable`].
     pub live_migratable: (bool, &'static str, String),
-    /// When the evidence the `Verified` verdict is about was collected: the appraised
-    /// evidence's, else the latest evidence's (a policy problem has no appraisal).
-    pub verdict_evidence_at: Option<Timestamp>,
+    /// The live migration (UID) the appraised evidence was bound to
+    /// (`status.attestation.migration`): only evidence bound to a migration tells about
+    /// the guest after that migration's switch.
+    pub verdict_migration: Option<String>,
     /// The `cvmp.io/migrated-at` annotation, when it parses.
     pub migrated_at: Option<Timestamp>,
 }
@@ -133,19 +136,15 @@ pub struct CvmView {
 impl CvmView {
     pub fn of(cvm: &ConfidentialVM) -> CvmView {
         let status = cvm.status.as_ref();
-        let appraised = status
-            .and_then(|s| s.attestation.as_ref())
-            .and_then(|a| a.evidence_collected_at.as_ref());
-        let latest = status
-            .and_then(|s| s.evidence.as_ref())
-            .map(|e| &e.collected_at);
         CvmView {
             deleting: cvm.metadata.deletion_timestamp.is_some(),
             phase: cvm.phase(),
             node: cvm.node_name().map(str::to_string),
             verified: cvm.condition(ConditionType::Verified).map(Cond::of),
             live_migratable: state::live_migratable(cvm),
-            verdict_evidence_at: appraised.or(latest).map(|t| t.0),
+            verdict_migration: status
+                .and_then(|s| s.attestation.as_ref())
+                .and_then(|a| a.migration.clone()),
             migrated_at: cvm
                 .annotations()
                 .get(ANNOTATION_MIGRATED_AT)
@@ -352,23 +351,13 @@ pub fn target_hold(m: &ConfidentialVMMigration, cvm: Option<&ConfidentialVM>) ->
 }
 
 /// The annotation value for a switch at `t`: RFC 3339 in whole seconds, as status times
-/// are written, so that evidence collected after the switch never compares earlier.
+/// are written.
 pub fn format_migrated_at(t: Timestamp) -> String {
     whole_seconds(t).to_string()
 }
 
 pub fn parse_migrated_at(v: &str) -> Option<Timestamp> {
     v.trim().parse().ok()
-}
-
-/// Whether evidence collected at `collected` predates the switch recorded in the
-/// `cvmp.io/migrated-at` annotation, i.e. came from the source host. Compared in whole
-/// seconds, the resolution of both. An unreadable annotation counts as none: it must not
-/// keep a CVM unverified for good.
-pub fn evidence_predates_migration(migrated_at: Option<&str>, collected: Timestamp) -> bool {
-    migrated_at
-        .and_then(parse_migrated_at)
-        .is_some_and(|m| collected.as_second() < m.as_second())
 }
 
 fn whole_seconds(t: Timestamp) -> Timestamp {
@@ -686,8 +675,8 @@ fn awaiting_target_evidence(target: &str) -> String {
     format!("transfer complete; switched to {target}; waiting for the guest's evidence from {target} to be verified")
 }
 
-/// After the switch: Succeeded once the CVM is Verified on the target with evidence
-/// collected after the switch; Failed if that evidence is rejected.
+/// After the switch: Succeeded once the CVM is Verified on the target with evidence bound
+/// to this migration; Failed if that evidence is rejected.
 fn after_switch(
     i: &Input<'_>,
     st: OperatorStatus,
@@ -712,21 +701,19 @@ fn after_switch(
         });
         return out;
     }
-    let fresh = cvm
-        .verdict_evidence_at
-        .is_some_and(|e| e.as_second() >= at.as_second());
+    // Only a verdict on evidence bound to this migration speaks of the moved guest: its
+    // report data binds the migration's UID, which no evidence from before the switch can
+    // (and the operator checked it came from the target's pinned chip, from the instance
+    // that was moved). No clock is compared.
+    let fresh = cvm.verdict_migration.as_deref() == Some(i.migration.uid);
     match cvm.verified.as_ref() {
         Some(v) if fresh && v.status == Tri::True => {
-            let collected = cvm
-                .verdict_evidence_at
-                .map(|e| e.to_string())
-                .unwrap_or_default();
             let mut st = st;
             st.completed_at = Some(now.clone());
             progress(
                 st,
                 MigrationPhase::Succeeded,
-                format!("ConfidentialVM {name} runs on {target}, verified with evidence collected there at {collected}"),
+                format!("ConfidentialVM {name} runs on {target}, verified with evidence from there bound to this migration"),
             )
         }
         Some(v) if fresh && v.status == Tri::False => fail(
@@ -877,7 +864,7 @@ mod tests {
                 message: "evidence verified against the policy".into(),
             }),
             live_migratable: (true, "MigrationAllowed", "allowed".into()),
-            verdict_evidence_at: Some(ts(900)),
+            verdict_migration: None,
             migrated_at: None,
         }
     }
@@ -892,6 +879,7 @@ mod tests {
             collected_at: Time(ts(at)),
             launch_measurement: None,
             instance_key: None,
+            epoch: None,
         }
     }
 
@@ -907,6 +895,7 @@ mod tests {
             nonce: None,
             evidence_sha256: None,
             evidence_seen_at: None,
+            migration: None,
         }
     }
 
@@ -946,6 +935,7 @@ mod tests {
         fn view(&self) -> MigrationView<'_> {
             MigrationView {
                 name: "move-1",
+                uid: "mig-uid-1",
                 cvm_name: "web",
                 generation: Some(1),
                 created: ts(1000),
@@ -1362,11 +1352,13 @@ mod tests {
         st
     }
 
-    fn on_target(verified: Tri, evidence_at: i64, migrated_at: i64) -> CvmView {
+    /// The CVM after the switch at `migrated_at`, its verdict on evidence bound to this
+    /// migration (`bound`) or not (the source's, from before the switch).
+    fn on_target(verified: Tri, bound: bool, migrated_at: i64) -> CvmView {
         let mut cvm = verified_cvm();
         cvm.node = Some("n2".into());
         cvm.migrated_at = Some(ts(migrated_at));
-        cvm.verdict_evidence_at = Some(ts(evidence_at));
+        cvm.verdict_migration = bound.then(|| "mig-uid-1".to_string());
         cvm.verified = Some(Cond {
             status: verified,
             reason: match verified {
@@ -1381,16 +1373,22 @@ mod tests {
     }
 
     #[test]
-    fn succeeded_needs_evidence_from_after_the_switch() {
+    fn succeeded_needs_evidence_bound_to_the_migration() {
         let mut c = Case::new(switched(1005));
-        // Still the source's verdict (evidence from before the switch): wait.
-        c.cvm = Some(on_target(Tri::True, 1001, 1005));
+        // Still the source's verdict (evidence not bound to this migration, even if it was
+        // collected in the very second of the switch): wait.
+        c.cvm = Some(on_target(Tri::True, false, 1005));
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::Transferring);
         assert_eq!(o.effect, None);
         assert!(message(&o).contains("waiting for the guest's evidence from n2"));
-        // Fresh evidence verified on the target.
-        c.cvm = Some(on_target(Tri::True, 1005, 1005));
+        // A verdict bound to another (earlier) migration of this CVM is not this one's.
+        let mut earlier = on_target(Tri::True, false, 1005);
+        earlier.verdict_migration = Some("mig-uid-0".into());
+        c.cvm = Some(earlier);
+        assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
+        // Evidence bound to this migration, verified on the target.
+        c.cvm = Some(on_target(Tri::True, true, 1005));
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::Succeeded);
         assert_eq!(o.status.completed_at, Some(Time(ts(1010))));
@@ -1411,7 +1409,7 @@ mod tests {
         st.conditions.extend(first.status.conditions.clone());
         let mut c = Case::new(st);
         c.now = 1012;
-        c.cvm = Some(on_target(Tri::True, 1001, 1010));
+        c.cvm = Some(on_target(Tri::True, false, 1010));
         let next = c.run();
         assert_eq!(next.status, first.status);
         assert_eq!(next.effect, None);
@@ -1420,7 +1418,7 @@ mod tests {
     #[test]
     fn rejected_evidence_on_the_target_fails_and_says_where_the_guest_is() {
         let mut c = Case::new(switched(1005));
-        c.cvm = Some(on_target(Tri::False, 1006, 1005));
+        c.cvm = Some(on_target(Tri::False, true, 1005));
         let o = c.run();
         assert_failed(&o, "TargetVerificationFailed");
         assert!(
@@ -1429,15 +1427,15 @@ mod tests {
             "{}",
             message(&o)
         );
-        // A stale rejection (evidence from before the switch) is not the target's.
-        c.cvm = Some(on_target(Tri::False, 1000, 1005));
+        // A stale rejection (evidence not bound to this migration) is not the target's.
+        c.cvm = Some(on_target(Tri::False, false, 1005));
         assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
     }
 
     #[test]
     fn a_lost_rebind_after_the_switch_is_repaired_with_the_same_time() {
         let mut c = Case::new(switched(1005));
-        let mut cvm = on_target(Tri::True, 1006, 1005);
+        let mut cvm = on_target(Tri::True, true, 1005);
         cvm.node = Some("n1".into());
         c.cvm = Some(cvm);
         let o = c.run();
@@ -1492,7 +1490,7 @@ mod tests {
     #[test]
     fn after_the_switch_the_timeout_counts_from_the_switch() {
         let mut c = Case::new(switched(1200));
-        c.cvm = Some(on_target(Tri::Unknown, 1100, 1200));
+        c.cvm = Some(on_target(Tri::Unknown, false, 1200));
         c.now = 1450; // 7.5 min after creation, 4 min after the switch
         assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
         c.now = 1501;
@@ -1713,17 +1711,6 @@ mod tests {
     }
 
     #[test]
-    fn evidence_from_before_the_switch_is_recognised() {
-        let at = "2023-11-14T22:13:20Z";
-        assert!(evidence_predates_migration(Some(at), ts(1_699_999_999)));
-        // The same second counts as after: status times have whole seconds.
-        assert!(!evidence_predates_migration(Some(at), ts(1_700_000_000)));
-        assert!(!evidence_predates_migration(Some(at), ts(1_700_000_100)));
-        assert!(!evidence_predates_migration(None, ts(0)));
-        assert!(!evidence_predates_migration(Some("garbage"), ts(0)));
-    }
-
-    #[test]
     fn durations_read_like_flags() {
         assert_eq!(human(Duration::from_secs(300)), "5m");
         assert_eq!(human(Duration::from_secs(90)), "1m30s");
@@ -1732,7 +1719,7 @@ mod tests {
     }
 
     #[test]
-    fn cvm_view_reads_the_verdicts_evidence_time_and_the_annotation() {
+    fn cvm_view_reads_the_verdicts_migration_and_the_annotation() {
         let mut c = cvm_on("n2");
         c.metadata.annotations = Some(
             [(
@@ -1745,15 +1732,16 @@ mod tests {
         st.evidence = Some(evidence(2000));
         let v = CvmView::of(&c);
         assert_eq!(v.migrated_at, Some(ts(1_700_000_000)));
-        assert_eq!(
-            v.verdict_evidence_at,
-            Some(ts(2000)),
-            "no appraisal: the latest evidence"
-        );
+        assert_eq!(v.verdict_migration, None, "no appraisal, no migration");
         assert_eq!(v.node.as_deref(), Some("n2"));
         let st = c.status.get_or_insert_with(Default::default);
-        st.attestation = Some(result(EarStatus::Affirming, vec![], 1500));
-        assert_eq!(CvmView::of(&c).verdict_evidence_at, Some(ts(1500)));
+        let mut r = result(EarStatus::Affirming, vec![], 1500);
+        r.migration = Some("mig-uid-1".into());
+        st.attestation = Some(r);
+        assert_eq!(
+            CvmView::of(&c).verdict_migration.as_deref(),
+            Some("mig-uid-1")
+        );
         // SNP with the default guest policy may not move.
         assert_eq!(CvmView::of(&c).live_migratable.1, "PolicyForbidsMigration");
     }

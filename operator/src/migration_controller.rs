@@ -13,7 +13,9 @@ use crate::migrate::{
 use crate::schedule::Placed;
 use crate::{state, verify};
 use cvm_crds::cvm::Evidence;
-use cvm_crds::wellknown::{ANNOTATION_MIGRATED_AT, LABEL_NODE, MANAGER_OPERATOR};
+use cvm_crds::wellknown::{
+    ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, LABEL_NODE, MANAGER_OPERATOR,
+};
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -119,6 +121,7 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
     let others = others_of(&mig, &ctx.migrations.state());
     let migration = MigrationView {
         name: &name,
+        uid: &uid,
         cvm_name,
         generation: mig.metadata.generation,
         created,
@@ -169,7 +172,7 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
     if let (Some(Effect::Rebind { node, at }), Some(c)) = (&out.effect, &cvm) {
         // Never hold the placement lock while waiting for the CVM's reconciles.
         drop(placement.take());
-        rebind(&ctx, &cvms, c, node, *at).await?;
+        rebind(&ctx, &cvms, c, node, *at, &uid).await?;
     }
     let old = OperatorStatus::recorded(&status);
     if out.status != old {
@@ -231,7 +234,7 @@ async fn appraise_target(
             host_pins: &pins,
             other_instances: &[],
         },
-        migrated_at: None,
+        migration: None,
     })
     .result;
     ctx.metrics
@@ -250,6 +253,7 @@ async fn rebind(
     cvm: &ConfidentialVM,
     node: &str,
     at: Timestamp,
+    migration_uid: &str,
 ) -> Result<()> {
     let name = cvm.name_any();
     // Waits for the CVM's reconciles in flight, and keeps new ones from writing status
@@ -289,7 +293,7 @@ async fn rebind(
     );
     let body = json!({"metadata": {
         "labels": {LABEL_NODE: node},
-        "annotations": {ANNOTATION_MIGRATED_AT: migrated_at},
+        "annotations": {ANNOTATION_MIGRATED_AT: migrated_at, ANNOTATION_MIGRATION: migration_uid},
     }});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
         .await

@@ -412,6 +412,7 @@ mod tests {
             nonce: None,
             evidence_sha256: None,
             evidence_seen_at: None,
+            migration: None,
         }
     }
 

@@ -77,8 +77,9 @@ pub struct Input<'a> {
     /// The node the evidence must come from: the CVM's (or a migration target's).
     pub node: &'a str,
     pub records: Records<'a>,
-    /// Time of the last migration switch of this CVM (operator's own annotation).
-    pub migrated_at: Option<Timestamp>,
+    /// The live migration (UID) that last moved this CVM (the operator's own annotation
+    /// `cvmp.io/migration`): the CVM's evidence must bind it.
+    pub migration: Option<&'a str>,
 }
 
 /// The hardware identity signed evidence proves.
@@ -256,7 +257,7 @@ pub fn appraise(input: &Input<'_>) -> Appraised {
             prior,
             r,
             launched_at(input.cvm),
-            input.migrated_at,
+            input.migration,
             input.records.other_instances,
         )),
         _ => None,
@@ -271,6 +272,26 @@ pub fn appraise(input: &Input<'_>) -> Appraised {
                     Claim::InstanceIdentity,
                     format!(
                         "the evidence comes from guest instance {}, but this CVM's pinned instance is {} and the node plugin reported no relaunch: a host may not present another instance's report",
+                        short(&got),
+                        short(&pin)
+                    ),
+                )
+                .with_values(pin, got),
+            );
+        }
+        Some(InstanceCheck::NotTheMovedInstance) => {
+            let pin = prior.map(|p| p.key_sha256.clone()).unwrap_or_default();
+            let got = reported
+                .as_ref()
+                .map(|r| r.key_sha256.clone())
+                .unwrap_or_default();
+            appraisal.push(
+                f(
+                    "instance-not-migrated",
+                    Claim::InstanceIdentity,
+                    format!(
+                        "after live migration {} the evidence comes from guest instance {}, not from the instance {} that was moved: the target runs another guest",
+                        input.migration.unwrap_or_default(),
                         short(&got),
                         short(&pin)
                     ),
@@ -296,10 +317,10 @@ pub fn appraise(input: &Input<'_>) -> Appraised {
     let now = Time(input.now);
     let (instance, repinned) = match (inst, reported, affirmed) {
         (Some(InstanceCheck::First), Some(r), true) => {
-            (Some(new_pin(input, &r, prior, now.clone())), None)
+            (Some(new_pin(input, &r, prior, None, now.clone())), None)
         }
         (Some(InstanceCheck::Repin(why)), Some(r), true) => (
-            Some(new_pin(input, &r, prior, now.clone())),
+            Some(new_pin(input, &r, prior, Some(why), now.clone())),
             prior.map(|p| (p.key_sha256.clone(), why)),
         ),
         _ => (prior.cloned(), None),
@@ -331,16 +352,24 @@ fn new_pin(
     input: &Input<'_>,
     r: &InstanceId,
     prior: Option<&GuestInstancePin>,
+    why: Option<Repin>,
     now: Time,
 ) -> GuestInstancePin {
+    let (relaunches, previous_key_sha256) = match (prior, why) {
+        (None, _) => (0, None),
+        // The same instance, moved: its key and relaunch count stay.
+        (Some(p), Some(Repin::Migrated)) => (p.relaunches, p.previous_key_sha256.clone()),
+        (Some(p), _) => (p.relaunches.saturating_add(1), Some(p.key_sha256.clone())),
+    };
     GuestInstancePin {
         key_sha256: r.key_sha256.clone(),
         report_id: r.report_id.clone(),
         node: input.node.to_string(),
         pinned_at: now,
         launched_at: launched_at(input.cvm).map(Time),
-        relaunches: prior.map_or(0, |p| p.relaunches.saturating_add(1)),
-        previous_key_sha256: prior.map(|p| p.key_sha256.clone()),
+        relaunches,
+        previous_key_sha256,
+        migration: input.migration.map(str::to_string),
     }
 }
 
@@ -419,6 +448,9 @@ pub enum InstanceCheck {
     Repin(Repin),
     /// Another instance with no relaunch reported: refuse.
     Changed,
+    /// The first evidence after a migration's switch comes from another instance than the
+    /// one that was moved: refuse (the target runs another guest).
+    NotTheMovedInstance,
     /// The instance is pinned for another CVM (`namespace/name`): refuse.
     ServesOther(String),
 }
@@ -430,7 +462,7 @@ pub fn check_instance(
     pin: Option<&GuestInstancePin>,
     reported: &InstanceId,
     launched_at: Option<Timestamp>,
-    migrated_at: Option<Timestamp>,
+    migration: Option<&str>,
     others: &[(String, String)],
 ) -> InstanceCheck {
     if let Some((cvm, _)) = others
@@ -447,11 +479,17 @@ pub fn check_instance(
         (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
         _ => true,
     };
+    if migration.is_some() && migration != pin.migration.as_deref() {
+        // The first evidence since the switch: the moved guest keeps its key (its memory
+        // moved), its REPORT_ID may be the target's.
+        return if same_key {
+            InstanceCheck::Repin(Repin::Migrated)
+        } else {
+            InstanceCheck::NotTheMovedInstance
+        };
+    }
     if same_key && same_report_id {
         return InstanceCheck::Same;
-    }
-    if migrated_at.is_some_and(|m| m > pin.pinned_at.0) {
-        return InstanceCheck::Repin(Repin::Migrated);
     }
     let pinned_launch = pin.launched_at.as_ref().map(|t| t.0);
     match (launched_at, pinned_launch) {
@@ -482,6 +520,7 @@ fn challenge(input: &Input<'_>, instance_key: Option<&[u8]>) -> Option<Vec<u8>> 
                 input.cvm.metadata.uid.as_deref().unwrap_or_default(),
                 nonce.as_deref(),
             )
+            .after_migration(input.migration)
         }
     };
     Some(c.preimage(&binding::key_id(instance_key.unwrap_or_default())))
@@ -903,6 +942,10 @@ fn to_result(input: &Input<'_>, a: &Appraisal) -> AttestationResult {
         evidence_collected_at: Some(input.evidence.collected_at.clone()),
         nonce: input.evidence.nonce.clone(),
         evidence_sha256: Some(report_sha256(input.evidence)),
+        migration: match input.subject {
+            Subject::Cvm => input.migration.map(str::to_string),
+            Subject::Migration(_) => None,
+        },
         evidence_seen_at: Some(Time(seen_at(input).unwrap_or(input.now))),
     }
 }
@@ -917,6 +960,7 @@ pub fn same_verdict(a: &AttestationResult, b: &AttestationResult) -> bool {
         && a.nonce == b.nonce
         && a.trustworthiness_vector == b.trustworthiness_vector
         && a.evidence_sha256 == b.evidence_sha256
+        && a.migration == b.migration
         && a.evidence_seen_at == b.evidence_seen_at
 }
 
@@ -989,6 +1033,7 @@ mod tests {
             collected_at: Time(now()),
             launch_measurement: None,
             instance_key: Some(base64::engine::general_purpose::STANDARD.encode(&g.key)),
+            epoch: None,
         }
     }
 
@@ -1040,7 +1085,7 @@ mod tests {
                 host_pins: pins,
                 other_instances: others,
             },
-            migrated_at: None,
+            migration: None,
         })
     }
 
@@ -1153,6 +1198,7 @@ mod tests {
             launched_at: Some(Time(Timestamp::from_second(launched).unwrap())),
             relaunches: 0,
             previous_key_sha256: None,
+            migration: None,
         });
         st.platform = Some(PlatformFacts {
             launched_at: Some(Time(Timestamp::from_second(launched).unwrap())),
@@ -1207,6 +1253,69 @@ mod tests {
         assert_eq!(a.repinned.map(|(_, why)| why), Some(Repin::Relaunched));
     }
 
+    /// Regression (docs/migration.md): after a live migration's switch, the source can see
+    /// the new challenge too, so evidence counts only from the target's chip, bound to the
+    /// migration, from the instance that was moved; no clock decides.
+    #[test]
+    fn after_a_migration_only_the_moved_guest_on_the_target_counts() {
+        let p = platform(4);
+        let spec = policy(&p, None);
+        let mut c = cvm();
+        let moved = guest(1, 0xA0);
+        pinned(&mut c, &moved, 100);
+        c.status.as_mut().unwrap().node_name = Some("node-b".into());
+        let pins = [pin("node-a", 0xA0)];
+        let run_moved = |c: &ConfidentialVM, ev: &Evidence| {
+            appraise(&Input {
+                cvm: c,
+                policy: Some(("sim-policy", &spec)),
+                evidence: ev,
+                now: now(),
+                subject: Subject::Cvm,
+                node: "node-b",
+                records: Records {
+                    host_pins: &pins,
+                    other_instances: &[],
+                },
+                migration: Some("m1"),
+            })
+        };
+        // The source's evidence from the second of the switch (not bound to the migration).
+        let stale = evidence_of(&p, &moved, &Challenge::cvm("cvm-uid", None));
+        let a = run_moved(&c, &stale);
+        assert!(!verified(&a));
+        assert!(checks(&a.result).contains(&"report-data-mismatch"));
+        assert!(checks(&a.result).contains(&"hardware-pinned-to-other-node"));
+        // The source answering the new challenge from its own chip.
+        let after = Challenge::cvm("cvm-uid", None).after_migration(Some("m1"));
+        let a = run_moved(&c, &evidence_of(&p, &moved, &after));
+        assert!(!verified(&a));
+        assert_eq!(checks(&a.result), vec!["hardware-pinned-to-other-node"]);
+        // The target running another guest.
+        let other = evidence_of(&p, &guest(2, 0xB0), &after);
+        let a = run_moved(&c, &other);
+        assert!(!verified(&a));
+        assert_eq!(checks(&a.result), vec!["instance-not-migrated"]);
+        // The moved guest on the target's chip, bound to the migration: verified.
+        let on_target = Guest {
+            report_id: [5; 32],
+            ..guest(1, 0xB0)
+        };
+        let a = run_moved(&c, &evidence_of(&p, &on_target, &after));
+        assert!(verified(&a), "{:?}", a.result.findings);
+        assert_eq!(a.result.migration.as_deref(), Some("m1"));
+        let inst = a.instance.unwrap();
+        assert_eq!(inst.node, "node-b");
+        assert_eq!(inst.migration.as_deref(), Some("m1"));
+        assert_eq!(inst.relaunches, 0, "the same instance, moved");
+        assert_eq!(a.repinned.map(|(_, w)| w), Some(Repin::Migrated));
+        assert_eq!(
+            a.pin_host.map(|h| h.id),
+            Some(hex::encode([0xB0; 64])),
+            "the target's chip is pinned on first use"
+        );
+    }
+
     #[test]
     fn one_instance_cannot_answer_for_two_cvms() {
         let p = platform(4);
@@ -1258,6 +1367,7 @@ mod tests {
                 collected_at: Time(now()),
                 launch_measurement: Some("ab".repeat(32)),
                 instance_key: None,
+                epoch: None,
             };
             // Every value the host could write for its platform facts: no verdict moves.
             for simulated in [false, true] {
@@ -1389,7 +1499,7 @@ mod tests {
             subject: Subject::Migration("migration-uid"),
             node: "node-b",
             records: Records::default(),
-            migrated_at: None,
+            migration: None,
         });
         assert_eq!(
             with.result.status,
@@ -1417,7 +1527,7 @@ mod tests {
             subject: Subject::Migration("migration-uid"),
             node: "node-b",
             records: Records::default(),
-            migrated_at: None,
+            migration: None,
         });
         assert!(checks(&r.result).contains(&"report-data-mismatch"));
     }
@@ -1436,7 +1546,7 @@ mod tests {
             subject: Subject::Migration("migration-uid"),
             node: "node-b",
             records: Records::default(),
-            migrated_at: None,
+            migration: None,
         })
         .result;
         assert_eq!(r.status, EarStatus::Contraindicated);
@@ -1493,6 +1603,7 @@ mod tests {
             launched_at: Some(Time(t(90))),
             relaunches: 0,
             previous_key_sha256: None,
+            migration: None,
         };
         let id = |k: &str, r: &str| InstanceId {
             key_sha256: k.into(),
@@ -1514,13 +1625,23 @@ mod tests {
             check_instance(Some(&pin), &id("k2", "r2"), Some(t(95)), None, &[]),
             InstanceCheck::Repin(Repin::Relaunched)
         );
+        // After a migration's switch: the moved instance keeps its key (its REPORT_ID may
+        // be the target's); another key is not the moved guest, relaunch or not.
         assert_eq!(
-            check_instance(Some(&pin), &id("k2", "r2"), Some(t(90)), Some(t(150)), &[]),
+            check_instance(Some(&pin), &id("k1", "r2"), Some(t(90)), Some("m1"), &[]),
             InstanceCheck::Repin(Repin::Migrated)
         );
         assert_eq!(
-            check_instance(Some(&pin), &id("k2", "r2"), Some(t(90)), Some(t(50)), &[]),
-            InstanceCheck::Changed
+            check_instance(Some(&pin), &id("k2", "r2"), Some(t(95)), Some("m1"), &[]),
+            InstanceCheck::NotTheMovedInstance
+        );
+        let moved = GuestInstancePin {
+            migration: Some("m1".into()),
+            ..pin.clone()
+        };
+        assert_eq!(
+            check_instance(Some(&moved), &id("k1", "r1"), Some(t(90)), Some("m1"), &[]),
+            InstanceCheck::Same
         );
         assert_eq!(
             check_instance(

@@ -50,6 +50,9 @@ pub enum Request {
         /// The owner's challenge, lowercase hex, 0 to [`MAX_NONCE_BYTES`] bytes.
         #[serde(default)]
         nonce: String,
+        /// UID of the live migration that last moved the CVM (empty: none).
+        #[serde(default)]
+        epoch: String,
     },
 }
 
@@ -291,6 +294,7 @@ impl Request {
             purpose: c.purpose.as_str().into(),
             subject: c.subject_uid.clone(),
             nonce: hex::encode(&c.nonce),
+            epoch: c.epoch.clone(),
         }
     }
 
@@ -300,6 +304,7 @@ impl Request {
             purpose,
             subject,
             nonce,
+            epoch,
         } = self
         else {
             return Ok(None);
@@ -317,10 +322,17 @@ impl Request {
                 ),
             });
         }
+        if epoch.chars().count() > MAX_SUBJECT_CHARS {
+            return Err(ProtoError::Invalid {
+                field: "epoch",
+                detail: format!("longer than {MAX_SUBJECT_CHARS} characters"),
+            });
+        }
         Ok(Some(Challenge {
             purpose,
             subject_uid: subject.clone(),
             nonce: decode_nonce(nonce)?,
+            epoch: epoch.clone(),
         }))
     }
 }
@@ -381,7 +393,7 @@ mod tests {
 
     #[test]
     fn request_round_trip_carries_version() {
-        let c = Challenge::cvm("uid-1", Some(&[0x00, 0xff]));
+        let c = Challenge::cvm("uid-1", Some(&[0x00, 0xff])).after_migration(Some("m-1"));
         let req = Request::get_evidence(&c);
         let body = req.encode().unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -390,6 +402,7 @@ mod tests {
         assert_eq!(v["purpose"], "cvm");
         assert_eq!(v["subject"], "uid-1");
         assert_eq!(v["nonce"], "00ff");
+        assert_eq!(v["epoch"], "m-1");
         let back = Request::decode(&body).unwrap();
         assert_eq!(back, req);
         assert_eq!(back.challenge().unwrap(), Some(c));

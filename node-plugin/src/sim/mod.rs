@@ -81,6 +81,17 @@ pub struct SimPlatform {
     roots: SimRoots,
     path: PathBuf,
     guests: Mutex<GuestsFile>,
+    /// Where a send leaves the guest's transferred state for the target (the simulated
+    /// wire; `None`: sends move nothing).
+    transfers: Option<PathBuf>,
+}
+
+/// What a simulated send moves: in a real migration the guest's memory, and with it the
+/// agent's instance key. The receiving guest takes it over once it answers for the CVM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Transfer {
+    instance_key: String,
 }
 
 impl std::fmt::Debug for SimPlatform {
@@ -149,6 +160,7 @@ impl SimPlatform {
             roots,
             path,
             guests: Mutex::new(file),
+            transfers: None,
         })
     }
 
@@ -167,7 +179,9 @@ impl SimPlatform {
             caps.supports(TeeType::SevSnp),
             caps.supports(TeeType::Tdx),
         )?;
-        Ok(Self::open(config, state_dir, roots)?)
+        let mut p = Self::open(config, state_dir, roots)?;
+        p.transfers = Some(root_dir.join("transfers"));
+        Ok(p)
     }
 
     /// Fingerprints of the roots signing this host's evidence.
@@ -202,6 +216,38 @@ impl SimPlatform {
     /// The node the guest `uid` was sent to by a live migration, if any.
     pub fn sent_to(&self, uid: &str) -> Option<String> {
         self.lock().guests.get(uid).and_then(|g| g.sent_to.clone())
+    }
+
+    /// After the switch, the receiving guest `uid` takes over the state its source sent
+    /// (the instance key): from now on it is the migrated guest, not a new instance.
+    fn adopt_transfer(&self, uid: &str) -> Result<(), PlatformError> {
+        let Some(dir) = &self.transfers else {
+            return Ok(());
+        };
+        let path = dir.join(format!("{uid}.json"));
+        let mut file = self.lock();
+        let Some(g) = file.guests.get(uid).filter(|g| g.incoming) else {
+            return Ok(());
+        };
+        if !path.exists() {
+            return Ok(());
+        }
+        let t: Transfer = store::read_json(&path).map_err(|e| PlatformError::State {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let before = g.clone();
+        if let Some(held) = file.guests.get_mut(uid) {
+            held.instance_key = t.instance_key;
+            held.incoming = false;
+        }
+        if let Err(e) = self.persist(&file) {
+            file.guests.insert(uid.to_string(), before);
+            return Err(e);
+        }
+        // Consumed: a later migration brings its own.
+        let _ = std::fs::remove_file(&path);
+        Ok(())
     }
 
     /// Whether the guest `uid` was launched to receive a live migration.
@@ -421,6 +467,9 @@ impl Platform for SimPlatform {
         uid: &str,
         challenge: &Challenge,
     ) -> Result<RawEvidence, PlatformError> {
+        if !challenge.binding.epoch.is_empty() {
+            self.adopt_transfer(uid)?;
+        }
         let found = self.lock().guests.get(uid).cloned();
         let g = crate::platform::running_guest(uid, found, |g| &g.info)?;
         // Signing is CPU work of a few milliseconds; not worth a blocking-pool hop.
@@ -445,6 +494,14 @@ impl Platform for SimPlatform {
                 "simulated failure sending guest {uid} to node {target_node} (the simulator \
                  config sets failSends)"
             )));
+        }
+        if let Some(dir) = &self.transfers {
+            let t = Transfer {
+                instance_key: g.instance_key.clone(),
+            };
+            store::write_json(&dir.join(format!("{uid}.json")), &t).map_err(|e| {
+                PlatformError::Transfer(format!("simulated send of guest {uid}: {e}"))
+            })?;
         }
         let before = g.sent_to;
         if let Some(held) = file.guests.get_mut(uid) {
@@ -546,7 +603,7 @@ mod tests {
         // Idempotent: no second guest, and it answers a challenge like any guest.
         let again = dst.prepare_incoming(&req).await.unwrap();
         assert_eq!(again.launched_at, incoming.launched_at);
-        let c = challenge_for(None, "migration-uid").unwrap();
+        let c = challenge_for(None, "migration-uid", None).unwrap();
         let ev = dst.evidence("m", &c).await.unwrap();
         assert_eq!(ev.measurement, running.measurement);
         drop(dst);
@@ -558,6 +615,25 @@ mod tests {
             "the receiving guest is kept across a restart"
         );
         assert!(dst.is_incoming("m"));
+
+        // The send moves the guest's state, and with it its instance key: once the target
+        // answers for the CVM after the switch, it is the same instance, not a new one.
+        let before = src
+            .evidence("m", &challenge_for(None, "m", None).unwrap())
+            .await
+            .unwrap();
+        let fresh_target = dst.evidence("m", &c).await.unwrap();
+        assert_ne!(fresh_target.instance_key, before.instance_key);
+        src.send("m", "dst").await.unwrap();
+        let after_switch = challenge_for(None, "m", Some("mig-1")).unwrap();
+        let moved = dst.evidence("m", &after_switch).await.unwrap();
+        assert_eq!(moved.instance_key, before.instance_key);
+        assert!(!dst.is_incoming("m"), "adopted");
+        // Kept across a restart of the target's plugin.
+        drop(dst);
+        let dst = open(dst_state.path(), "dst");
+        let again = dst.evidence("m", &after_switch).await.unwrap();
+        assert_eq!(again.instance_key, before.instance_key);
     }
 
     #[tokio::test]
@@ -600,7 +676,7 @@ mod tests {
             SimPlatform::open(config(TeeType::Sev, 1), state.path(), SimRoots::default()).unwrap();
         let req = request("a", TeeType::Sev);
         p.launch(&req).await.unwrap();
-        let c = challenge_for(Some("aa"), "a").unwrap();
+        let c = challenge_for(Some("aa"), "a", None).unwrap();
         let ev = p.evidence("a", &c).await.unwrap();
         assert_eq!(ev.format, EvidenceFormat::SevLaunchMeasure);
         assert_eq!(ev.report, req.expected_measurement);
@@ -617,7 +693,7 @@ mod tests {
                 .unwrap();
         let req = request("t", TeeType::Tdx);
         p.launch(&req).await.unwrap();
-        let c = challenge_for(Some("abcd"), "t").unwrap();
+        let c = challenge_for(Some("abcd"), "t", None).unwrap();
         let ev = p.evidence("t", &c).await.unwrap();
         assert_eq!(ev.format, EvidenceFormat::TdxQuote);
         let fp = p.root_fingerprints().tdx.unwrap();
