@@ -270,7 +270,7 @@ async fn a_users_nonce_comes_back_bound_in_fresh_evidence() {
     assert_eq!(ev.nonce.as_deref(), Some(nonce.as_str()));
     assert!(ev.collected_at.0 >= old_collected.0);
     // Check the binding ourselves, on the raw report, from docs/evidence-binding.md alone:
-    // SHA-512 over the domain, purpose, CVM UID, nonce and the instance key's SHA-256.
+    // SHA-512 over the domain, purpose, CVM UID, nonce, epoch and the instance key's SHA-256.
     let raw = cvm_node_plugin::evidence::decode_report(ev).unwrap();
     let report = cvm_attest::snp::report::SnpReport::parse(&raw).unwrap();
     let key = {
@@ -286,6 +286,7 @@ async fn a_users_nonce_comes_back_bound_in_fresh_evidence() {
         &field(b"cvm"),
         &field(uid.as_bytes()),
         &field(&hex::decode(&nonce).unwrap()),
+        &field(b""), // epoch: never migrated
         &field(&sha2::Sha256::digest(&key)),
     ]
     .concat();
