@@ -1,8 +1,8 @@
 //! The operator's command line (also reachable as `cvm-dev operator …`).
 
-use crate::controller;
 use crate::leader::Elector;
 use crate::metrics::Metrics;
+use crate::runtime;
 use clap::Parser;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
@@ -123,7 +123,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         let stop = async move {
             let _ = stop_rx.await;
         };
-        let ctrl = controller::run(
+        let ctrl = runtime::run(
             client.clone(),
             metrics.clone(),
             &identity,

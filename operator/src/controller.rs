@@ -5,7 +5,6 @@
 use crate::error::{kube as kerr, Error, Result};
 use crate::metrics::Metrics;
 use crate::migrate;
-use crate::migration_controller;
 use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
 use crate::state::{self, NodeHealth, Observed, OperatorStatus, Placement, Verification};
 use crate::verify;
@@ -20,22 +19,18 @@ use cvm_crds::{
     AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase, HostPin,
     HostPinSpec, MigrationPhase, PinSource,
 };
-use cvm_telemetry::watch::{WatchRetry, OPERATOR_RETRY_MAX};
-use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::RwLockReadGuard;
 use tracing::{info, warn};
 
 /// Shared state of all reconciles (CVMs and migrations).
@@ -50,10 +45,6 @@ pub struct Context {
     /// Serialises placement (of CVMs and of migration targets), and remembers decisions
     /// the cache has not shown yet, so that two reconciles never hand out the same last ASID.
     pub assumed: tokio::sync::Mutex<Assumed>,
-    /// CVMs a migration rebound, by CVM key, until the cache shows it: the CVM's own
-    /// reconcile must not write status from an older view meanwhile (both write
-    /// `status.nodeName` as the operator, so the older view would bind it back).
-    pub rebinds: tokio::sync::RwLock<HashMap<String, Rebind>>,
     pub metrics: Metrics,
     pub recorder: Recorder,
     /// Signals that capacity was freed, so pending CVMs are retried at once.
@@ -72,28 +63,6 @@ pub struct Assumed {
     pub cvms: HashMap<String, Placed>,
     /// Migration targets, by migration key.
     pub targets: HashMap<String, Placed>,
-}
-
-/// A migration's rebind of a CVM, which the cache may not show yet.
-#[derive(Debug, Clone)]
-pub struct Rebind {
-    pub node: String,
-    /// The `cvmp.io/migrated-at` value it set.
-    pub migrated_at: String,
-    pub since: std::time::Instant,
-}
-
-/// The longest a rebind holds off its CVM's status writes: the cache shows it within
-/// moments; this only bounds one that never completed (its migration was deleted).
-const REBIND_HOLD: Duration = Duration::from_secs(30);
-
-impl Rebind {
-    /// Whether a view of the CVM is at least as new as this rebind (or it is too old to wait for).
-    pub fn settled_in(&self, cvm: &ConfidentialVM) -> bool {
-        let shown = cvm.node_name() == Some(self.node.as_str())
-            && cvm.annotations().get(ANNOTATION_MIGRATED_AT) == Some(&self.migrated_at);
-        shown || self.since.elapsed() > REBIND_HOLD
-    }
 }
 
 pub(crate) fn key(cvm: &ConfidentialVM) -> String {
@@ -319,6 +288,43 @@ async fn ensure_label(cvm: &ConfidentialVM, api: &Api<ConfidentialVM>, node: &st
     )
     .await
     .map_err(kerr(format!("labelling {}", cvm.name_any())))?;
+    Ok(())
+}
+
+/// Labels and annotates the CVM for the target of a switched migration (`status.nodeName`
+/// follows in the status write). Guarded by the view's resourceVersion: a view older than
+/// the object is refused with a conflict and retried on a fresh one.
+async fn bind_after_switch(
+    cvm: &ConfidentialVM,
+    api: &Api<ConfidentialVM>,
+    sw: &migrate::Switch,
+) -> Result<()> {
+    let shown = cvm.labels().get(LABEL_NODE) == Some(&sw.node)
+        && cvm.annotations().get(ANNOTATION_MIGRATION) == Some(&sw.migration);
+    if shown {
+        return Ok(());
+    }
+    let body = json!({"metadata": {
+        "resourceVersion": cvm.resource_version(),
+        "labels": {LABEL_NODE: &sw.node},
+        "annotations": {
+            ANNOTATION_MIGRATED_AT: migrate::format_migrated_at(sw.at),
+            ANNOTATION_MIGRATION: &sw.migration,
+        },
+    }});
+    api.patch(
+        &cvm.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(kerr(format!(
+        "binding {} to node {} after live migration {}",
+        cvm.name_any(),
+        sw.node,
+        sw.migration
+    )))?;
+    info!(cvm = %cvm.name_any(), node = %sw.node, from = cvm.node_name().unwrap_or(""), migration = %sw.migration, phase = "Switched", "bound to the live migration's target");
     Ok(())
 }
 
@@ -714,22 +720,21 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         return Ok(Action::await_change());
     }
 
-    let placement = match cvm.node_name() {
-        Some(n) => Placement::Bound(n.to_string()),
-        None if deleting => Placement::Unschedulable("deleted before it was scheduled".into()),
-        None => place(&cvm, &api, &ctx).await?,
+    // The binding: this reconciler is its only writer. A live migration that switched
+    // moves it to the target; otherwise it stays where placement put it.
+    let switch = migrate::switched_binding(&cvm, &ctx.migrations.state());
+    let placement = match (&switch, cvm.node_name()) {
+        (Some(sw), _) => Placement::Bound(sw.node.clone()),
+        (None, Some(n)) => Placement::Bound(n.to_string()),
+        (None, None) if deleting => {
+            Placement::Unschedulable("deleted before it was scheduled".into())
+        }
+        (None, None) => place(&cvm, &api, &ctx).await?,
     };
-    // Held until the status is written: a migration's rebind waits for it, and a view
-    // older than a rebind writes nothing.
-    let _settled = match &placement {
-        Placement::Bound(_) => match settled(&cvm, &ctx).await {
-            Some(guard) => Some(guard),
-            None => return Ok(Action::requeue(Duration::from_secs(1))),
-        },
-        Placement::Unschedulable(_) => None,
-    };
-    if let Placement::Bound(node) = &placement {
-        ensure_label(&cvm, &api, node).await?;
+    match (&switch, &placement) {
+        (Some(sw), _) => bind_after_switch(&cvm, &api, sw).await?,
+        (None, Placement::Bound(node)) => ensure_label(&cvm, &api, node).await?,
+        (None, Placement::Unschedulable(_)) => {}
     }
     let node = match &placement {
         Placement::Bound(n) => Some(node_health(n, &ctx)),
@@ -757,35 +762,6 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         // without any event to say so.
         _ => Action::requeue(Duration::from_secs(60)),
     })
-}
-
-/// A read guard on the rebinds when this view of the CVM is at least as new as any
-/// migration's rebind of it; `None` when the cache has not shown the rebind yet.
-async fn settled<'a>(
-    cvm: &ConfidentialVM,
-    ctx: &'a Context,
-) -> Option<RwLockReadGuard<'a, HashMap<String, Rebind>>> {
-    let k = key(cvm);
-    {
-        let rebinds = ctx.rebinds.read().await;
-        match rebinds.get(&k) {
-            None => return Some(rebinds),
-            Some(r) if !r.settled_in(cvm) => return None,
-            Some(_) => {}
-        }
-    }
-    // The cache shows the rebind: forget it (unless another one replaced it meanwhile).
-    {
-        let mut rebinds = ctx.rebinds.write().await;
-        if rebinds.get(&k).is_some_and(|r| r.settled_in(cvm)) {
-            rebinds.remove(&k);
-        }
-    }
-    let rebinds = ctx.rebinds.read().await;
-    match rebinds.get(&k) {
-        Some(r) if !r.settled_in(cvm) => None,
-        _ => Some(rebinds),
-    }
 }
 
 /// Whether the node plugin ever reported on this guest (a guest that never launched
@@ -866,193 +842,9 @@ pub fn update_phase_gauge(ctx: &Context) {
     }
 }
 
-/// Runs the CVM and migration controllers until the stream ends (shutdown signal) or
-/// `stop` resolves.
-pub async fn run(
-    client: Client,
-    metrics: Metrics,
-    identity: &str,
-    migration_timeout: Duration,
-    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
-    let stop = stop.shared();
-    let cvms: Api<ConfidentialVM> = Api::all(client.clone());
-    let migrations: Api<ConfidentialVMMigration> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client.clone());
-    let policies: Api<AttestationPolicy> = Api::all(client.clone());
-
-    let (node_store, node_writer) = reflector::store();
-    let node_watch =
-        WatchRetry::new("Node (scheduler cache)", OPERATOR_RETRY_MAX).drive(reflector(
-            node_writer,
-            watcher(nodes.clone(), watcher::Config::default()),
-        ));
-    let (pin_store, pin_writer) = reflector::store();
-    let pin_watch = WatchRetry::new("HostPin", OPERATOR_RETRY_MAX).drive(reflector(
-        pin_writer,
-        watcher(
-            Api::<HostPin>::all(client.clone()),
-            watcher::Config::default(),
-        ),
-    ));
-
-    let controller = Controller::new(cvms.clone(), watcher::Config::default());
-    let cvm_store = controller.store();
-    let migration_ctrl = Controller::new(migrations, watcher::Config::default());
-    let migration_store = migration_ctrl.store();
-    let for_nodes = cvm_store.clone();
-    let for_policies = cvm_store.clone();
-    let (freed, freed_rx) = futures::channel::mpsc::unbounded();
-    let ctx = Arc::new(Context {
-        freed,
-        client: client.clone(),
-        nodes: node_store,
-        host_pins: pin_store,
-        cvms: cvm_store,
-        migrations: migration_store.clone(),
-        assumed: tokio::sync::Mutex::new(Assumed::default()),
-        rebinds: tokio::sync::RwLock::new(HashMap::new()),
-        migration_timeout,
-        verified_once: Default::default(),
-        metrics: metrics.clone(),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: MANAGER_OPERATOR.into(),
-                instance: Some(identity.to_string()),
-            },
-        ),
-    });
-    let gauge_ctx = ctx.clone();
-    let gauge = async move {
-        loop {
-            update_phase_gauge(&gauge_ctx);
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    };
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::SeqCst);
-    // One backoff for all three watches of the controller (see WatchRetry).
-    let cvm_retry = WatchRetry::new(
-        "ConfidentialVM, Node, AttestationPolicy",
-        OPERATOR_RETRY_MAX,
-    );
-    let ctrl = controller
-        // A node that appears, frees up or changes readiness may let pending CVMs in and
-        // changes the health of those bound to it.
-        .watches(nodes, watcher::Config::default(), move |node: Node| {
-            let name = node.name_any();
-            for_nodes
-                .state()
-                .iter()
-                .filter(|c| c.node_name().is_none() || c.node_name() == Some(name.as_str()))
-                .map(|c| ObjectRef::from_obj(c.as_ref()))
-                .collect::<Vec<_>>()
-        })
-        .watches(
-            policies,
-            watcher::Config::default(),
-            move |p: AttestationPolicy| {
-                let name = p.name_any();
-                for_policies
-                    .state()
-                    .iter()
-                    .filter(|c| c.policy_ref() == Some(name.as_str()))
-                    .map(|c| ObjectRef::from_obj(c.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .reconcile_all_on(freed_rx)
-        .trigger_backoff(cvm_retry.clone())
-        .graceful_shutdown_on(stop.clone())
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(move |res| {
-            if let Err(e) = res {
-                cvm_retry.log_controller_error(&e);
-            }
-            futures::future::ready(())
-        });
-    let migration_retry = WatchRetry::new(
-        "ConfidentialVMMigration, ConfidentialVM",
-        OPERATOR_RETRY_MAX,
-    );
-    let migration_ctrl = migration_controller::watching(migration_ctrl, cvms, migration_store)
-        .trigger_backoff(migration_retry.clone())
-        .graceful_shutdown_on(stop)
-        .run(
-            migration_controller::reconcile,
-            migration_controller::error_policy,
-            ctx,
-        )
-        .for_each(move |res| {
-            if let Err(e) = res {
-                migration_retry.log_controller_error(&e);
-            }
-            futures::future::ready(())
-        });
-    tokio::select! {
-        // Both shut down gracefully on `stop`; wait for both.
-        _ = futures::future::join(ctrl, migration_ctrl) => {},
-        _ = node_watch => {},
-        _ = pin_watch => {},
-        _ = gauge => {},
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cvm(node: &str, migrated_at: Option<&str>) -> ConfidentialVM {
-        let mut c: ConfidentialVM = serde_json::from_value(json!({
-            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-            "metadata": {"name": "web", "namespace": "d"},
-            "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 2, "memoryMiB": 2048},
-                     "boot": {"firmware": {"name": "ovmf"}}},
-            "status": {"nodeName": node},
-        }))
-        .unwrap();
-        if let Some(at) = migrated_at {
-            c.annotations_mut()
-                .insert(ANNOTATION_MIGRATED_AT.into(), at.into());
-        }
-        c
-    }
-
-    #[test]
-    fn a_rebind_is_settled_once_the_view_shows_node_and_time() {
-        let r = Rebind {
-            node: "n2".into(),
-            migrated_at: "2024-01-01T00:00:00Z".into(),
-            since: std::time::Instant::now(),
-        };
-        assert!(
-            !r.settled_in(&cvm("n1", None)),
-            "the view before the rebind"
-        );
-        assert!(
-            !r.settled_in(&cvm("n2", None)),
-            "status rebound, label and annotation not yet"
-        );
-        assert!(!r.settled_in(&cvm("n2", Some("2023-01-01T00:00:00Z"))));
-        assert!(r.settled_in(&cvm("n2", Some("2024-01-01T00:00:00Z"))));
-    }
-
-    #[test]
-    fn a_rebind_that_never_completed_stops_holding_its_cvm() {
-        let Some(long_ago) =
-            std::time::Instant::now().checked_sub(REBIND_HOLD + Duration::from_secs(1))
-        else {
-            return; // a monotonic clock this young cannot express the past; nothing to test
-        };
-        let r = Rebind {
-            node: "n2".into(),
-            migrated_at: "2024-01-01T00:00:00Z".into(),
-            since: long_ago,
-        };
-        assert!(r.settled_in(&cvm("n1", None)));
-    }
 
     fn api_error(code: u16, reason: &str) -> Error {
         crate::error::api_error("updating finalizers of web", code, reason)

@@ -4,7 +4,7 @@
 //!
 //! Pure decisions live in [`schedule`], [`state`], [`verify`], [`migrate`] and
 //! [`leader::decide`]; [`controller`] and [`migration_controller`] read snapshots and
-//! write results.
+//! write results; [`runtime`] starts both.
 
 pub mod cli;
 pub mod controller;
@@ -13,6 +13,7 @@ pub mod leader;
 pub mod metrics;
 pub mod migrate;
 pub mod migration_controller;
+pub mod runtime;
 pub mod schedule;
 pub mod state;
 pub mod verify;

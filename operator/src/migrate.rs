@@ -1,8 +1,10 @@
 //! Live migration, the operator's side (docs/migration.md): a pure decision from what the
 //! reconciler observed (the migration, its CVM, other migrations of that CVM, the
 //! scheduler's choice of target, the appraisal of the target's evidence, the clock) to
-//! the share of the migration's status the operator owns, plus at most one side effect.
-//! [`crate::migration_controller`] reads the inputs and carries the result out.
+//! the share of the migration's status the operator owns. It writes nothing else: the
+//! CVM's binding after the switch is its own reconciler's to write, from the `Switched`
+//! condition recorded here. [`crate::migration_controller`] reads the inputs and writes
+//! the result.
 //!
 //! Every failure message starts with its reason (`NoTarget: …`), so that `kubectl get`
 //! and `kubectl cvm migrate` show why without reading conditions.
@@ -12,7 +14,7 @@ use std::time::Duration;
 use cvm_crds::conditions::{STATUS_FALSE, STATUS_TRUE};
 use cvm_crds::cvm::AttestationResult;
 use cvm_crds::migration::{CONDITION_SWITCHED, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED};
-use cvm_crds::wellknown::ANNOTATION_MIGRATED_AT;
+use cvm_crds::wellknown::ANNOTATION_MIGRATION;
 use cvm_crds::{
     ConditionType, ConfidentialVM, ConfidentialVMMigration, ConfidentialVMMigrationStatus,
     CvmPhase, MigrationPhase,
@@ -129,8 +131,9 @@ pub struct CvmView {
     /// (`status.attestation.migration`): only evidence bound to a migration tells about
     /// the guest after that migration's switch.
     pub verdict_migration: Option<String>,
-    /// The `cvmp.io/migrated-at` annotation, when it parses.
-    pub migrated_at: Option<Timestamp>,
+    /// The `cvmp.io/migration` annotation: the migration that last moved the CVM, as its
+    /// reconciler recorded the binding.
+    pub migration: Option<String>,
 }
 
 impl CvmView {
@@ -145,10 +148,7 @@ impl CvmView {
             verdict_migration: status
                 .and_then(|s| s.attestation.as_ref())
                 .and_then(|a| a.migration.clone()),
-            migrated_at: cvm
-                .annotations()
-                .get(ANNOTATION_MIGRATED_AT)
-                .and_then(|v| parse_migrated_at(v)),
+            migration: cvm.annotations().get(ANNOTATION_MIGRATION).cloned(),
         }
     }
 }
@@ -251,19 +251,10 @@ impl OperatorStatus {
     }
 }
 
-/// A side effect the caller carries out before it writes the status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Effect {
-    /// Bind the CVM to `node`: `status.nodeName`, the `cvmp.io/node` label and the
-    /// `cvmp.io/migrated-at` annotation set to `at`.
-    Rebind { node: String, at: Timestamp },
-}
-
 /// The decision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub status: OperatorStatus,
-    pub effect: Option<Effect>,
 }
 
 /// Whether the caller should schedule a target for this pass.
@@ -350,14 +341,53 @@ pub fn target_hold(m: &ConfidentialVMMigration, cvm: Option<&ConfidentialVM>) ->
     })
 }
 
+/// A CVM's binding after the switch of one of its migrations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// The migration's target: the CVM's node from the switch on.
+    pub node: String,
+    /// The migration's UID (annotation `cvmp.io/migration`, the binding's epoch).
+    pub migration: String,
+    /// When the operator recorded the switch (annotation `cvmp.io/migrated-at`).
+    pub at: Timestamp,
+}
+
+/// The binding a switched migration gives `cvm`: the one migration of it in progress
+/// whose `Switched` condition is True, while the CVM is on its source or target. Pure; the
+/// CVM's reconciler, the only writer of a CVM's binding, applies it. A finished migration
+/// drives nothing: by then the CVM shows its binding.
+pub fn switched_binding(
+    cvm: &ConfidentialVM,
+    migrations: &[std::sync::Arc<ConfidentialVMMigration>],
+) -> Option<Switch> {
+    let (ns, name) = (
+        cvm.metadata.namespace.as_deref(),
+        cvm.metadata.name.as_deref(),
+    );
+    migrations
+        .iter()
+        .filter(|m| m.metadata.namespace.as_deref() == ns && Some(m.spec.cvm_name.as_str()) == name)
+        .filter_map(|m| {
+            let st = m.status.as_ref()?;
+            if st.phase.unwrap_or_default().is_terminal() {
+                return None;
+            }
+            let at = OperatorStatus::recorded(st).switched_at()?;
+            let (source, target) = (st.source_node.as_deref()?, st.target_node.as_deref()?);
+            let on = cvm.node_name();
+            (on == Some(source) || on == Some(target)).then(|| Switch {
+                node: target.to_string(),
+                migration: m.metadata.uid.clone().unwrap_or_default(),
+                at,
+            })
+        })
+        .find(|s| !s.migration.is_empty())
+}
+
 /// The annotation value for a switch at `t`: RFC 3339 in whole seconds, as status times
 /// are written.
 pub fn format_migrated_at(t: Timestamp) -> String {
     whole_seconds(t).to_string()
-}
-
-pub fn parse_migrated_at(v: &str) -> Option<Timestamp> {
-    v.trim().parse().ok()
 }
 
 fn whole_seconds(t: Timestamp) -> Timestamp {
@@ -385,10 +415,7 @@ pub fn human(d: Duration) -> String {
 }
 
 fn outcome(status: OperatorStatus) -> Outcome {
-    Outcome {
-        status,
-        effect: None,
-    }
+    Outcome { status }
 }
 
 fn fail(mut st: OperatorStatus, now: &Time, reason: &str, detail: String) -> Outcome {
@@ -622,8 +649,8 @@ fn accept(i: &Input<'_>, st: OperatorStatus, cvm: &CvmView, now: &Time) -> Outco
     }
 }
 
-/// `Transferred=True`: bind the CVM to the target (unless it already is, by an earlier
-/// pass that could not record it) and record `Switched`.
+/// `Transferred=True`: record `Switched`. The CVM's own reconciler then binds it to the
+/// target (the one writer of a CVM's binding), reading this migration's switch.
 fn switch(
     i: &Input<'_>,
     mut st: OperatorStatus,
@@ -640,34 +667,23 @@ fn switch(
             now,
             reason::CVM_MOVED,
             format!(
-                "ConfidentialVM {name} is bound to {}, not to the migration's source {source}: not rebinding it",
+                "ConfidentialVM {name} is bound to {}, not to the migration's source {source}: not switching it",
                 node.unwrap_or("no node")
             ),
         );
     }
-    // An earlier pass rebound it and stopped before recording Switched: keep its time.
-    let done_at = cvm
-        .migrated_at
-        .filter(|t| node == Some(target) && t.as_second() >= i.migration.created.as_second());
-    let at = done_at.unwrap_or(now.0);
     st.conditions = vec![Condition {
         type_: CONDITION_SWITCHED.into(),
         status: STATUS_TRUE.into(),
         reason: REASON_REBOUND.into(),
-        message: format!("ConfidentialVM {name} rebound from {source} to {target}"),
+        message: format!("ConfidentialVM {name} switched from {source} to {target}"),
         observed_generation: i.migration.generation,
-        last_transition_time: Time(at),
+        last_transition_time: now.clone(),
     }];
-    st.started_at.get_or_insert(Time(at));
+    st.started_at.get_or_insert(now.clone());
     st.phase = MigrationPhase::Transferring;
     st.message = Some(awaiting_target_evidence(target));
-    Outcome {
-        status: st,
-        effect: done_at.is_none().then(|| Effect::Rebind {
-            node: target.to_string(),
-            at,
-        }),
-    }
+    Outcome { status: st }
 }
 
 /// The message from the switch until the verdict (one text: no status write in between).
@@ -686,20 +702,16 @@ fn after_switch(
     now: &Time,
 ) -> Outcome {
     let name = i.migration.cvm_name;
-    // The CVM belongs on the target from the switch on: repair a rebind that was lost.
-    let bound = cvm.node.as_deref() == Some(target)
-        && cvm.migrated_at.map(|t| t.as_second()) == Some(at.as_second());
+    // The CVM's reconciler binds it to the target from the switch on; until the CVM shows
+    // that, wait (no timeout: the guest now lives on the target only).
+    let bound =
+        cvm.node.as_deref() == Some(target) && cvm.migration.as_deref() == Some(i.migration.uid);
     if !bound {
-        let mut out = progress(
+        return progress(
             st,
             MigrationPhase::Transferring,
-            format!("switched to {target}; binding ConfidentialVM {name} there again"),
+            awaiting_target_evidence(target),
         );
-        out.effect = Some(Effect::Rebind {
-            node: target.to_string(),
-            at,
-        });
-        return out;
     }
     // Only a verdict on evidence bound to this migration speaks of the moved guest: its
     // report data binds the migration's UID, which no evidence from before the switch can
@@ -865,7 +877,7 @@ mod tests {
             }),
             live_migratable: (true, "MigrationAllowed", "allowed".into()),
             verdict_migration: None,
-            migrated_at: None,
+            migration: None,
         }
     }
 
@@ -972,7 +984,6 @@ mod tests {
             o.status.completed_at.is_some(),
             "a failed migration records its end"
         );
-        assert_eq!(o.effect, None);
     }
 
     #[test]
@@ -989,7 +1000,6 @@ mod tests {
             message(&o)
         );
         assert_eq!(o.status.completed_at, None);
-        assert_eq!(o.effect, None);
     }
 
     #[test]
@@ -1290,19 +1300,12 @@ mod tests {
     }
 
     #[test]
-    fn transferred_rebinds_and_records_switched() {
+    fn transferred_records_switched_and_writes_nothing_else() {
         let mut st = accepted(MigrationPhase::Transferring);
         st.conditions = vec![cond(CONDITION_TRANSFERRED, "True", "Sent", "")];
         st.started_at = Some(Time(ts(1005)));
         let o = Case::new(st).run();
         assert_eq!(o.status.phase, MigrationPhase::Transferring);
-        assert_eq!(
-            o.effect,
-            Some(Effect::Rebind {
-                node: "n2".into(),
-                at: ts(1010)
-            })
-        );
         assert_eq!(o.status.switched_at(), Some(ts(1010)));
         let sw = &o.status.conditions[0];
         assert_eq!(
@@ -1312,24 +1315,6 @@ mod tests {
         assert!(sw.message.contains("from n1 to n2"));
         // Only the operator's own condition is in its status.
         assert_eq!(o.status.conditions.len(), 1);
-    }
-
-    #[test]
-    fn a_rebind_done_before_a_restart_is_recorded_not_repeated() {
-        let mut st = accepted(MigrationPhase::Transferring);
-        st.conditions = vec![cond(CONDITION_TRANSFERRED, "True", "Sent", "")];
-        let mut c = Case::new(st);
-        let mut cvm = verified_cvm();
-        cvm.node = Some("n2".into());
-        cvm.migrated_at = Some(ts(1004));
-        c.cvm = Some(cvm.clone());
-        let o = c.run();
-        assert_eq!(o.effect, None);
-        assert_eq!(o.status.switched_at(), Some(ts(1004)));
-        // An annotation from an earlier migration does not count.
-        cvm.migrated_at = Some(ts(500));
-        c.cvm = Some(cvm);
-        assert!(matches!(c.run().effect, Some(Effect::Rebind { .. })));
     }
 
     #[test]
@@ -1352,12 +1337,12 @@ mod tests {
         st
     }
 
-    /// The CVM after the switch at `migrated_at`, its verdict on evidence bound to this
+    /// The CVM bound to the target after the switch, its verdict on evidence bound to this
     /// migration (`bound`) or not (the source's, from before the switch).
-    fn on_target(verified: Tri, bound: bool, migrated_at: i64) -> CvmView {
+    fn on_target(verified: Tri, bound: bool) -> CvmView {
         let mut cvm = verified_cvm();
         cvm.node = Some("n2".into());
-        cvm.migrated_at = Some(ts(migrated_at));
+        cvm.migration = Some("mig-uid-1".to_string());
         cvm.verdict_migration = bound.then(|| "mig-uid-1".to_string());
         cvm.verified = Some(Cond {
             status: verified,
@@ -1377,18 +1362,17 @@ mod tests {
         let mut c = Case::new(switched(1005));
         // Still the source's verdict (evidence not bound to this migration, even if it was
         // collected in the very second of the switch): wait.
-        c.cvm = Some(on_target(Tri::True, false, 1005));
+        c.cvm = Some(on_target(Tri::True, false));
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::Transferring);
-        assert_eq!(o.effect, None);
         assert!(message(&o).contains("waiting for the guest's evidence from n2"));
         // A verdict bound to another (earlier) migration of this CVM is not this one's.
-        let mut earlier = on_target(Tri::True, false, 1005);
+        let mut earlier = on_target(Tri::True, false);
         earlier.verdict_migration = Some("mig-uid-0".into());
         c.cvm = Some(earlier);
         assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
         // Evidence bound to this migration, verified on the target.
-        c.cvm = Some(on_target(Tri::True, true, 1005));
+        c.cvm = Some(on_target(Tri::True, true));
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::Succeeded);
         assert_eq!(o.status.completed_at, Some(Time(ts(1010))));
@@ -1409,16 +1393,15 @@ mod tests {
         st.conditions.extend(first.status.conditions.clone());
         let mut c = Case::new(st);
         c.now = 1012;
-        c.cvm = Some(on_target(Tri::True, false, 1010));
+        c.cvm = Some(on_target(Tri::True, false));
         let next = c.run();
         assert_eq!(next.status, first.status);
-        assert_eq!(next.effect, None);
     }
 
     #[test]
     fn rejected_evidence_on_the_target_fails_and_says_where_the_guest_is() {
         let mut c = Case::new(switched(1005));
-        c.cvm = Some(on_target(Tri::False, true, 1005));
+        c.cvm = Some(on_target(Tri::False, true));
         let o = c.run();
         assert_failed(&o, "TargetVerificationFailed");
         assert!(
@@ -1428,25 +1411,31 @@ mod tests {
             message(&o)
         );
         // A stale rejection (evidence not bound to this migration) is not the target's.
-        c.cvm = Some(on_target(Tri::False, false, 1005));
+        c.cvm = Some(on_target(Tri::False, false));
         assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
     }
 
     #[test]
-    fn a_lost_rebind_after_the_switch_is_repaired_with_the_same_time() {
+    fn after_the_switch_it_waits_for_the_cvms_own_binding_without_timing_out() {
         let mut c = Case::new(switched(1005));
-        let mut cvm = on_target(Tri::True, true, 1005);
+        // The CVM's reconciler has not bound it to the target yet.
+        let mut cvm = on_target(Tri::True, true);
         cvm.node = Some("n1".into());
-        c.cvm = Some(cvm);
+        cvm.migration = None;
+        c.cvm = Some(cvm.clone());
+        c.now = 99_999;
         let o = c.run();
         assert_eq!(
-            o.effect,
-            Some(Effect::Rebind {
-                node: "n2".into(),
-                at: ts(1005)
-            })
+            o.status.phase,
+            MigrationPhase::Transferring,
+            "{}",
+            message(&o)
         );
-        assert_ne!(o.status.phase, MigrationPhase::Succeeded);
+        // Bound to the target by an earlier migration: not this one's binding either.
+        cvm.node = Some("n2".into());
+        cvm.migration = Some("mig-uid-0".into());
+        c.cvm = Some(cvm);
+        assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
     }
 
     #[test]
@@ -1483,14 +1472,14 @@ mod tests {
         let mut c = Case::new(st);
         c.now = 1400;
         let o = c.run();
-        assert!(matches!(o.effect, Some(Effect::Rebind { .. })));
+        assert_eq!(o.status.switched_at(), Some(ts(1400)));
         assert_ne!(o.status.phase, MigrationPhase::Failed);
     }
 
     #[test]
     fn after_the_switch_the_timeout_counts_from_the_switch() {
         let mut c = Case::new(switched(1200));
-        c.cvm = Some(on_target(Tri::Unknown, false, 1200));
+        c.cvm = Some(on_target(Tri::Unknown, false));
         c.now = 1450; // 7.5 min after creation, 4 min after the switch
         assert_eq!(c.run().status.phase, MigrationPhase::Transferring);
         c.now = 1501;
@@ -1508,7 +1497,6 @@ mod tests {
         c.now = 99999;
         let o = c.run();
         assert_eq!(o.status, OperatorStatus::recorded(&st));
-        assert_eq!(o.effect, None);
         assert!(!needs_target(&c.view()));
     }
 
@@ -1677,6 +1665,57 @@ mod tests {
     }
 
     #[test]
+    fn a_switched_migration_in_progress_gives_its_cvm_the_target() {
+        let switched = |phase: &str| {
+            let mut m = migration(serde_json::json!({
+                "phase": phase, "sourceNode": "n1", "targetNode": "n2",
+                "conditions": [{"type": "Switched", "status": "True", "reason": "Rebound",
+                                "message": "", "lastTransitionTime": "2023-11-14T22:13:20Z"}],
+            }));
+            m.metadata.uid = Some("mig-1".into());
+            std::sync::Arc::new(m)
+        };
+        let want = Switch {
+            node: "n2".into(),
+            migration: "mig-1".into(),
+            at: ts(1_700_000_000),
+        };
+        assert_eq!(
+            switched_binding(&cvm_on("n1"), &[switched("Transferring")]),
+            Some(want.clone())
+        );
+        // Already on the target (the labels may still be missing): the same binding.
+        assert_eq!(
+            switched_binding(&cvm_on("n2"), &[switched("Transferring")]),
+            Some(want)
+        );
+        // Not switched yet, finished, another CVM, or a CVM that is elsewhere: nothing.
+        let mut unswitched = (*switched("Transferring")).clone();
+        if let Some(st) = unswitched.status.as_mut() {
+            st.conditions.clear();
+        }
+        assert_eq!(
+            switched_binding(&cvm_on("n1"), &[std::sync::Arc::new(unswitched)]),
+            None
+        );
+        assert_eq!(
+            switched_binding(&cvm_on("n1"), &[switched("Succeeded")]),
+            None
+        );
+        assert_eq!(switched_binding(&cvm_on("n1"), &[switched("Failed")]), None);
+        let mut other = (*switched("Transferring")).clone();
+        other.spec.cvm_name = "db".into();
+        assert_eq!(
+            switched_binding(&cvm_on("n1"), &[std::sync::Arc::new(other)]),
+            None
+        );
+        assert_eq!(
+            switched_binding(&cvm_on("n3"), &[switched("Transferring")]),
+            None
+        );
+    }
+
+    #[test]
     fn a_migration_holds_the_targets_capacity_until_the_cvm_is_there() {
         let m = migration(serde_json::json!({"phase": "TargetReady", "targetNode": "n2"}));
         let hold = target_hold(&m, Some(&cvm_on("n1"))).expect("held");
@@ -1699,15 +1738,12 @@ mod tests {
     }
 
     #[test]
-    fn migrated_at_round_trips_in_whole_seconds() {
+    fn migrated_at_is_written_in_whole_seconds() {
         let t = Timestamp::from_second(1_700_000_000)
             .unwrap()
             .checked_add(k8s_openapi::jiff::SignedDuration::from_millis(700))
             .unwrap();
-        let s = format_migrated_at(t);
-        assert_eq!(s, "2023-11-14T22:13:20Z");
-        assert_eq!(parse_migrated_at(&s), Some(ts(1_700_000_000)));
-        assert_eq!(parse_migrated_at("yesterday"), None);
+        assert_eq!(format_migrated_at(t), "2023-11-14T22:13:20Z");
     }
 
     #[test]
@@ -1721,17 +1757,12 @@ mod tests {
     #[test]
     fn cvm_view_reads_the_verdicts_migration_and_the_annotation() {
         let mut c = cvm_on("n2");
-        c.metadata.annotations = Some(
-            [(
-                ANNOTATION_MIGRATED_AT.to_string(),
-                "2023-11-14T22:13:20Z".to_string(),
-            )]
-            .into(),
-        );
+        c.metadata.annotations =
+            Some([(ANNOTATION_MIGRATION.to_string(), "m-9".to_string())].into());
         let st = c.status.get_or_insert_with(Default::default);
         st.evidence = Some(evidence(2000));
         let v = CvmView::of(&c);
-        assert_eq!(v.migrated_at, Some(ts(1_700_000_000)));
+        assert_eq!(v.migration.as_deref(), Some("m-9"));
         assert_eq!(v.verdict_migration, None, "no appraisal, no migration");
         assert_eq!(v.node.as_deref(), Some("n2"));
         let st = c.status.get_or_insert_with(Default::default);

@@ -1,21 +1,20 @@
 //! The I/O edge of live migration (docs/migration.md): reads a migration, its CVM (from
 //! the API server: the decision must not act on a stale binding), the nodes and the other
-//! migrations of that CVM; runs [`migrate::decide`]; rebinds the CVM when it says so;
-//! writes the operator's share of the migration's status by server-side apply; publishes
+//! migrations of that CVM; runs [`migrate::decide`]; writes the operator's share of the
+//! migration's status by server-side apply (never the CVM: its reconciler binds it to the
+//! target once `Switched` is recorded); publishes
 //! events, metrics and logs. Runs in the CVM controller's [`Context`], under the same
 //! leader election and placement lock.
 
-use crate::controller::{self, node_info, Context, Rebind};
+use crate::controller::{self, node_info, Context};
 use crate::error::{kube as kerr, Error, Expected, Result, CONFLICT_RETRY, FAILURE_RETRY};
 use crate::migrate::{
-    self, CvmView, Effect, MigrationView, OperatorStatus, OtherMigration, TargetAppraisal,
+    self, CvmView, MigrationView, OperatorStatus, OtherMigration, TargetAppraisal,
 };
 use crate::schedule::Placed;
-use crate::{state, verify};
+use crate::verify;
 use cvm_crds::cvm::Evidence;
-use cvm_crds::wellknown::{
-    ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, LABEL_NODE, MANAGER_OPERATOR,
-};
+use cvm_crds::wellknown::MANAGER_OPERATOR;
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -168,12 +167,6 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
         now,
     });
 
-    // The binding first: `Switched` is recorded only once the CVM is on the target.
-    if let (Some(Effect::Rebind { node, at }), Some(c)) = (&out.effect, &cvm) {
-        // Never hold the placement lock while waiting for the CVM's reconciles.
-        drop(placement.take());
-        rebind(&ctx, &cvms, c, node, *at, &uid).await?;
-    }
     let old = OperatorStatus::recorded(&status);
     if out.status != old {
         write_status(&ctx, &mig, &ns, &out.status).await?;
@@ -242,66 +235,6 @@ async fn appraise_target(
         .with_label_values(&[&format!("{:?}", result.status).to_lowercase()])
         .inc();
     Ok(TargetAppraisal::Result(result))
-}
-
-/// Binds the CVM to `node`: status first (the source of truth, carrying the operator's
-/// other fields along, which server-side apply would drop otherwise), then the label its
-/// node plugin selects on and the time of the switch. Repeating it is harmless.
-async fn rebind(
-    ctx: &Context,
-    api: &Api<ConfidentialVM>,
-    cvm: &ConfidentialVM,
-    node: &str,
-    at: Timestamp,
-    migration_uid: &str,
-) -> Result<()> {
-    let name = cvm.name_any();
-    // Waits for the CVM's reconciles in flight, and keeps new ones from writing status
-    // from a view older than this rebind.
-    let mut rebinds = ctx.rebinds.write().await;
-    // Read again under the lock: carry the newest of the operator's fields along.
-    let fresh = api
-        .get(&name)
-        .await
-        .map_err(kerr(format!("reading ConfidentialVM {name} to rebind it")))?;
-    let from = fresh.node_name().unwrap_or("(none)").to_string();
-    let mut st = state::recorded(&fresh);
-    if st.node_name.as_deref() != Some(node) {
-        st.node_name = Some(node.to_string());
-        let body = json!({
-            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-            "status": st,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(MANAGER_OPERATOR).force(),
-            &Patch::Apply(&body),
-        )
-        .await
-        .map_err(kerr(format!(
-            "rebinding ConfidentialVM {name} to node {node}"
-        )))?;
-    }
-    let migrated_at = migrate::format_migrated_at(at);
-    rebinds.insert(
-        controller::key(&fresh),
-        Rebind {
-            node: node.to_string(),
-            migrated_at: migrated_at.clone(),
-            since: std::time::Instant::now(),
-        },
-    );
-    let body = json!({"metadata": {
-        "labels": {LABEL_NODE: node},
-        "annotations": {ANNOTATION_MIGRATED_AT: migrated_at, ANNOTATION_MIGRATION: migration_uid},
-    }});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&body))
-        .await
-        .map_err(kerr(format!(
-            "labelling ConfidentialVM {name} for node {node} after its migration"
-        )))?;
-    info!(cvm = %name, node = %node, from = %from, phase = "Switched", at = %at, "rebound to the migration's target");
-    Ok(())
 }
 
 async fn write_status(
