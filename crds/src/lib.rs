@@ -23,7 +23,7 @@ pub use cvm::{ConfidentialVM, ConfidentialVMSpec, ConfidentialVMStatus, CvmPhase
 pub use hostpin::{HardwareIdKind, HostPin, HostPinSpec, PinSource};
 pub use migration::{
     ConfidentialVMMigration, ConfidentialVMMigrationSpec, ConfidentialVMMigrationStatus,
-    MigrationPhase,
+    MigrationPhase, MigrationReason,
 };
 pub use policy::{AttestationPolicy, AttestationPolicySpec};
 pub use schema::{crds, crds_yaml};

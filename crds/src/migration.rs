@@ -123,6 +123,10 @@ pub struct ConfidentialVMMigrationStatus {
     /// Why the migration failed or was refused, e.g. "SEVNotLiveMigratable: spec.tee.policy.migratable is false".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Why the migration failed, as a reason word (operator): the first word of `message`
+    /// too, and the reason of the Warning event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<MigrationReason>,
     /// When the transfer started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
@@ -168,5 +172,97 @@ impl fmt::Display for MigrationPhase {
             MigrationPhase::Failed => "Failed",
         };
         f.write_str(s)
+    }
+}
+
+/// Why a migration failed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[schemars(transform = crate::common::drop_description)]
+pub enum MigrationReason {
+    /// The CVM does not exist (or was deleted after the switch).
+    #[serde(rename = "CVMNotFound")]
+    CvmNotFound,
+    /// The CVM is being deleted.
+    #[serde(rename = "CVMDeleting")]
+    CvmDeleting,
+    /// SEV and SEV-ES guests have no migration agent.
+    #[serde(rename = "SEVNotLiveMigratable")]
+    SevNotLiveMigratable,
+    /// spec.tee.policy.migratable is false.
+    PolicyForbidsMigration,
+    /// The CVM is not Verified on a node.
+    #[serde(rename = "CVMNotVerified")]
+    CvmNotVerified,
+    /// Another migration of the CVM is in progress.
+    MigrationInProgress,
+    /// No node can take the CVM (or not the requested one).
+    NoTarget,
+    /// The CVM's AttestationPolicy does not exist.
+    PolicyNotFound,
+    /// The target's plugin could not prepare a receiving guest.
+    TargetNotPrepared,
+    /// The target's evidence did not pass the CVM's policy.
+    TargetAttestationFailed,
+    /// The source's plugin failed to send the guest.
+    TransferFailed,
+    /// A transfer was reported before the operator attested the target.
+    TransferBeforeAttestation,
+    /// The CVM is bound to neither the source nor the target.
+    #[serde(rename = "CVMMoved")]
+    CvmMoved,
+    /// After the switch, the guest's evidence from the target failed verification.
+    TargetVerificationFailed,
+    /// A step did not happen within the operator's migration timeout.
+    Timeout,
+}
+
+impl MigrationReason {
+    /// The Kubernetes reason string (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationReason::CvmNotFound => "CVMNotFound",
+            MigrationReason::CvmDeleting => "CVMDeleting",
+            MigrationReason::SevNotLiveMigratable => "SEVNotLiveMigratable",
+            MigrationReason::PolicyForbidsMigration => "PolicyForbidsMigration",
+            MigrationReason::CvmNotVerified => "CVMNotVerified",
+            MigrationReason::MigrationInProgress => "MigrationInProgress",
+            MigrationReason::NoTarget => "NoTarget",
+            MigrationReason::PolicyNotFound => "PolicyNotFound",
+            MigrationReason::TargetNotPrepared => "TargetNotPrepared",
+            MigrationReason::TargetAttestationFailed => "TargetAttestationFailed",
+            MigrationReason::TransferFailed => "TransferFailed",
+            MigrationReason::TransferBeforeAttestation => "TransferBeforeAttestation",
+            MigrationReason::CvmMoved => "CVMMoved",
+            MigrationReason::TargetVerificationFailed => "TargetVerificationFailed",
+            MigrationReason::Timeout => "Timeout",
+        }
+    }
+}
+
+impl fmt::Display for MigrationReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::*;
+
+    #[test]
+    fn reasons_serialise_to_their_kubernetes_words() {
+        for r in [
+            MigrationReason::CvmNotFound,
+            MigrationReason::SevNotLiveMigratable,
+            MigrationReason::TargetAttestationFailed,
+            MigrationReason::CvmMoved,
+            MigrationReason::Timeout,
+        ] {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.as_str());
+            assert_eq!(
+                serde_json::from_value::<MigrationReason>(r.as_str().into()).unwrap(),
+                r
+            );
+        }
     }
 }

@@ -352,9 +352,6 @@ pub(crate) async fn load_policy(name: &str, ctx: &Context) -> Result<Option<Atte
         .map_err(kerr(format!("reading AttestationPolicy {name}")))
 }
 
-/// Reason for a `policyRef` naming no AttestationPolicy.
-pub(crate) const REASON_POLICY_NOT_FOUND: &str = "PolicyNotFound";
-
 pub(crate) fn policy_not_found(name: &str) -> String {
     format!("AttestationPolicy {name} does not exist: create it or fix spec.attestation.policyRef")
 }
@@ -443,7 +440,7 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
             Some(p) => Some((name.to_string(), p.spec)),
             None => {
                 return Ok(Verification::PolicyProblem {
-                    reason: REASON_POLICY_NOT_FOUND,
+                    reason: state::VerdictReason::PolicyNotFound,
                     message: policy_not_found(name),
                 }
                 .into())

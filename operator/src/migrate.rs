@@ -11,10 +11,12 @@
 
 use std::time::Duration;
 
+use crate::state::LiveMigratable;
 use cvm_crds::conditions::{STATUS_FALSE, STATUS_TRUE};
 use cvm_crds::cvm::AttestationResult;
 use cvm_crds::migration::{CONDITION_SWITCHED, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED};
 use cvm_crds::wellknown::ANNOTATION_MIGRATION;
+use cvm_crds::MigrationReason;
 use cvm_crds::{
     ConditionType, ConfidentialVM, ConfidentialVMMigration, ConfidentialVMMigrationStatus,
     CvmPhase, MigrationPhase,
@@ -26,30 +28,6 @@ use serde::Serialize;
 
 use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
 use crate::state;
-
-/// Reasons a migration fails with (the first word of its `message`). A refusal for a
-/// guest that may not migrate carries the CVM's own `LiveMigratable=False` reason instead
-/// (`SEVNotLiveMigratable`, `PolicyForbidsMigration`), a missing policy `PolicyNotFound`.
-pub mod reason {
-    pub const CVM_NOT_FOUND: &str = "CVMNotFound";
-    pub const CVM_DELETING: &str = "CVMDeleting";
-    pub const CVM_NOT_VERIFIED: &str = "CVMNotVerified";
-    pub const MIGRATION_IN_PROGRESS: &str = "MigrationInProgress";
-    pub const NO_TARGET: &str = "NoTarget";
-    /// The target's plugin reported `TargetPrepared=False`.
-    pub const TARGET_NOT_PREPARED: &str = "TargetNotPrepared";
-    /// The target's evidence did not pass the CVM's policy.
-    pub const TARGET_ATTESTATION_FAILED: &str = "TargetAttestationFailed";
-    /// The source's plugin reported `Transferred=False`.
-    pub const TRANSFER_FAILED: &str = "TransferFailed";
-    /// The source's plugin reported a transfer before the operator attested the target.
-    pub const TRANSFER_BEFORE_ATTESTATION: &str = "TransferBeforeAttestation";
-    /// The CVM is bound to neither the source nor the target.
-    pub const CVM_MOVED: &str = "CVMMoved";
-    /// After the switch, the guest's evidence from the target failed verification.
-    pub const TARGET_VERIFICATION_FAILED: &str = "TargetVerificationFailed";
-    pub const TIMEOUT: &str = "Timeout";
-}
 
 /// Reason of the `Switched` condition the operator sets.
 pub const REASON_REBOUND: &str = "Rebound";
@@ -125,8 +103,8 @@ pub struct CvmView {
     pub phase: CvmPhase,
     pub node: Option<String>,
     pub verified: Option<Cond>,
-    /// `(allowed, reason, message)`, from [`state::live_migratable`].
-    pub live_migratable: (bool, &'static str, String),
+    /// `(reason, message)`, from [`state::live_migratable`].
+    pub live_migratable: (LiveMigratable, String),
     /// The live migration (UID) the appraised evidence was bound to
     /// (`status.attestation.migration`): only evidence bound to a migration tells about
     /// the guest after that migration's switch.
@@ -144,7 +122,10 @@ impl CvmView {
             phase: cvm.phase(),
             node: cvm.node_name().map(str::to_string),
             verified: cvm.condition(ConditionType::Verified).map(Cond::of),
-            live_migratable: state::live_migratable(cvm),
+            live_migratable: {
+                let (_, why, text) = state::live_migratable(cvm);
+                (why, text)
+            },
             verdict_migration: status
                 .and_then(|s| s.attestation.as_ref())
                 .and_then(|a| a.migration.clone()),
@@ -173,10 +154,10 @@ pub enum Target {
 /// The appraisal of `targetEvidence` under the CVM's policy.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TargetAppraisal {
-    Result(AttestationResult),
+    Result(Box<AttestationResult>),
     /// The policy cannot be used (e.g. `PolicyNotFound`): nothing was appraised.
     PolicyProblem {
-        reason: &'static str,
+        reason: MigrationReason,
         message: String,
     },
 }
@@ -212,6 +193,8 @@ pub struct OperatorStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<MigrationReason>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completed_at: Option<Time>,
@@ -230,6 +213,7 @@ impl OperatorStatus {
             source_node: st.source_node.clone(),
             target_node: st.target_node.clone(),
             message: st.message.clone(),
+            reason: st.reason,
             started_at: st.started_at.clone(),
             completed_at: st.completed_at.clone(),
             target_attestation: st.target_attestation.clone(),
@@ -418,8 +402,9 @@ fn outcome(status: OperatorStatus) -> Outcome {
     Outcome { status }
 }
 
-fn fail(mut st: OperatorStatus, now: &Time, reason: &str, detail: String) -> Outcome {
+fn fail(mut st: OperatorStatus, now: &Time, reason: MigrationReason, detail: String) -> Outcome {
     st.phase = MigrationPhase::Failed;
+    st.reason = Some(reason);
     st.message = Some(format!("{reason}: {detail}"));
     st.completed_at = Some(now.clone());
     outcome(st)
@@ -446,13 +431,13 @@ pub fn decide(i: &Input<'_>) -> Outcome {
         } else {
             format!("ConfidentialVM {name} does not exist in this namespace: check spec.cvmName")
         };
-        return fail(st, &now, reason::CVM_NOT_FOUND, detail);
+        return fail(st, &now, MigrationReason::CvmNotFound, detail);
     };
     if cvm.deleting {
         return fail(
             st,
             &now,
-            reason::CVM_DELETING,
+            MigrationReason::CvmDeleting,
             format!("ConfidentialVM {name} is being deleted"),
         );
     }
@@ -471,7 +456,7 @@ pub fn decide(i: &Input<'_>) -> Outcome {
         return fail(
             st,
             &now,
-            reason::TARGET_NOT_PREPARED,
+            MigrationReason::TargetNotPrepared,
             format!(
                 "target node {target} could not prepare a receiving guest: {}; the guest keeps running on {source}",
                 c.text()
@@ -483,7 +468,7 @@ pub fn decide(i: &Input<'_>) -> Outcome {
             return fail(
                 st,
                 &now,
-                reason::TRANSFER_FAILED,
+                MigrationReason::TransferFailed,
                 format!(
                     "transfer failed; the guest keeps running on {source}: {}",
                     c.text()
@@ -500,7 +485,7 @@ pub fn decide(i: &Input<'_>) -> Outcome {
             return fail(
                 st,
                 &now,
-                reason::TRANSFER_BEFORE_ATTESTATION,
+                MigrationReason::TransferBeforeAttestation,
                 format!(
                     "node {source} reported Transferred={} while the migration was {}, before the target was attested; ConfidentialVM {name} stays bound to {source}",
                     match c.status {
@@ -546,12 +531,12 @@ pub fn decide(i: &Input<'_>) -> Outcome {
                     .policy
                     .clone()
                     .unwrap_or_else(|| "(built-in defaults)".into());
-                st.target_attestation = Some(r);
+                st.target_attestation = Some(*r);
                 if !ok {
                     let detail = format!(
                         "target node {target} failed attestation: {text}; the guest keeps running on {source}"
                     );
-                    return fail(st, &now, reason::TARGET_ATTESTATION_FAILED, detail);
+                    return fail(st, &now, MigrationReason::TargetAttestationFailed, detail);
                 }
                 let message = format!(
                     "node {target} passed attestation under policy {policy}; waiting for node {source} to send the guest"
@@ -582,11 +567,13 @@ pub fn decide(i: &Input<'_>) -> Outcome {
 /// The checks before the operator accepts a request, then the choice of target.
 fn accept(i: &Input<'_>, st: OperatorStatus, cvm: &CvmView, now: &Time) -> Outcome {
     let name = i.migration.cvm_name;
-    let (allowed, why, detail) = &cvm.live_migratable;
-    if !allowed {
-        let hint = match *why {
-            "SEVNotLiveMigratable" => "; use SEV-SNP or TDX for a guest that must move",
-            "PolicyForbidsMigration" => {
+    let (why, detail) = &cvm.live_migratable;
+    if let Some(refusal) = why.refusal() {
+        let hint = match refusal {
+            MigrationReason::SevNotLiveMigratable => {
+                "; use SEV-SNP or TDX for a guest that must move"
+            }
+            MigrationReason::PolicyForbidsMigration => {
                 "; the guest policy is fixed at launch: recreate the ConfidentialVM with spec.tee.policy.migratable: true to allow it"
             }
             _ => "",
@@ -594,7 +581,7 @@ fn accept(i: &Input<'_>, st: OperatorStatus, cvm: &CvmView, now: &Time) -> Outco
         return fail(
             st,
             now,
-            why,
+            refusal,
             format!("ConfidentialVM {name} cannot be live-migrated: {detail}{hint}"),
         );
     }
@@ -613,7 +600,7 @@ fn accept(i: &Input<'_>, st: OperatorStatus, cvm: &CvmView, now: &Time) -> Outco
             return fail(
                 st,
                 now,
-                reason::CVM_NOT_VERIFIED,
+                MigrationReason::CvmNotVerified,
                 format!("ConfidentialVM {name} is {phase}{on}, not Verified{verified}: only a running guest whose evidence is verified can move; retry once it is"),
             );
         }
@@ -628,14 +615,14 @@ fn accept(i: &Input<'_>, st: OperatorStatus, cvm: &CvmView, now: &Time) -> Outco
         return fail(
             st,
             now,
-            reason::MIGRATION_IN_PROGRESS,
+            MigrationReason::MigrationInProgress,
             format!("migration {} of ConfidentialVM {name} is already in progress: wait for it to end, or delete it, then try again", o.name),
         );
     }
     match &i.target {
         // The caller did not schedule (it could not read the nodes): try again.
         None => progress(st, MigrationPhase::Pending, "choosing a target node".into()),
-        Some(Target::None(why)) => fail(st, now, reason::NO_TARGET, why.clone()),
+        Some(Target::None(why)) => fail(st, now, MigrationReason::NoTarget, why.clone()),
         Some(Target::Node(t)) => {
             let mut st = st;
             st.source_node = Some(source.clone());
@@ -665,7 +652,7 @@ fn switch(
         return fail(
             st,
             now,
-            reason::CVM_MOVED,
+            MigrationReason::CvmMoved,
             format!(
                 "ConfidentialVM {name} is bound to {}, not to the migration's source {source}: not switching it",
                 node.unwrap_or("no node")
@@ -731,7 +718,7 @@ fn after_switch(
         Some(v) if fresh && v.status == Tri::False => fail(
             st,
             now,
-            reason::TARGET_VERIFICATION_FAILED,
+            MigrationReason::TargetVerificationFailed,
             format!(
                 "the guest now runs on {target} (it was switched at {at}), but its evidence there failed verification: {}; see the ConfidentialVM's Verified condition",
                 v.text()
@@ -746,7 +733,7 @@ fn after_switch(
                 return fail(
                     st,
                     now,
-                    reason::TIMEOUT,
+                    MigrationReason::Timeout,
                     format!(
                         "the guest was switched to {target} at {at} but was not verified there within {}{last}",
                         human(i.timeout)
@@ -775,7 +762,7 @@ fn timeout_before_switch(
         return fail(
             st,
             now,
-            reason::TIMEOUT,
+            MigrationReason::Timeout,
             format!(
                 "{} within {} of the migration's creation; the guest keeps running on {source}",
                 waited_for(),
@@ -792,14 +779,6 @@ pub struct Note {
     pub warning: bool,
     pub reason: String,
     pub message: String,
-}
-
-/// The reason a message starts with (`NoTarget: …`), else `MigrationFailed`.
-pub fn reason_of(message: &str) -> &str {
-    match message.split_once(':') {
-        Some((r, _)) if !r.is_empty() && r.chars().all(|c| c.is_ascii_alphanumeric()) => r,
-        _ => "MigrationFailed",
-    }
 }
 
 /// The events a change from `old` to `new` deserves, in order.
@@ -832,7 +811,10 @@ pub fn notes(old: &OperatorStatus, new: &OperatorStatus) -> Vec<Note> {
             MigrationPhase::Succeeded => out.push(normal("Succeeded")),
             MigrationPhase::Failed => out.push(Note {
                 warning: true,
-                reason: reason_of(&msg).to_string(),
+                reason: new
+                    .reason
+                    .map_or("MigrationFailed", MigrationReason::as_str)
+                    .to_string(),
                 message: msg.clone(),
             }),
             _ => {}
@@ -875,7 +857,7 @@ mod tests {
                 reason: "Affirming".into(),
                 message: "evidence verified against the policy".into(),
             }),
-            live_migratable: (true, "MigrationAllowed", "allowed".into()),
+            live_migratable: (LiveMigratable::Allowed, "allowed".into()),
             verdict_migration: None,
             migration: None,
         }
@@ -975,6 +957,11 @@ mod tests {
 
     fn assert_failed(o: &Outcome, reason: &str) {
         assert_eq!(o.status.phase, MigrationPhase::Failed, "{}", message(o));
+        assert_eq!(
+            o.status.reason.map(MigrationReason::as_str),
+            Some(reason),
+            "the typed reason"
+        );
         assert!(
             message(o).starts_with(&format!("{reason}: ")),
             "expected {reason}: {}",
@@ -1023,8 +1010,7 @@ mod tests {
         c.target = Some(Target::Node("n2".into()));
         let mut cvm = verified_cvm();
         cvm.live_migratable = (
-            false,
-            "SEVNotLiveMigratable",
+            LiveMigratable::SevNotLiveMigratable,
             "SEV and SEV-ES guests cannot be live-migrated (no migration agent)".into(),
         );
         c.cvm = Some(cvm.clone());
@@ -1033,8 +1019,7 @@ mod tests {
         assert!(message(&o).contains("SEV-SNP or TDX"), "{}", message(&o));
 
         cvm.live_migratable = (
-            false,
-            "PolicyForbidsMigration",
+            LiveMigratable::PolicyForbidsMigration,
             "spec.tee.policy.migratable is false".into(),
         );
         c.cvm = Some(cvm);
@@ -1120,7 +1105,7 @@ mod tests {
         // Not migratable and not verified and another in progress: the TEE/policy wins.
         let mut c = Case::new(Default::default());
         let mut cvm = verified_cvm();
-        cvm.live_migratable = (false, "PolicyForbidsMigration", "no".into());
+        cvm.live_migratable = (LiveMigratable::PolicyForbidsMigration, "no".into());
         cvm.phase = CvmPhase::Running;
         c.cvm = Some(cvm);
         c.others = vec![OtherMigration {
@@ -1151,11 +1136,11 @@ mod tests {
         st.phase = Some(MigrationPhase::TargetReady);
         let mut c = Case::new(st);
         assert!(needs_appraisal(&c.view()));
-        c.appraisal = Some(TargetAppraisal::Result(result(
+        c.appraisal = Some(TargetAppraisal::Result(Box::new(result(
             EarStatus::Affirming,
             vec![],
             1005,
-        )));
+        ))));
         let o = c.run();
         assert_eq!(o.status.phase, MigrationPhase::TargetAttested);
         assert_eq!(
@@ -1200,11 +1185,11 @@ mod tests {
             reported: Some("1".into()),
             message: "reported TCB bootloader SPL 1 is below the minimum 3".into(),
         };
-        c.appraisal = Some(TargetAppraisal::Result(result(
+        c.appraisal = Some(TargetAppraisal::Result(Box::new(result(
             EarStatus::Contraindicated,
             vec![finding],
             1005,
-        )));
+        ))));
         let o = c.run();
         assert_failed(&o, "TargetAttestationFailed");
         assert_eq!(
@@ -1225,7 +1210,7 @@ mod tests {
         st.target_evidence = Some(evidence(1005));
         let mut c = Case::new(st);
         c.appraisal = Some(TargetAppraisal::PolicyProblem {
-            reason: "PolicyNotFound",
+            reason: MigrationReason::PolicyNotFound,
             message:
                 "AttestationPolicy p does not exist: create it or fix spec.attestation.policyRef"
                     .into(),
@@ -1465,7 +1450,10 @@ mod tests {
         let mut c = Case::new(st.clone());
         c.now = 1400;
         let o = c.run();
-        assert!(reason_of(message(&o)) == "Timeout" && message(&o).contains("still Unknown"));
+        assert!(
+            o.status.reason == Some(MigrationReason::Timeout)
+                && message(&o).contains("still Unknown")
+        );
 
         // Once the guest was sent, the operator never gives up on the switch.
         st.conditions = vec![cond(CONDITION_TRANSFERRED, "True", "Sent", "")];
@@ -1534,8 +1522,10 @@ mod tests {
         );
         assert!(notes(&new, &new).is_empty(), "no event without a change");
 
+        // The event's reason is the typed one, never parsed from the message.
         let failed = OperatorStatus {
             phase: MigrationPhase::Failed,
+            reason: Some(MigrationReason::NoTarget),
             message: Some("NoTarget: 0/1 nodes are available".into()),
             ..Default::default()
         };
@@ -1543,22 +1533,18 @@ mod tests {
         assert_eq!(n.len(), 1);
         assert!(n[0].warning);
         assert_eq!(n[0].reason, "NoTarget");
+        let misleading = OperatorStatus {
+            reason: Some(MigrationReason::Timeout),
+            message: Some("NoTarget: a message that looks like another reason".into()),
+            ..failed.clone()
+        };
+        assert_eq!(notes(&old, &misleading)[0].reason, "Timeout");
 
         let mut sw = new.clone();
         sw.phase = MigrationPhase::Transferring;
         sw.conditions = vec![cond(CONDITION_SWITCHED, "True", REASON_REBOUND, "")];
         let reasons: Vec<String> = notes(&new, &sw).into_iter().map(|n| n.reason).collect();
         assert_eq!(reasons, vec!["Switched"]);
-    }
-
-    #[test]
-    fn reason_of_reads_the_first_word() {
-        assert_eq!(
-            reason_of("SEVNotLiveMigratable: no"),
-            "SEVNotLiveMigratable"
-        );
-        assert_eq!(reason_of("no reason here"), "MigrationFailed");
-        assert_eq!(reason_of("a b: c"), "MigrationFailed");
     }
 
     fn node(name: &str, tee: TeeType, slots: u64) -> NodeInfo {
@@ -1774,6 +1760,9 @@ mod tests {
             Some("mig-uid-1")
         );
         // SNP with the default guest policy may not move.
-        assert_eq!(CvmView::of(&c).live_migratable.1, "PolicyForbidsMigration");
+        assert_eq!(
+            CvmView::of(&c).live_migratable.0,
+            LiveMigratable::PolicyForbidsMigration
+        );
     }
 }

@@ -209,7 +209,7 @@ async fn appraise_target(
             Some(p) => Some((name.to_string(), p.spec)),
             None => {
                 return Ok(TargetAppraisal::PolicyProblem {
-                    reason: controller::REASON_POLICY_NOT_FOUND,
+                    reason: cvm_crds::MigrationReason::PolicyNotFound,
                     message: controller::policy_not_found(name),
                 })
             }
@@ -234,7 +234,7 @@ async fn appraise_target(
         .verifications
         .with_label_values(&[&format!("{:?}", result.status).to_lowercase()])
         .inc();
-    Ok(TargetAppraisal::Result(result))
+    Ok(TargetAppraisal::Result(Box::new(result)))
 }
 
 async fn write_status(

@@ -32,7 +32,7 @@ pub enum Verification {
     Awaiting(String),
     /// The referenced policy cannot be used.
     PolicyProblem {
-        reason: &'static str,
+        reason: VerdictReason,
         message: String,
     },
     /// A result (new or carried over from the last pass) and the guest instance pin it
@@ -159,7 +159,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         Verification::Awaiting(msg) => {
             set(unknown_condition(
                 ConditionType::Verified,
-                "AwaitingEvidence",
+                VerdictReason::AwaitingEvidence.as_str(),
                 msg.clone(),
                 gen,
                 now.clone(),
@@ -170,7 +170,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             set(new_condition(
                 ConditionType::Verified,
                 false,
-                reason,
+                reason.as_str(),
                 message.clone(),
                 gen,
                 now.clone(),
@@ -235,7 +235,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
     set(new_condition(
         ConditionType::LiveMigratable,
         mig,
-        mig_reason,
+        mig_reason.as_str(),
         mig_msg,
         gen,
         now,
@@ -266,7 +266,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
     }
 }
 
-/// Reasons of the `Verified` condition when a result is recorded.
+/// Reasons of the `Verified` condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VerdictReason {
     /// Every check passed.
@@ -277,6 +277,10 @@ pub enum VerdictReason {
     EvidenceRejected,
     /// SEV / SEV-ES: nothing the operator can check signs the evidence; the owner must.
     OwnerVerificationRequired,
+    /// No evidence yet, or none answering the current challenge.
+    AwaitingEvidence,
+    /// spec.attestation.policyRef names no AttestationPolicy.
+    PolicyNotFound,
 }
 
 impl VerdictReason {
@@ -287,6 +291,8 @@ impl VerdictReason {
             VerdictReason::AffirmingWithWarnings => "AffirmingWithWarnings",
             VerdictReason::EvidenceRejected => "EvidenceRejected",
             VerdictReason::OwnerVerificationRequired => "OwnerVerificationRequired",
+            VerdictReason::AwaitingEvidence => "AwaitingEvidence",
+            VerdictReason::PolicyNotFound => "PolicyNotFound",
         }
     }
 }
@@ -339,22 +345,57 @@ pub fn verdict_text(r: &AttestationResult) -> (bool, VerdictReason, String) {
     }
 }
 
+/// Reasons of the `LiveMigratable` condition (KubeVirt's convention).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveMigratable {
+    /// The guest may move.
+    Allowed,
+    /// SEV and SEV-ES guests have no migration agent.
+    SevNotLiveMigratable,
+    /// spec.tee.policy.migratable is false.
+    PolicyForbidsMigration,
+}
+
+impl LiveMigratable {
+    /// The Kubernetes reason string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LiveMigratable::Allowed => "MigrationAllowed",
+            LiveMigratable::SevNotLiveMigratable => "SEVNotLiveMigratable",
+            LiveMigratable::PolicyForbidsMigration => "PolicyForbidsMigration",
+        }
+    }
+
+    /// The reason a migration request is refused with, when the guest may not move.
+    pub fn refusal(self) -> Option<cvm_crds::MigrationReason> {
+        match self {
+            LiveMigratable::Allowed => None,
+            LiveMigratable::SevNotLiveMigratable => {
+                Some(cvm_crds::MigrationReason::SevNotLiveMigratable)
+            }
+            LiveMigratable::PolicyForbidsMigration => {
+                Some(cvm_crds::MigrationReason::PolicyForbidsMigration)
+            }
+        }
+    }
+}
+
 /// KubeVirt's convention: `LiveMigratable=False` with a reason that says why.
-pub fn live_migratable(cvm: &ConfidentialVM) -> (bool, &'static str, String) {
+pub fn live_migratable(cvm: &ConfidentialVM) -> (bool, LiveMigratable, String) {
     match cvm.tee_type() {
         TeeType::Sev | TeeType::SevEs => (
             false,
-            "SEVNotLiveMigratable",
+            LiveMigratable::SevNotLiveMigratable,
             "SEV and SEV-ES guests cannot be live-migrated (no migration agent)".into(),
         ),
         _ if !cvm.guest_policy().migratable => (
             false,
-            "PolicyForbidsMigration",
+            LiveMigratable::PolicyForbidsMigration,
             "spec.tee.policy.migratable is false".into(),
         ),
         _ => (
             true,
-            "MigrationAllowed",
+            LiveMigratable::Allowed,
             "the guest policy allows migration".into(),
         ),
     }
@@ -553,9 +594,18 @@ mod tests {
         let c = cvm("SEV");
         let (ok, reason, _) = live_migratable(&c);
         assert!(!ok);
-        assert_eq!(reason, "SEVNotLiveMigratable");
+        assert_eq!(reason.as_str(), "SEVNotLiveMigratable");
+        assert_eq!(
+            reason.refusal(),
+            Some(cvm_crds::MigrationReason::SevNotLiveMigratable)
+        );
         let (ok, reason, _) = live_migratable(&cvm("SEV-SNP"));
-        assert_eq!((ok, reason), (false, "PolicyForbidsMigration"));
+        assert_eq!(
+            (ok, reason),
+            (false, LiveMigratable::PolicyForbidsMigration)
+        );
+        assert_eq!(reason.as_str(), "PolicyForbidsMigration");
+        assert_eq!(LiveMigratable::Allowed.refusal(), None);
     }
 
     #[test]
