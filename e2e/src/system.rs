@@ -103,14 +103,21 @@ impl System {
 
     /// Starts an operator replica named `name` (its Lease identity).
     pub fn start_operator(&self, name: &str) -> Result<()> {
+        self.start_operator_with(name, &[])
+    }
+
+    /// Starts an operator replica named `name` with `extra` flags (e.g.
+    /// `--migration-timeout=20s`).
+    pub fn start_operator_with(&self, name: &str, extra: &[&str]) -> Result<()> {
         let port = free_port()?;
-        let args = vec![
+        let mut args = vec![
             "operator".to_string(),
             format!("--kubeconfig={}", self.cp.kubeconfig().display()),
             format!("--metrics-addr=127.0.0.1:{port}"),
             format!("--identity={name}"),
             "--lease-namespace=default".into(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         self.procs.spawn(name, &self.exe, &args, &self.log(name))?;
         self.ports
             .lock()
