@@ -44,11 +44,71 @@ pub fn demo_trusted_roots(sys: &System) -> Result<serde_json::Value, String> {
     Ok(serde_json::Value::Array(roots))
 }
 
-/// Applies `examples/` and points the `demo-simulator` policy at the simulator roots.
-/// Returns the names of the example CVMs.
-pub fn apply_examples(sys: &System) -> Result<Vec<String>, String> {
+/// The examples applied and the ones skipped because no node of the fleet hosts their TEE.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Names of the example CVMs applied (namespace `default`).
+    pub names: Vec<String>,
+    /// `(file, TEE)` of the examples no node can host.
+    pub skipped: Vec<(String, String)>,
+}
+
+/// The TEE a manifest's ConfidentialVM asks for (`None`: not a ConfidentialVM).
+fn example_tee(text: &str) -> Option<String> {
+    let v: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
+    if v.get("kind")?.as_str()? != "ConfidentialVM" {
+        return None;
+    }
+    Some(
+        v.get("spec")?
+            .get("tee")?
+            .get("type")?
+            .as_str()?
+            .to_string(),
+    )
+}
+
+/// Whether some node advertises `tee` (its NFD label, which node plugins publish for
+/// every TEE the host can launch, implied ones included).
+fn fleet_hosts(sys: &System, tee: &str) -> Result<bool, String> {
+    let label = match tee {
+        "SEV" => "feature.node.kubernetes.io/cpu-security.sev.enabled",
+        "SEV-ES" => "feature.node.kubernetes.io/cpu-security.sev.es.enabled",
+        "SEV-SNP" => "feature.node.kubernetes.io/cpu-security.sev.snp.enabled",
+        "TDX" => "feature.node.kubernetes.io/cpu-security.tdx.enabled",
+        _ => return Ok(false),
+    };
+    let names = kubectl(
+        sys,
+        &["get", "nodes", "-l", &format!("{label}=true"), "-o", "name"],
+    )?;
+    Ok(!names.trim().is_empty())
+}
+
+/// Applies the `examples/` this fleet can host, and points the `demo-simulator` policy at
+/// the simulator roots.
+pub fn apply_examples(sys: &System) -> Result<Applied, String> {
     let roots = demo_trusted_roots(sys)?;
-    kubectl(sys, &["apply", "-f", &examples_dir().display().to_string()])?;
+    let dir = examples_dir();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("reading {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut applied = Applied::default();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).map_err(|e| format!("reading {}: {e}", f.display()))?;
+        if let Some(tee) = example_tee(&text) {
+            if !fleet_hosts(sys, &tee)? {
+                let file = f.file_name().map(|n| n.to_string_lossy().into_owned());
+                applied.skipped.push((file.unwrap_or_default(), tee));
+                continue;
+            }
+        }
+        kubectl(sys, &["apply", "-f", &f.display().to_string()])?;
+    }
     let patch = serde_json::json!({"spec": {"trustedRoots": roots}}).to_string();
     kubectl(
         sys,
@@ -72,7 +132,8 @@ pub fn apply_examples(sys: &System) -> Result<Vec<String>, String> {
             "jsonpath={.items[*].metadata.name}",
         ],
     )?;
-    Ok(names.split_whitespace().map(String::from).collect())
+    applied.names = names.split_whitespace().map(String::from).collect();
+    Ok(applied)
 }
 
 /// What the demo waits for on one CVM: `Verified=True` for SEV-SNP and TDX, whose

@@ -80,3 +80,43 @@ fn up_serves_ready_nodes_and_ctrl_c_cleans_up() {
     assert!(orphans.is_empty(), "left behind: {orphans:?}");
     assert!(!state.join("cvm-dev.pid").exists());
 }
+
+#[test]
+fn a_fleet_without_tdx_skips_the_tdx_example_and_stays_up() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    let bin = env!("CARGO_BIN_EXE_cvm-dev");
+    let mut up = Command::new(bin)
+        .args(["up", "--nodes", "1", "--tee", "sev-snp", "--dir"])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cvm-dev starts");
+    let stderr = up.stderr.take().expect("piped stderr");
+    let errs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let stdout = up.stdout.take().expect("piped stdout");
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.starts_with("export KUBECONFIG="));
+    assert!(ready, "cvm-dev prints the export line");
+    // SAFETY: signal to the child we spawned.
+    unsafe { libc::kill(up.id() as i32, libc::SIGINT) };
+    let status = up.wait().unwrap();
+    let log = errs.join().unwrap().join("\n");
+    assert!(status.success(), "{status}: {log}");
+    assert!(
+        log.contains("skipped examples/tdx-cvm.yaml: no node of this fleet hosts TDX"),
+        "{log}"
+    );
+    assert!(
+        log.contains("every example CVM reached its verdict"),
+        "{log}"
+    );
+}

@@ -13,7 +13,9 @@ use sha2::{Digest, Sha512};
 #[tokio::test]
 async fn examples_reach_verified_on_nodes_of_their_tee() {
     let sys = system();
-    let names = cvm_e2e::demo::apply_examples(&sys).expect("examples apply");
+    let applied = cvm_e2e::demo::apply_examples(&sys).expect("examples apply");
+    assert!(applied.skipped.is_empty(), "{:?}", applied.skipped);
+    let names = applied.names;
     assert_eq!(names.len(), 3, "{names:?}");
     cvm_e2e::demo::wait_verified(&sys, &names, 90).expect("every example reaches its verdict");
     let (_, cvms) = api(&sys, "default").await;
@@ -103,6 +105,22 @@ async fn last_asid_is_never_given_twice_even_with_two_operator_replicas() {
     sys.add_node(node).await.unwrap();
     // A second replica: it must wait on the Lease, not schedule beside the first.
     sys.start_operator("operator-1").unwrap();
+    // A standby that reaches the Lease is a ready replica (so `helm install --wait` with
+    // two replicas succeeds); only the leader acts.
+    let standby = sys.metrics_addr("operator-1").expect("standby's port");
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let ready = std::net::TcpStream::connect(&standby).is_ok()
+            && http_get(&standby, "/readyz").0.contains("200");
+        if ready {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the standby replica never became ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     let items: Vec<serde_json::Value> = (0..6)
         .map(|i| {

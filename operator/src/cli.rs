@@ -93,7 +93,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         format!("{}-{}", host.trim(), std::process::id())
     });
     let leases: Api<Lease> = Api::namespaced(client.clone(), &cli.lease_namespace);
-    let elector = Elector::new(leases, &cli.lease_name, &identity, Duration::from_secs(15));
+    let elector = Elector::new(leases, &cli.lease_name, &identity, Duration::from_secs(15))
+        .with_ready(metrics.ready.clone());
     let signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -135,6 +136,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             e = elector.keep(renewed) => {
                 // Leaving this arm drops the controllers, aborting their reconciles.
                 let _ = stop_tx.send(());
+                // Not ready until the Lease is reachable again (acquire sets it back).
                 metrics.ready.store(false, std::sync::atomic::Ordering::SeqCst);
                 tracing::warn!(
                     identity = %identity,

@@ -52,6 +52,9 @@ pub struct Elector {
     duration: Duration,
     /// Time between attempts: [`RETRY_PERIOD`], or a third of `duration` if that is less.
     retry: Duration,
+    /// Set while this replica reaches the Lease (leading or standing by): a standby that
+    /// can take over is a ready replica; one that cannot reach the API server is not.
+    ready: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Elector {
@@ -62,6 +65,19 @@ impl Elector {
             me: me.to_string(),
             duration,
             retry: RETRY_PERIOD.min(duration / 3),
+            ready: None,
+        }
+    }
+
+    /// Reports through `ready` whether the Lease is reachable (see [`Elector`]).
+    pub fn with_ready(mut self, ready: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.ready = Some(ready);
+        self
+    }
+
+    fn set_ready(&self, reachable: bool) {
+        if let Some(r) = &self.ready {
+            r.store(reachable, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -148,7 +164,9 @@ impl Elector {
     pub async fn acquire(&self) -> Result<std::time::Instant> {
         loop {
             let started = std::time::Instant::now();
-            match self.attempt(self.renew_deadline()).await {
+            let result = self.attempt(self.renew_deadline()).await;
+            self.set_ready(result.is_ok());
+            match result {
                 Ok(true) => return Ok(started),
                 Ok(false) => {}
                 Err(e) => tracing::warn!(

@@ -159,12 +159,14 @@ fn up(
     );
     if examples {
         if let Running::System(s) = &sys {
-            demo(s).map_err(|e| {
-                format!(
-                    "{e} (the cluster keeps running; see {})",
+            // A demo that does not settle is reported, and the cluster keeps running as
+            // said: the user can look at it.
+            if let Err(e) = demo(s) {
+                eprintln!(
+                    "cvm-dev: {e}; the cluster keeps running (logs in {})",
                     s.dir().join("logs").display()
-                )
-            })?;
+                );
+            }
         }
     }
     eprintln!("cvm-dev: ready in {:.1} s", started.elapsed().as_secs_f64());
@@ -218,7 +220,13 @@ impl Running {
 /// TDX; OwnerVerificationRequired for SEV-ES, which only its owner can check) and shows
 /// `kubectl get cvm`.
 fn demo(sys: &System) -> Result<(), String> {
-    let names = cvm_e2e::demo::apply_examples(sys)?;
+    let applied = cvm_e2e::demo::apply_examples(sys)?;
+    for (file, tee) in &applied.skipped {
+        eprintln!(
+            "cvm-dev: skipped examples/{file}: no node of this fleet hosts {tee} (see --tee)"
+        );
+    }
+    let names = applied.names;
     eprintln!(
         "cvm-dev: applied examples/; waiting for the SEV-SNP and TDX examples to be Verified \
          (SEV-ES evidence is host-reported: it shows OwnerVerificationRequired)"
