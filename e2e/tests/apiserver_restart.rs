@@ -29,13 +29,7 @@ async fn cvms_bind_and_verify_soon_after_the_api_server_restarts() {
         nodes.clone(),
     ))
     .expect("system starts");
-    let roots = cvm_e2e::demo::demo_trusted_roots(&sys).unwrap();
-    apply_json(
-        &sys,
-        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
-        "metadata": {"name": POLICY}, "spec": {"trustedRoots": roots}}),
-    )
-    .unwrap();
+    common_cvm::trust_simulator(&sys, POLICY);
     let client = sys.cp.client().await.unwrap();
     common_cvm::namespace(&client, NS).await;
     let cvms: Api<ConfidentialVM> = Api::namespaced(client, NS);

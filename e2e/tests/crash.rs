@@ -23,13 +23,7 @@ async fn crashes_leave_no_duplicate_or_orphan_guest() {
     // Slow launches, so that a crash lands while guests are Launching.
     opts.launch_delay_ms = 1500;
     let sys = System::start(opts).expect("system starts");
-    let roots = cvm_e2e::demo::demo_trusted_roots(&sys).unwrap();
-    apply_json(
-        &sys,
-        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
-        "metadata": {"name": POLICY}, "spec": {"trustedRoots": roots}}),
-    )
-    .unwrap();
+    common_cvm::trust_simulator(&sys, POLICY);
     let client = sys.cp.client().await.unwrap();
     common_cvm::namespace(&client, "crash").await;
     let cvms: Api<ConfidentialVM> = Api::namespaced(client, "crash");

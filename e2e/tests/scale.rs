@@ -43,13 +43,7 @@ async fn apply_to_verified_for_one_and_for_a_hundred() {
         .collect();
     let sys =
         System::start(SystemOptions::new(env!("CARGO_BIN_EXE_cvm-dev"), nodes)).expect("system");
-    let roots = cvm_e2e::demo::demo_trusted_roots(&sys).unwrap();
-    apply_json(
-        &sys,
-        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
-        "metadata": {"name": POLICY}, "spec": {"trustedRoots": roots}}),
-    )
-    .unwrap();
+    common_cvm::trust_simulator(&sys, POLICY);
     let client = sys.cp.client().await.unwrap();
     for ns in ["scale-one", "scale-many"] {
         common_cvm::namespace(&client, ns).await;

@@ -27,6 +27,18 @@ pub fn system() -> Arc<System> {
     sys
 }
 
+/// Applies AttestationPolicy `name`, trusting this system's simulator roots (as a demo
+/// or test policy must, to accept simulated evidence).
+pub fn trust_simulator(sys: &System, name: &str) {
+    let roots = cvm_e2e::demo::demo_trusted_roots(sys).expect("simulator roots");
+    apply_json(
+        sys,
+        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
+                "metadata": {"name": name}, "spec": {"trustedRoots": roots}}),
+    )
+    .expect("the policy applies");
+}
+
 /// `kubectl apply -f -` of one JSON object.
 pub fn apply_json(sys: &System, v: &Value) -> Result<String, String> {
     use std::io::Write;

@@ -116,43 +116,55 @@ pub fn cluster_fingerprints(dir: &Path) -> Result<RootFingerprints, RootsError> 
     })
 }
 
-fn load_or_create_tdx(dir: &Path) -> Result<SimTdxPlatform, RootsError> {
-    let path = dir.join(TDX_FILE);
+/// Reads the PEM bundle at `path`, first creating it with `make` (PEM text) when absent.
+/// Losing a creation race to another plugin is fine: the winner's bundle is read.
+pub(crate) fn load_or_create<T, E: std::fmt::Display>(
+    path: &Path,
+    make: impl FnOnce() -> Result<String, RootsError>,
+    parse: impl FnOnce(&str) -> Result<T, E>,
+) -> Result<T, RootsError> {
     if !path.exists() {
-        let fresh = SimTdxPlatform::generate().map_err(|e| RootsError::Generate {
-            what: "TDX",
-            message: e.to_string(),
-        })?;
-        // Losing the race is fine: the winner's bundle is read below.
-        store::create_exclusive(&path, fresh.to_pem().as_bytes())?;
+        store::create_exclusive(path, make()?.as_bytes())?;
     }
-    let text = read(&path)?;
-    SimTdxPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {
-        path,
+    let text = read(path)?;
+    parse(&text).map_err(|e| RootsError::Invalid {
+        path: path.to_path_buf(),
         message: e.to_string(),
     })
+}
+
+fn generate_err(what: &'static str) -> impl FnOnce(cvm_attest::tdx::TdxError) -> RootsError {
+    move |e| RootsError::Generate {
+        what,
+        message: e.to_string(),
+    }
+}
+
+fn load_or_create_tdx(dir: &Path) -> Result<SimTdxPlatform, RootsError> {
+    load_or_create(
+        &dir.join(TDX_FILE),
+        || {
+            SimTdxPlatform::generate()
+                .map(|p| p.to_pem())
+                .map_err(generate_err("TDX"))
+        },
+        SimTdxPlatform::from_pem,
+    )
 }
 
 /// The shared TDX bundle with a PCK of `node`'s own (kept in `nodes/<node>/`), so that each
 /// simulated TDX host has its own platform identity (PPID), as real hosts do.
 fn load_or_create_node_tdx(dir: &Path, node: &str) -> Result<SimTdxPlatform, RootsError> {
-    let node_dir = dir.join("nodes").join(node);
-    let path = node_dir.join(TDX_FILE);
-    if !path.exists() {
-        let shared = load_or_create_tdx(dir)?;
-        let own = shared
-            .with_own_pck(node.as_bytes())
-            .map_err(|e| RootsError::Generate {
-                what: "TDX PCK",
-                message: e.to_string(),
-            })?;
-        store::create_exclusive(&path, own.to_pem().as_bytes())?;
-    }
-    let text = read(&path)?;
-    SimTdxPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {
-        path,
-        message: e.to_string(),
-    })
+    load_or_create(
+        &dir.join("nodes").join(node).join(TDX_FILE),
+        || {
+            load_or_create_tdx(dir)?
+                .with_own_pck(node.as_bytes())
+                .map(|p| p.to_pem())
+                .map_err(generate_err("TDX PCK"))
+        },
+        SimTdxPlatform::from_pem,
+    )
 }
 
 pub(crate) fn read(path: &Path) -> Result<String, RootsError> {

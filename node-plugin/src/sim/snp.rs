@@ -9,9 +9,8 @@ use cvm_attest::sim::{ReportRequest, SimSnpConfig, SimSnpPlatform};
 use cvm_attest::snp::TcbVersion;
 use sha2::{Digest, Sha512};
 
-use super::roots::{read, RootsError};
+use super::roots::RootsError;
 use crate::platform::PlatformError;
-use crate::store;
 
 /// File holding the SNP simulator's persisted root (seed and config).
 pub const SNP_FILE: &str = "snp-sim-platform.pem";
@@ -45,22 +44,18 @@ pub fn chip_id_for(node: &str) -> [u8; 64] {
 }
 
 fn load_or_create_platform(dir: &Path) -> Result<SimSnpPlatform, RootsError> {
-    let path = dir.join(SNP_FILE);
-    if !path.exists() {
-        let fresh = SimSnpPlatform::generate(SimSnpConfig::default()).map_err(|e| {
-            RootsError::Generate {
-                what: "SEV-SNP",
-                message: e.to_string(),
-            }
-        })?;
-        // Losing the race is fine: the winner's root is read below.
-        store::create_exclusive(&path, fresh.to_pem().as_bytes())?;
-    }
-    let text = read(&path)?;
-    SimSnpPlatform::from_pem(&text).map_err(|e| RootsError::Invalid {
-        path,
-        message: e.to_string(),
-    })
+    super::roots::load_or_create(
+        &dir.join(SNP_FILE),
+        || {
+            SimSnpPlatform::generate(SimSnpConfig::default())
+                .map(|p| p.to_pem())
+                .map_err(|e| RootsError::Generate {
+                    what: "SEV-SNP",
+                    message: e.to_string(),
+                })
+        },
+        SimSnpPlatform::from_pem,
+    )
 }
 
 fn pem(der: &[u8]) -> String {
