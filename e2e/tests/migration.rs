@@ -161,6 +161,41 @@ async fn a_verified_cvm_moves_to_an_attested_target_and_is_verified_there() {
     assert_eq!(pin.node, target);
     assert_eq!(pin.relaunches, 0);
 
+    // The owner's own check after the move: `kubectl cvm attest` with their nonce and
+    // the simulator root binds the moved guest (its report data includes the migration).
+    let fps = cvm_e2e::system::sim_root_fingerprints(&sys).unwrap();
+    let root = fps
+        .iter()
+        .find(|(n, _)| n == "cvm-sim-amd")
+        .map(|(_, fp)| format!("sha256:{fp}"))
+        .expect("simulator root");
+    // A migratable guest has a migration agent: the owner's policy must allow one.
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!("snp:\n  trustedRoots: [\"{root}\"]\n  allowMigrationAgent: true\n"),
+    )
+    .unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_cvm-dev"))
+        .arg("kubectl-cvm")
+        .env("KUBECONFIG", sys.cp.kubeconfig())
+        .args([
+            "attest", "mover", "-n", ns, "--nonce", "0a0b0c0d", "--policy",
+        ])
+        .arg(&policy)
+        .args(["--timeout", "60s"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("result: AFFIRMED"), "{text}");
+
     // The guest now lives on the target only.
     wait_guest(&sys, target, &uid, true).await;
     wait_guest(&sys, &source, &uid, false).await;
