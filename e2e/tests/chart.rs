@@ -216,6 +216,11 @@ async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
     let c = shared();
     let out = helm_install(&c)?;
     assert!(out.contains("STATUS: deployed"), "{out}");
+    // NOTES.txt tells what to do next.
+    assert!(
+        out.contains("kubectl wait --for=condition=Verified") && out.contains("kubectl cvm attest"),
+        "{out}"
+    );
     let admin = c.client().await?;
 
     let nodes: Api<Node> = Api::all(admin.clone());

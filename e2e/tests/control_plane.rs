@@ -404,5 +404,45 @@ fn helm_lints_and_renders_the_chart() -> Result<()> {
         .find(|d| d["kind"] == "Deployment")
         .context("no Deployment")?;
     assert_eq!(dep["metadata"]["name"], "demo-operator");
+
+    // The values schema refuses a wrong value, naming it.
+    for (set, says) in [
+        ("nodePlugin.platform=simulated", "/nodePlugin/platform"),
+        ("operator.replicas=0", "/operator/replicas"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("nodePlugin.sim.tees={sgx}", "/nodePlugin/sim/tees"),
+    ] {
+        let bad = helm(&c, &["template", "demo", "--set", set])?;
+        let err = String::from_utf8_lossy(&bad.stderr);
+        assert!(!bad.status.success(), "{set} was accepted");
+        assert!(err.contains(says), "{set}: {err}");
+    }
+    // The simulated platform is installable: its plugin gets the flags it needs.
+    let sim = helm(
+        &c,
+        &[
+            "template",
+            "demo",
+            "--set",
+            "nodePlugin.platform=sim",
+            "--set",
+            "nodePlugin.sim.tees={sev-snp,tdx}",
+        ],
+    )?;
+    assert!(
+        sim.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    let text = String::from_utf8_lossy(&sim.stdout);
+    for arg in [
+        "--platform=sim",
+        "--sim-root-dir=/var/lib/cvm-node-plugin/sim-root",
+        "--sim-tee=sev-snp",
+        "--sim-tee=tdx",
+        "--sim-slots=16",
+    ] {
+        assert!(text.contains(arg), "{arg} missing from the DaemonSet");
+    }
     Ok(())
 }
