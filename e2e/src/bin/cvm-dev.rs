@@ -169,26 +169,31 @@ fn up(
             }
         }
     }
+    // Signal handlers first: a Ctrl-C right after the export line must still shut down
+    // cleanly (without them, SIGINT's default action would end the process at once).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (mut term, mut int) = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok::<_, String>((
+            signal(SignalKind::terminate()).map_err(|e| e.to_string())?,
+            signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
+        ))
+    })?;
     eprintln!("cvm-dev: ready in {:.1} s", started.elapsed().as_secs_f64());
     println!("export KUBECONFIG={}", sys.cp().kubeconfig().display());
     eprintln!(
         "cvm-dev: running; Ctrl-C (or `cvm-dev down --dir {}`) stops it",
         dir.display()
     );
-
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
     let sig = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-        let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
         tokio::select! {
-            _ = term.recv() => Ok::<_, String>("SIGTERM"),
-            _ = int.recv() => Ok("SIGINT"),
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
         }
-    })?;
+    });
     eprintln!("cvm-dev: {sig}: shutting down");
     sys.shutdown();
     let _ = std::fs::remove_file(pid_file(&dir));
