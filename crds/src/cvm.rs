@@ -842,6 +842,16 @@ impl ConfidentialVM {
             .then(|| self.spec.cpu_model.unwrap_or(CpuModel::EpycV4))
     }
 
+    /// The live migration (UID) that last moved this CVM, as the operator recorded it
+    /// (`cvmp.io/migration`): the epoch its evidence must bind (docs/evidence-binding.md).
+    pub fn migration_epoch(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .as_ref()?
+            .get(crate::wellknown::ANNOTATION_MIGRATION)
+            .map(String::as_str)
+    }
+
     /// The user's current challenge, if any.
     pub fn nonce(&self) -> Option<&str> {
         self.spec.attestation.as_ref()?.nonce.as_deref()

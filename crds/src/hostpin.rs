@@ -95,3 +95,13 @@ pub enum PinSource {
     /// The operator, from the first verified evidence on the node.
     FirstUse,
 }
+
+impl PinSource {
+    /// Display name (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinSource::Admin => "Admin",
+            PinSource::FirstUse => "FirstUse",
+        }
+    }
+}

@@ -222,15 +222,10 @@ async fn attest(
         }
     };
     // After a live migration the guest also binds the migration that moved it.
-    let epoch = cvm
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(cvm_crds::wellknown::ANNOTATION_MIGRATION))
-        .cloned();
+    let epoch = cvm.migration_epoch();
     let nonce_bytes = hex::decode(&nonce).ok().map(|n| {
         cvm_attest::binding::Challenge::cvm(&uid, Some(&n))
-            .after_migration(epoch.as_deref())
+            .after_migration(epoch)
             .preimage(&cvm_attest::binding::key_id(&instance_key))
     });
     let now = now_unix();

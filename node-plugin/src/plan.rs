@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cvm_crds::cvm::{ConfidentialVM, GuestState, RunStrategy};
-use cvm_crds::wellknown::{ANNOTATION_MIGRATION, ANNOTATION_REATTEST};
+use cvm_crds::wellknown::ANNOTATION_REATTEST;
 use cvm_crds::ConditionType;
 use serde::{Deserialize, Serialize};
 
@@ -85,7 +85,7 @@ impl BoundCvm {
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
                 reattest: annotation(cvm, ANNOTATION_REATTEST),
-                epoch: annotation(cvm, ANNOTATION_MIGRATION),
+                epoch: cvm.migration_epoch().map(str::to_string),
             },
             reported: Reported {
                 guest_state: status
@@ -374,7 +374,7 @@ mod tests {
             "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
             "metadata": {"name": "web", "namespace": "ns", "uid": "u",
                          "labels": {"cvmp.io/node": node},
-                         "annotations": {ANNOTATION_MIGRATION: "m-1"}},
+                         "annotations": {cvm_crds::wellknown::ANNOTATION_MIGRATION: "m-1"}},
             "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
                      "boot": {"firmware": {"name": "f"}}, "attestation": {"nonce": "aa"}},
             "status": {"nodeName": node, "platform": {"guestState": "Running", "simulated": true},

@@ -209,12 +209,7 @@ fn verify_snp(c: &ConfidentialVM, policy: SnpPolicy) -> cvm_attest::snp::SnpAppr
     let nonce = ev.nonce.as_deref().map(|n| hex::decode(n).unwrap());
     let uid = c.metadata.uid.clone().unwrap();
     // As the operator reads it: the migration that moved the CVM, from its own annotation.
-    let epoch = c
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ANNOTATION_MIGRATION))
-        .map(String::as_str);
+    let epoch = c.migration_epoch();
     verify_snp_evidence(
         ev,
         policy,

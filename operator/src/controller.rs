@@ -300,7 +300,7 @@ async fn bind_after_switch(
     sw: &migrate::Switch,
 ) -> Result<()> {
     let shown = cvm.labels().get(LABEL_NODE) == Some(&sw.node)
-        && cvm.annotations().get(ANNOTATION_MIGRATION) == Some(&sw.migration);
+        && cvm.migration_epoch() == Some(sw.migration.as_str());
     if shown {
         return Ok(());
     }
@@ -381,10 +381,7 @@ pub(crate) fn host_pin_views(ctx: &Context) -> Vec<verify::HostPinView> {
             node: p.name_any(),
             kind: p.spec.kind,
             id: p.spec.id.to_ascii_lowercase(),
-            source: match p.spec.source {
-                PinSource::Admin => "Admin",
-                PinSource::FirstUse => "FirstUse",
-            },
+            source: p.spec.source.as_str(),
         })
         .collect()
 }
@@ -415,10 +412,7 @@ async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Re
     };
     // After a migration, evidence must bind the migration (its report data proves it; the
     // plugin's echo only says whether to wait for it).
-    let migration = cvm
-        .annotations()
-        .get(ANNOTATION_MIGRATION)
-        .map(String::as_str);
+    let migration = cvm.migration_epoch();
     if migration.is_some() && evidence.epoch.as_deref() != migration {
         return Ok(Verification::Awaiting(format!(
             "waiting for evidence from node {} bound to live migration {}",

@@ -15,7 +15,6 @@ use crate::state::LiveMigratable;
 use cvm_crds::conditions::{STATUS_FALSE, STATUS_TRUE};
 use cvm_crds::cvm::AttestationResult;
 use cvm_crds::migration::{CONDITION_SWITCHED, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED};
-use cvm_crds::wellknown::ANNOTATION_MIGRATION;
 use cvm_crds::MigrationReason;
 use cvm_crds::{
     ConditionType, ConfidentialVM, ConfidentialVMMigration, ConfidentialVMMigrationStatus,
@@ -23,7 +22,6 @@ use cvm_crds::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
@@ -129,7 +127,7 @@ impl CvmView {
             verdict_migration: status
                 .and_then(|s| s.attestation.as_ref())
                 .and_then(|a| a.migration.clone()),
-            migration: cvm.annotations().get(ANNOTATION_MIGRATION).cloned(),
+            migration: cvm.migration_epoch().map(str::to_string),
         }
     }
 }
@@ -1743,8 +1741,13 @@ mod tests {
     #[test]
     fn cvm_view_reads_the_verdicts_migration_and_the_annotation() {
         let mut c = cvm_on("n2");
-        c.metadata.annotations =
-            Some([(ANNOTATION_MIGRATION.to_string(), "m-9".to_string())].into());
+        c.metadata.annotations = Some(
+            [(
+                cvm_crds::wellknown::ANNOTATION_MIGRATION.to_string(),
+                "m-9".to_string(),
+            )]
+            .into(),
+        );
         let st = c.status.get_or_insert_with(Default::default);
         st.evidence = Some(evidence(2000));
         let v = CvmView::of(&c);
