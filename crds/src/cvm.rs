@@ -521,6 +521,10 @@ pub struct GuestInstancePin {
     /// `status.platform.launchedAt` the node plugin reported for this instance.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<Time>,
+    /// `status.platform.launchId` the node plugin reported for this instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub launch_id: Option<String>,
     /// How many times the CVM's pin moved to a new instance (relaunches; a live migration
     /// keeps the instance).
     #[serde(default)]
@@ -613,6 +617,11 @@ pub struct PlatformFacts {
     /// When the guest was launched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launched_at: Option<Time>,
+    /// An ID the node plugin chose for this launch: a new one marks a relaunch, even one
+    /// within the second of the last (`launchedAt` has whole seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub launch_id: Option<String>,
     /// Human-readable detail of the last launch or stop, e.g. an error from the launcher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::config::{parse_tee, SimConfig, DEFAULT_SLOTS};
 use crate::qemu::{QemuOptions, QemuPlatform};
+use crate::store::StateLock;
 use crate::{run, Platform, SimPlatform};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -360,6 +361,10 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
         let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
     }
 
+    // Held until the process exits: the platform's guest file has one writer.
+    let Some(_lock) = state_lock(&state_dir).await? else {
+        return Ok(());
+    };
     match cli.platform {
         PlatformKind::Sim => {
             let Some(sim_root_dir) = cli.sim_root_dir.clone() else {
@@ -391,6 +396,34 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let caps = platform.capabilities();
             tracing::info!(node = %node_name, tees = ?caps.tees, host_caps = ?platform.host_caps(), "QEMU platform ready");
             serve(&cli, platform, node_name, state_dir).await
+        }
+    }
+}
+
+/// Waits for the state directory's lock (a plugin being replaced may still hold it);
+/// `None` when a signal asks to stop first.
+async fn state_lock(state_dir: &std::path::Path) -> anyhow::Result<Option<StateLock>> {
+    let mut told = false;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        if let Some(lock) = StateLock::try_acquire(state_dir)? {
+            if told {
+                tracing::info!(lock = %lock.path().display(), "took the state directory's lock");
+            }
+            return Ok(Some(lock));
+        }
+        if !told {
+            tracing::warn!(
+                lock = %state_dir.join(crate::store::LOCK_FILE).display(),
+                "another node plugin holds this state directory; waiting until it exits \
+                 (two plugins on one node would each launch the same guests)"
+            );
+            told = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut stop => return Ok(None),
         }
     }
 }

@@ -138,9 +138,20 @@ pub struct GuestInfo {
     pub launch_policy: u64,
     /// Unix seconds of the launch.
     pub launched_at: i64,
+    /// Random per launch (hex), reported so the operator tells a relaunch from a swap.
+    /// Empty in state files written before it existed.
+    #[serde(default)]
+    pub launch_id: String,
     /// Detail of a failure or a stop.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// A fresh launch ID (16 random bytes, hex).
+pub fn new_launch_id() -> Result<String, PlatformError> {
+    cvm_attest::binding::random_bytes::<16>()
+        .map(hex::encode)
+        .map_err(|e| PlatformError::Launch(format!("choosing the launch ID: {e}")))
 }
 
 /// What the evidence must answer. The guest, not the plugin, turns it into report data:

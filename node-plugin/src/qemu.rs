@@ -498,6 +498,7 @@ impl QemuPlatform {
                 measurement: Vec::new(),
                 launch_policy: req.launch_policy,
                 launched_at: now_unix(),
+                launch_id: crate::platform::new_launch_id()?,
                 message: None,
             },
             pid: None,

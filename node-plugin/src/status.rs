@@ -110,6 +110,7 @@ pub fn facts(
         computed_measurement: (!guest.measurement.is_empty())
             .then(|| hex::encode(&guest.measurement)),
         launched_at: Some(time_from_unix(guest.launched_at)),
+        launch_id: (!guest.launch_id.is_empty()).then(|| guest.launch_id.clone()),
         message,
     }
 }
@@ -261,6 +262,7 @@ mod tests {
             measurement: vec![1; 48],
             launch_policy: 1 << 29,
             launched_at: 10,
+            launch_id: "a1".into(),
             message: None,
         };
         let f = facts(&caps, &g, GuestState::Running, None);

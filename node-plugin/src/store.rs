@@ -31,6 +31,51 @@ pub enum StoreError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The lock file a node plugin holds on its state directory while it runs.
+pub const LOCK_FILE: &str = "plugin.lock";
+
+/// An exclusive `flock(2)` on `<state dir>/plugin.lock`, held for the process's life.
+/// Two plugins on one state directory would each launch a guest for the same CVM from
+/// their own view of the guest file (two instances, two keys): the second one waits.
+/// The kernel drops the lock when the holder dies, kill -9 included.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: fs::File,
+    path: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock if it is free; `Ok(None)` when another process holds it.
+    pub fn try_acquire(state_dir: &Path) -> Result<Option<StateLock>, StoreError> {
+        let path = state_dir.join(LOCK_FILE);
+        let err = |source| StoreError::Lock {
+            path: path.clone(),
+            source,
+        };
+        fs::create_dir_all(state_dir).map_err(err)?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(StateLock { _file: file, path })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(err(e)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// Writes `bytes` to `path` via a temp file in the same directory, fsync, then rename
@@ -146,6 +191,19 @@ mod tests {
         fs::write(&p, b"{not json").unwrap();
         let e = read_json::<BTreeMap<String, u32>>(&p).unwrap_err();
         assert!(e.to_string().contains("state.json is corrupt"), "{e}");
+    }
+
+    #[test]
+    fn one_holder_of_the_state_lock_at_a_time() {
+        let d = tempfile::tempdir().unwrap();
+        let first = StateLock::try_acquire(d.path()).unwrap();
+        assert!(first.is_some(), "a free lock is taken");
+        assert!(
+            StateLock::try_acquire(d.path()).unwrap().is_none(),
+            "a second holder is refused while the first lives"
+        );
+        drop(first);
+        assert!(StateLock::try_acquire(d.path()).unwrap().is_some());
     }
 
     #[test]

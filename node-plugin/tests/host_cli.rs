@@ -96,3 +96,55 @@ fn measure_works_with_kubeconfig_and_node_name_in_the_environment() {
     let (ok, _, err) = run(&["--measure", example, "--kubeconfig", "/k"], true);
     assert!(!ok && err.contains("--kubeconfig"), "{err}");
 }
+
+/// A second plugin on a state directory another process holds waits (it never opens the
+/// guest file), and goes on once the holder is gone.
+#[test]
+fn a_second_plugin_on_one_state_directory_waits_for_the_first() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let held = cvm_node_plugin::store::StateLock::try_acquire(&state)
+        .unwrap()
+        .expect("a fresh lock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cvm-node-plugin"))
+        .args(["--node-name=n1", "--platform=sim", "--sim-tee=sev-snp"])
+        .arg(format!("--state-dir={}", state.display()))
+        .arg(format!(
+            "--sim-root-dir={}",
+            dir.path().join("roots").display()
+        ))
+        .arg(format!(
+            "--kubeconfig={}",
+            dir.path().join("no-kubeconfig").display()
+        ))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "plugin exited early");
+        if line.contains("another node plugin holds this state directory") {
+            break;
+        }
+    }
+    assert!(
+        !state.join(cvm_node_plugin::sim::GUESTS_FILE).exists(),
+        "the waiting plugin opened no guest file"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "it waits, it does not exit"
+    );
+    drop(held);
+    // With the lock free it goes on, to the missing kubeconfig.
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("no-kubeconfig"), "{err}");
+}

@@ -256,7 +256,7 @@ pub fn appraise(input: &Input<'_>) -> Appraised {
         (Subject::Cvm, Some(r)) if is_snp_or_tdx => Some(check_instance(
             prior,
             r,
-            launched_at(input.cvm),
+            &LaunchMark::of(input.cvm),
             input.migration,
             input.records.other_instances,
         )),
@@ -367,9 +367,33 @@ fn new_pin(
         node: input.node.to_string(),
         pinned_at: now,
         launched_at: launched_at(input.cvm).map(Time),
+        launch_id: LaunchMark::of(input.cvm).id,
         relaunches,
         previous_key_sha256,
         migration: input.migration.map(str::to_string),
+    }
+}
+
+/// The launch the node plugin reported for the guest: its word, so it only tells a
+/// relaunch from a swap (a new pin, visible), it never makes evidence pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LaunchMark {
+    /// `status.platform.launchId`: new on every launch.
+    pub id: Option<String>,
+    /// `status.platform.launchedAt` (whole seconds): the fallback where no ID is reported.
+    pub at: Option<Timestamp>,
+}
+
+impl LaunchMark {
+    fn of(cvm: &ConfidentialVM) -> LaunchMark {
+        LaunchMark {
+            id: cvm
+                .status
+                .as_ref()
+                .and_then(|s| s.platform.as_ref())
+                .and_then(|p| p.launch_id.clone()),
+            at: launched_at(cvm),
+        }
     }
 }
 
@@ -455,13 +479,13 @@ pub enum InstanceCheck {
     ServesOther(String),
 }
 
-/// Decides the instance binding. Pure. `launched_at` is the plugin's word, so it can only
-/// make a change *visible* as a relaunch (new pin, counter, event); it cannot make evidence
-/// from another chip, CVM or image pass.
+/// Decides the instance binding. Pure. `launch` is the plugin's word, so it can only make
+/// a change *visible* as a relaunch (new pin, counter, event); it cannot make evidence from
+/// another chip, CVM or image pass.
 pub fn check_instance(
     pin: Option<&GuestInstancePin>,
     reported: &InstanceId,
-    launched_at: Option<Timestamp>,
+    launch: &LaunchMark,
     migration: Option<&str>,
     others: &[(String, String)],
 ) -> InstanceCheck {
@@ -491,8 +515,16 @@ pub fn check_instance(
     if same_key && same_report_id {
         return InstanceCheck::Same;
     }
+    // A launch ID settles it; two launches within one second share a launchedAt.
+    if let (Some(now), Some(then)) = (&launch.id, &pin.launch_id) {
+        return if now != then {
+            InstanceCheck::Repin(Repin::Relaunched)
+        } else {
+            InstanceCheck::Changed
+        };
+    }
     let pinned_launch = pin.launched_at.as_ref().map(|t| t.0);
-    match (launched_at, pinned_launch) {
+    match (launch.at, pinned_launch) {
         (Some(now), Some(then)) if now > then => InstanceCheck::Repin(Repin::Relaunched),
         (Some(_), None) => InstanceCheck::Repin(Repin::Relaunched),
         _ => InstanceCheck::Changed,
@@ -1196,6 +1228,7 @@ mod tests {
             node: "node-a".into(),
             pinned_at: Time(Timestamp::from_second(1_749_000_000).unwrap()),
             launched_at: Some(Time(Timestamp::from_second(launched).unwrap())),
+            launch_id: None,
             relaunches: 0,
             previous_key_sha256: None,
             migration: None,
@@ -1601,38 +1634,44 @@ mod tests {
             node: "n1".into(),
             pinned_at: Time(t(100)),
             launched_at: Some(Time(t(90))),
+            launch_id: None,
             relaunches: 0,
             previous_key_sha256: None,
             migration: None,
         };
+        let at = |s: i64| LaunchMark {
+            id: None,
+            at: Some(t(s)),
+        };
+        let none = LaunchMark::default();
         let id = |k: &str, r: &str| InstanceId {
             key_sha256: k.into(),
             report_id: Some(r.into()),
         };
         assert_eq!(
-            check_instance(None, &id("k1", "r1"), None, None, &[]),
+            check_instance(None, &id("k1", "r1"), &none, None, &[]),
             InstanceCheck::First
         );
         assert_eq!(
-            check_instance(Some(&pin), &id("k1", "r1"), Some(t(90)), None, &[]),
+            check_instance(Some(&pin), &id("k1", "r1"), &at(90), None, &[]),
             InstanceCheck::Same
         );
         assert_eq!(
-            check_instance(Some(&pin), &id("k2", "r2"), Some(t(90)), None, &[]),
+            check_instance(Some(&pin), &id("k2", "r2"), &at(90), None, &[]),
             InstanceCheck::Changed
         );
         assert_eq!(
-            check_instance(Some(&pin), &id("k2", "r2"), Some(t(95)), None, &[]),
+            check_instance(Some(&pin), &id("k2", "r2"), &at(95), None, &[]),
             InstanceCheck::Repin(Repin::Relaunched)
         );
         // After a migration's switch: the moved instance keeps its key (its REPORT_ID may
         // be the target's); another key is not the moved guest, relaunch or not.
         assert_eq!(
-            check_instance(Some(&pin), &id("k1", "r2"), Some(t(90)), Some("m1"), &[]),
+            check_instance(Some(&pin), &id("k1", "r2"), &at(90), Some("m1"), &[]),
             InstanceCheck::Repin(Repin::Migrated)
         );
         assert_eq!(
-            check_instance(Some(&pin), &id("k2", "r2"), Some(t(95)), Some("m1"), &[]),
+            check_instance(Some(&pin), &id("k2", "r2"), &at(95), Some("m1"), &[]),
             InstanceCheck::NotTheMovedInstance
         );
         let moved = GuestInstancePin {
@@ -1640,18 +1679,49 @@ mod tests {
             ..pin.clone()
         };
         assert_eq!(
-            check_instance(Some(&moved), &id("k1", "r1"), Some(t(90)), Some("m1"), &[]),
+            check_instance(Some(&moved), &id("k1", "r1"), &at(90), Some("m1"), &[]),
             InstanceCheck::Same
         );
         assert_eq!(
             check_instance(
                 Some(&pin),
                 &id("k1", "r1"),
-                None,
+                &none,
                 None,
                 &[("d/x".into(), "K1".into())]
             ),
             InstanceCheck::ServesOther("d/x".into())
+        );
+        // A launch ID tells a relaunch within the pinned second from a swap.
+        let with_id = GuestInstancePin {
+            launch_id: Some("l1".into()),
+            ..pin.clone()
+        };
+        let launch = |l: &str| LaunchMark {
+            id: Some(l.into()),
+            at: Some(t(90)),
+        };
+        assert_eq!(
+            check_instance(Some(&with_id), &id("k2", "r2"), &launch("l2"), None, &[]),
+            InstanceCheck::Repin(Repin::Relaunched)
+        );
+        assert_eq!(
+            check_instance(
+                Some(&with_id),
+                &id("k2", "r2"),
+                &LaunchMark {
+                    id: Some("l1".into()),
+                    at: Some(t(95)),
+                },
+                None,
+                &[]
+            ),
+            InstanceCheck::Changed,
+            "another key under the pinned launch is a swap, even with a later launchedAt"
+        );
+        assert_eq!(
+            check_instance(Some(&with_id), &id("k1", "r1"), &launch("l1"), None, &[]),
+            InstanceCheck::Same
         );
     }
 }

@@ -308,6 +308,7 @@ impl SimPlatform {
             measurement: req.expected_measurement.clone(),
             launch_policy: req.launch_policy,
             launched_at: now_unix(),
+            launch_id: crate::platform::new_launch_id()?,
             message: None,
         };
         let key = cvm_attest::binding::InstanceKey::generate()
@@ -723,9 +724,13 @@ mod tests {
         // The same guest keeps its key; a relaunched guest gets a new one.
         let again = p.evidence("t", &c).await.unwrap();
         assert_eq!(again.instance_key, ev.instance_key);
+        let first = p.list().await.unwrap()[0].launch_id.clone();
         p.stop("t").await.unwrap();
-        p.launch(&req).await.unwrap();
+        let second = p.launch(&req).await.unwrap().launch_id;
         let relaunched = p.evidence("t", &c).await.unwrap();
         assert_ne!(relaunched.instance_key, ev.instance_key);
+        // Within the same second, too, the relaunch shows as a new launch ID.
+        assert_eq!(first.len(), 32);
+        assert_ne!(second, first);
     }
 }
