@@ -113,6 +113,28 @@ pub fn crds_yaml() -> Result<String, RenderError> {
     Ok(out)
 }
 
+/// The CRDs as the chart's template `templates/crds.yaml`: a template (not the chart's
+/// `crds/` folder, which Helm installs once and never upgrades) so that `helm upgrade`
+/// brings new fields; kept on `helm uninstall` (deleting a CRD deletes every object of
+/// it, running CVMs included). Rendered only with `crds.install`.
+pub fn chart_crds_yaml() -> Result<String, RenderError> {
+    let mut out = String::from(GENERATED_HEADER);
+    out.push_str("{{- if .Values.crds.install }}\n");
+    for mut crd in crds()? {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert("helm.sh/resource-policy".into(), "keep".into());
+        let body = serde_yaml::to_string(&crd)?;
+        // Helm would read a `{{` in a description as template syntax.
+        let body = body.replace("{{", "{{ \"{{\" }}");
+        out.push_str("---\n");
+        out.push_str(&body);
+    }
+    out.push_str("{{- end }}\n");
+    Ok(out)
+}
+
 /// The openAPIV3Schema of the first version of a CRD, as JSON.
 pub fn openapi_schema(crd: &CustomResourceDefinition) -> Option<Value> {
     let s = crd

@@ -71,7 +71,7 @@ fn example_policies_trust_the_simulator_only_in_the_demo() {
             .filter(|r| !r.is_builtin())
             .count();
         match p.metadata.name.as_deref() {
-            Some("demo-simulator") => assert_eq!(non_vendor, 1),
+            Some("demo-simulator") => assert_eq!(non_vendor, 2),
             Some("production") => assert_eq!(non_vendor, 0),
             other => panic!("unexpected policy {other:?}"),
         }

@@ -24,14 +24,20 @@ fn api_docs_are_fresh() {
 
 #[test]
 fn chart_crds_are_fresh() {
-    let want = cvm_crds::crds_yaml().expect("render CRDs");
+    let want = cvm_crds::schema::chart_crds_yaml().expect("render CRDs");
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../charts/cvm-operator/crds/crds.yaml"
+        "/../charts/cvm-operator/templates/crds.yaml"
     );
     let have = std::fs::read_to_string(path).unwrap_or_default();
     assert!(
         have == want,
-        "charts/cvm-operator/crds/crds.yaml is stale: run `cargo run -p cvm-crds --bin crdgen -- --write`"
+        "charts/cvm-operator/templates/crds.yaml is stale: run `cargo run -p cvm-crds --bin crdgen -- --write`"
     );
+    // The chart's crds/ folder would be installed once and never upgraded.
+    assert!(!std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/cvm-operator/crds"
+    ))
+    .exists());
 }

@@ -1,12 +1,20 @@
-//! The demo flow shared by `cvm-dev up` and the e2e suite: apply `examples/`, let the
-//! demo policy trust this cluster's simulator roots, wait for the examples to verify.
+//! The demo flow shared by `cvm-dev up` and the e2e suite: apply `examples/` as their
+//! headers say (the demo policy names the chart's published demo root, which the
+//! simulated hosts are seeded from), wait for the examples to verify.
 
 use crate::system::{sim_root_fingerprints, System};
+use serde::Deserialize as _;
 use std::path::{Path, PathBuf};
 
 /// The repository's `examples/` folder.
 pub fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// The chart's published simulator demo root (its private keys are public on purpose:
+/// evidence under it proves nothing).
+pub fn demo_root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator/files/sim-demo-root")
 }
 
 /// Runs `kubectl ARGS` against the system; stdout on success, stderr in the error.
@@ -53,6 +61,38 @@ pub struct Applied {
     pub skipped: Vec<(String, String)>,
 }
 
+/// The simulator fingerprints (hex) that `examples/attestation-policy.yaml`'s
+/// `demo-simulator` policy trusts.
+pub fn example_policy_fingerprints() -> Result<Vec<String>, String> {
+    let path = examples_dir().join("attestation-policy.yaml");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| format!("{} is not YAML: {e}", path.display()))?;
+        if v.get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            != Some("demo-simulator")
+        {
+            continue;
+        }
+        let roots = v
+            .get("spec")
+            .and_then(|s| s.get("trustedRoots"))
+            .and_then(|r| r.as_sequence())
+            .cloned()
+            .unwrap_or_default();
+        out.extend(roots.iter().filter_map(|r| {
+            r.get("sha256Fingerprint")
+                .and_then(|f| f.as_str())
+                .map(str::to_string)
+        }));
+    }
+    Ok(out)
+}
+
 /// The TEE a manifest's ConfidentialVM asks for (`None`: not a ConfidentialVM).
 fn example_tee(text: &str) -> Option<String> {
     let v: serde_yaml::Value = serde_yaml::from_str(text).ok()?;
@@ -85,10 +125,16 @@ fn fleet_hosts(sys: &System, tee: &str) -> Result<bool, String> {
     Ok(!names.trim().is_empty())
 }
 
-/// Applies the `examples/` this fleet can host, and points the `demo-simulator` policy at
-/// the simulator roots.
+/// Applies the `examples/` this fleet can host, as they are: the `demo-simulator` policy
+/// names the demo root, which this system's simulated hosts must be seeded from.
 pub fn apply_examples(sys: &System) -> Result<Applied, String> {
-    let roots = demo_trusted_roots(sys)?;
+    let theirs = sim_root_fingerprints(sys).map_err(|e| e.to_string())?;
+    let named = example_policy_fingerprints()?;
+    if let Some((_, fp)) = theirs.iter().find(|(_, fp)| !named.contains(fp)) {
+        return Err(format!(
+            "this system's simulator root {fp} is not the demo root that examples/attestation-policy.yaml names; start it with the demo root (SystemOptions::demo_root)"
+        ));
+    }
     let dir = examples_dir();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .map_err(|e| format!("reading {}: {e}", dir.display()))?
@@ -109,18 +155,6 @@ pub fn apply_examples(sys: &System) -> Result<Applied, String> {
         }
         kubectl(sys, &["apply", "-f", &f.display().to_string()])?;
     }
-    let patch = serde_json::json!({"spec": {"trustedRoots": roots}}).to_string();
-    kubectl(
-        sys,
-        &[
-            "patch",
-            "attestationpolicy",
-            "demo-simulator",
-            "--type=merge",
-            "-p",
-            &patch,
-        ],
-    )?;
     let names = kubectl(
         sys,
         &[
@@ -175,4 +209,33 @@ pub fn wait_verified(sys: &System, names: &[String], timeout_secs: u64) -> Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo policy names exactly the published demo root, and no other policy in
+    /// `examples/` names a simulator root.
+    #[test]
+    fn the_example_policy_names_the_published_demo_root() {
+        let fps = cvm_node_plugin::sim::roots::cluster_fingerprints(&demo_root_dir())
+            .expect("the demo root loads");
+        let mut want: Vec<String> = [fps.snp, fps.tdx]
+            .into_iter()
+            .flatten()
+            .map(|f| f.trim_start_matches("sha256:").to_string())
+            .collect();
+        want.sort();
+        let mut named = example_policy_fingerprints().expect("the example policy reads");
+        named.sort();
+        assert_eq!(named, want, "regenerate with `cvm-node-plugin sim-roots`");
+        let text = std::fs::read_to_string(examples_dir().join("attestation-policy.yaml"))
+            .expect("policy file");
+        assert_eq!(
+            text.matches("sha256Fingerprint").count(),
+            want.len(),
+            "only demo-simulator names a simulator root"
+        );
+    }
 }

@@ -21,6 +21,9 @@ pub struct SystemOptions {
     pub operator: bool,
     /// Milliseconds a simulated launch takes.
     pub launch_delay_ms: u64,
+    /// Seed the simulator roots from the chart's published demo root (what
+    /// `examples/attestation-policy.yaml` names); otherwise a root of this run's own.
+    pub demo_root: bool,
 }
 
 impl SystemOptions {
@@ -32,6 +35,7 @@ impl SystemOptions {
             nodes,
             operator: true,
             launch_delay_ms: 0,
+            demo_root: true,
         }
     }
 }
@@ -80,6 +84,11 @@ impl System {
             cp,
         };
         std::fs::create_dir_all(sys.sim_root_dir()).map_err(io("creating", sys.sim_root_dir()))?;
+        if opts.demo_root {
+            let from = crate::demo::demo_root_dir();
+            cvm_node_plugin::sim::roots::seed(&sys.sim_root_dir(), &from)
+                .map_err(|e| HarnessError::Thread(format!("seeding the demo root: {e}")))?;
+        }
         // Create the shared simulator roots before any plugin starts, so that all agree
         // and the demo policy can name them.
         sim_root_fingerprints(&sys)?;

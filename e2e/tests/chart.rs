@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use cvm_crds::conditions::new_condition;
 use cvm_crds::cvm::{Evidence, PlatformFacts};
 use cvm_crds::{ConditionType, ConfidentialVM, ConfidentialVMMigration};
-use cvm_e2e::shared::{shared, ClusterInfo};
+use cvm_e2e::shared::{default_nodes, ClusterInfo};
+use cvm_e2e::{ControlPlane, Options};
 use cvm_node_plugin::status::{
     apply_patch, time_from_unix, FIELD_MANAGER, MIGRATION_SOURCE_MANAGER, MIGRATION_TARGET_MANAGER,
     REASON_RUNNING,
@@ -25,12 +26,47 @@ use std::time::{Duration, Instant};
 const RELEASE: &str = "chart-test";
 const NS: &str = "cvm-system";
 
+fn chart_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator")
+}
+
 fn helm_install(c: &ClusterInfo) -> Result<String> {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator");
+    let chart = chart_dir();
+    helm(
+        c,
+        &[
+            "install",
+            RELEASE,
+            &chart.display().to_string(),
+            "-n",
+            NS,
+            "--create-namespace",
+        ],
+    )
+}
+
+/// A control plane of the test's own with no CRDs: the chart installs them.
+fn bare_cluster() -> Result<(ControlPlane, ClusterInfo)> {
+    let cp = ControlPlane::start(Options {
+        dir: None,
+        api_port: None,
+        nodes: default_nodes(),
+        crds: Some(Vec::new()),
+    })?;
+    let info = ClusterInfo {
+        kubeconfig: cp.kubeconfig().to_path_buf(),
+        kubectl: cp.kubectl(),
+        helm: cp.helm(),
+        bin: cp.bin_dir().to_path_buf(),
+    };
+    Ok((cp, info))
+}
+
+/// Runs `helm ARGS --kubeconfig …` with a private cache and config.
+fn helm(c: &ClusterInfo, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(&c.helm)
-        .args(["install", RELEASE])
-        .arg(&chart)
-        .args(["-n", NS, "--create-namespace", "--kubeconfig"])
+        .args(args)
+        .arg("--kubeconfig")
         .arg(&c.kubeconfig)
         .env(
             "HELM_CACHE_HOME",
@@ -48,7 +84,10 @@ fn helm_install(c: &ClusterInfo) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     if !out.status.success() {
-        bail!("helm install failed: {text}");
+        bail!(
+            "helm {} failed: {text}",
+            args.first().copied().unwrap_or_default()
+        );
     }
     Ok(text)
 }
@@ -213,7 +252,7 @@ fn node_restriction_holds_every_status_field_but_the_plugins() -> Result<()> {
 
 #[tokio::test]
 async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
-    let c = shared();
+    let (_cp, c) = bare_cluster()?;
     let out = helm_install(&c)?;
     assert!(out.contains("STATUS: deployed"), "{out}");
     // NOTES.txt tells what to do next.
@@ -479,6 +518,147 @@ async fn helm_installs_the_chart_and_node_restriction_holds() -> Result<()> {
             "the node plugin of node {mine} may only write migrations from or to that node"
         )),
         "{m}"
+    );
+    Ok(())
+}
+
+/// The chart as an older release shipped it: the same, with one later API field
+/// (`status.platform.launchId`) missing from the ConfidentialVM CRD.
+fn older_chart(dir: &Path) -> Result<std::path::PathBuf> {
+    let to = dir.join("cvm-operator");
+    let status = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(chart_dir())
+        .arg(&to)
+        .status()?;
+    if !status.success() {
+        bail!("copying the chart failed");
+    }
+    let path = to.join("templates/crds.yaml");
+    let text = std::fs::read_to_string(&path)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let (mut out, mut skipping) = (Vec::new(), None::<usize>);
+    for l in lines {
+        let indent = l.len() - l.trim_start().len();
+        if let Some(at) = skipping {
+            if indent > at {
+                continue;
+            }
+            skipping = None;
+        }
+        if l.trim_start() == "launchId:" {
+            skipping = Some(indent);
+            continue;
+        }
+        out.push(l);
+    }
+    let older = out.join("\n") + "\n";
+    if older == text {
+        bail!("the chart's CRDs have no launchId to remove");
+    }
+    std::fs::write(&path, older)?;
+    Ok(to)
+}
+
+fn platform_props(crd: &CustomResourceDefinition) -> Vec<String> {
+    let schema = cvm_crds::schema::openapi_schema(crd).unwrap_or_default();
+    schema["properties"]["status"]["properties"]["platform"]["properties"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// `helm upgrade` updates the CRDs (a later field arrives and is kept, not pruned) and the
+/// image; `helm uninstall` removes the workloads and keeps the CRDs and every CVM.
+#[tokio::test]
+async fn helm_upgrade_brings_new_crd_fields_and_uninstall_keeps_the_cvms() -> Result<()> {
+    let (_cp, c) = bare_cluster()?;
+    let tmp = tempfile::tempdir()?;
+    let older = older_chart(tmp.path())?;
+    let older = older.display().to_string();
+    helm(
+        &c,
+        &["install", RELEASE, &older, "-n", NS, "--create-namespace"],
+    )?;
+    let admin = c.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(admin.clone());
+    let crd = crds.get("confidentialvms.cvmp.io").await?;
+    assert!(!platform_props(&crd).contains(&"launchId".to_string()));
+
+    let current = chart_dir().display().to_string();
+    let out = helm(
+        &c,
+        &[
+            "upgrade",
+            RELEASE,
+            &current,
+            "-n",
+            NS,
+            "--set",
+            "image.tag=0.2.0",
+        ],
+    )?;
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    // The API server serves the new schema once the CRD is re-established.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !platform_props(&crds.get("confidentialvms.cvmp.io").await?)
+        .contains(&"launchId".to_string())
+    {
+        if Instant::now() > deadline {
+            bail!("helm upgrade did not update the ConfidentialVM CRD");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deploys: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(admin.clone(), NS);
+    let d = deploys.get(&format!("{RELEASE}-operator")).await?;
+    let image = d
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.containers.first().and_then(|c| c.image.clone()));
+    assert_eq!(image.as_deref(), Some("cvm-operator:0.2.0"));
+
+    // A field of the new schema is stored, not pruned.
+    let ns = "chart-upgrade";
+    let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    nss.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+    )
+    .await?;
+    let node = default_nodes()[0].name.clone();
+    bound_cvm(&admin, ns, "kept", &node).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        cvm_api(admin.clone(), ns)
+            .patch_status(
+                "kept",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"platform": {"launchId": "00ff"}}})),
+            )
+            .await?;
+        let st = cvm_api(admin.clone(), ns).get("kept").await?.data["status"].clone();
+        if st["platform"]["launchId"] == "00ff" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("status.platform.launchId is pruned after the upgrade: {st}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let out = helm(&c, &["uninstall", RELEASE, "-n", NS])?;
+    assert!(out.contains("uninstalled"), "{out}");
+    assert!(
+        deploys
+            .get_opt(&format!("{RELEASE}-operator"))
+            .await?
+            .is_none(),
+        "the operator's Deployment goes with the release"
+    );
+    assert!(crds.get_opt("confidentialvms.cvmp.io").await?.is_some());
+    assert!(
+        cvm_api(admin.clone(), ns).get_opt("kept").await?.is_some(),
+        "the CVMs stay (helm.sh/resource-policy: keep on the CRDs)"
     );
     Ok(())
 }

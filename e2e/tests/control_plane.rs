@@ -411,6 +411,8 @@ fn helm_lints_and_renders_the_chart() -> Result<()> {
         ("operator.replicas=0", "/operator/replicas"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("nodePlugin.sim.tees={sgx}", "/nodePlugin/sim/tees"),
+        ("nodePlugin.selectNodesBy=all", "/nodePlugin/selectNodesBy"),
+        ("image.repository=x", "image"),
     ] {
         let bad = helm(&c, &["template", "demo", "--set", set])?;
         let err = String::from_utf8_lossy(&bad.stderr);
@@ -441,8 +443,89 @@ fn helm_lints_and_renders_the_chart() -> Result<()> {
         "--sim-tee=sev-snp",
         "--sim-tee=tdx",
         "--sim-slots=16",
+        "--sim-root-seed=/etc/cvm-node-plugin/sim-demo-root",
     ] {
         assert!(text.contains(arg), "{arg} missing from the DaemonSet");
     }
+    // The published demo root travels as a ConfigMap, both bundles in it.
+    let docs = |out: &Output| -> Result<Vec<serde_json::Value>> {
+        Ok(serde_yaml::Deserializer::from_slice(&out.stdout)
+            .map(serde::Deserialize::deserialize)
+            .collect::<Result<Vec<serde_json::Value>, _>>()?)
+    };
+    let sim_docs = docs(&sim)?;
+    let root = sim_docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "demo-sim-demo-root")
+        .context("no demo root ConfigMap")?;
+    for f in ["snp-sim-platform.pem", "tdx-sim-platform.pem"] {
+        assert!(
+            root["data"][f]
+                .as_str()
+                .is_some_and(|p| p.contains("BEGIN")),
+            "{f}"
+        );
+    }
+    // Without NFD: the plugin runs on every candidate node (tolerating taints) and labels
+    // it itself; with NFD, a NodeFeatureRule labels TEE hosts for the default selection.
+    let cand = helm(
+        &c,
+        &[
+            "template",
+            "demo",
+            "--set",
+            "nodePlugin.selectNodesBy=candidates",
+            "--set",
+            "nodeFeatureRule.enabled=true",
+            "--set",
+            "image.registry=registry.example/cvm",
+            "--set",
+            "image.tag=1.2.3",
+        ],
+    )?;
+    assert!(
+        cand.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cand.stderr)
+    );
+    let cand_docs = docs(&cand)?;
+    let ds = cand_docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .context("no DaemonSet")?;
+    let pod = &ds["spec"]["template"]["spec"];
+    assert!(pod["affinity"].is_null(), "{pod}");
+    assert_eq!(pod["nodeSelector"]["kubernetes.io/os"], "linux");
+    assert_eq!(pod["tolerations"][0]["operator"], "Exists");
+    assert_eq!(
+        pod["containers"][0]["image"],
+        "registry.example/cvm/cvm-node-plugin:1.2.3"
+    );
+    let rule = cand_docs
+        .iter()
+        .find(|d| d["kind"] == "NodeFeatureRule")
+        .context("no NodeFeatureRule")?;
+    assert_eq!(
+        rule["spec"]["rules"][0]["labels"]["cvmp.io/tee-host"],
+        "true"
+    );
+    // Defaults: TEE-labelled nodes only (cvmp.io/tee-host among them), CRDs as templates.
+    let defaults = docs(&out)?;
+    let ds = defaults
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .context("no DaemonSet")?;
+    let terms = ds["spec"]["template"]["spec"]["affinity"]["nodeAffinity"]
+        ["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        .to_string();
+    assert!(terms.contains("cvmp.io/tee-host"), "{terms}");
+    let crds: Vec<&serde_json::Value> = defaults
+        .iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .collect();
+    assert_eq!(crds.len(), 4);
+    assert!(crds
+        .iter()
+        .all(|d| d["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"));
     Ok(())
 }

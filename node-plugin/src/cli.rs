@@ -89,6 +89,11 @@ pub struct Cli {
     /// (created on first use). Required with --platform sim.
     #[arg(long)]
     sim_root_dir: Option<PathBuf>,
+    /// Seed --sim-root-dir from this directory (its shared roots are copied where absent):
+    /// how every plugin of a cluster gets one root without a shared file system, e.g. the
+    /// chart's published demo root.
+    #[arg(long)]
+    sim_root_seed: Option<PathBuf>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -132,6 +137,14 @@ enum Sub {
         #[arg(long, default_value = "/run/cvm/guest.qmp")]
         qmp_socket: PathBuf,
     },
+    /// Create (where absent) the simulated vendor roots in DIR and print the fingerprints
+    /// a policy names to trust them. Simulated evidence proves nothing about hardware.
+    ///
+    /// Example: cvm-node-plugin sim-roots --dir /var/lib/cvm-node-plugin/sim-root
+    SimRoots {
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 fn artifact_path(
@@ -144,6 +157,12 @@ fn artifact_path(
 
 fn run_sub(sub: &Sub) -> anyhow::Result<()> {
     match sub {
+        Sub::SimRoots { dir } => {
+            let fps = crate::sim::roots::cluster_fingerprints(dir)?;
+            println!("SEV-SNP ARK:  {}", fps.snp.unwrap_or_default());
+            println!("TDX root CA:  {}", fps.tdx.unwrap_or_default());
+            Ok(())
+        }
         Sub::Detect { root, output } => {
             let report = cvm_host::detect::report(root);
             match output.as_str() {
@@ -371,6 +390,9 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("--sim-root-dir is required with --platform sim");
             };
             let cfg = sim_config(&cli)?;
+            if let Some(seed) = &cli.sim_root_seed {
+                crate::sim::roots::seed(&sim_root_dir, seed)?;
+            }
             let platform =
                 SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
             let fps = platform.root_fingerprints();

@@ -5,8 +5,11 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
-{{- define "cvm-operator.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{/* An image reference: pass (list $ .Values.operator.image). */}}
+{{- define "cvm-operator.imageRef" -}}
+{{- $root := index . 0 -}}
+{{- $img := index . 1 -}}
+{{- with $root.Values.image.registry }}{{ . }}/{{ end }}{{ $img.repository }}:{{ $root.Values.image.tag | default $root.Chart.AppVersion }}
 {{- end }}
 
 {{- define "cvm-operator.pluginSA" -}}

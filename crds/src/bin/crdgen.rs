@@ -1,5 +1,5 @@
 //! Prints every cvmp.io CRD as multi-document YAML; `--write` also refreshes the committed
-//! `crds/generated/crds.yaml`, the chart's copy and `docs/api.md`.
+//! `crds/generated/crds.yaml`, the chart's template and `docs/api.md`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,13 +25,20 @@ fn main() -> ExitCode {
         }
     };
     // Paths are relative to this crate so the command works from any directory.
+    let chart = match cvm_crds::schema::chart_crds_yaml() {
+        Ok(y) => y,
+        Err(e) => {
+            eprintln!("crdgen: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let targets = [
-        (crate_dir.join("generated/crds.yaml"), yaml.clone()),
-        // Helm installs a chart's crds/ folder before its templates.
+        (crate_dir.join("generated/crds.yaml"), yaml),
+        // A template, so that `helm upgrade` updates the CRDs.
         (
-            crate_dir.join("../charts/cvm-operator/crds/crds.yaml"),
-            yaml,
+            crate_dir.join("../charts/cvm-operator/templates/crds.yaml"),
+            chart,
         ),
         (crate_dir.join("../docs/api.md"), docs),
     ];

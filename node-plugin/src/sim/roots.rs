@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! tdx-sim-platform.pem       TDX sim root CA, PCK chain, TCB signing and QE keys (attest's bundle)
-//! snp-sim-root.pem           SNP sim ARK/ASK (attest's bundle)
+//! snp-sim-platform.pem       SNP sim ARK/ASK (attest's bundle)
 //! nodes/<node>/snp-vcek.pem  per-node chip key (VCEK) under the shared ASK
 //! ```
 //!
@@ -107,6 +107,20 @@ impl SimRoots {
     }
 }
 
+/// Copies the shared roots from `from` into `dir` where `dir` has none yet (a root once
+/// there is never replaced: policies trust it). `from` must hold both.
+pub fn seed(dir: &Path, from: &Path) -> Result<(), RootsError> {
+    for name in [super::snp::SNP_FILE, TDX_FILE] {
+        let target = dir.join(name);
+        if target.exists() {
+            continue;
+        }
+        let text = read(&from.join(name))?;
+        store::create_exclusive(&target, text.as_bytes())?;
+    }
+    Ok(())
+}
+
 /// Loads or creates both roots in `dir` and returns their fingerprints: what `cvm-dev` calls
 /// before starting plugins, to write an AttestationPolicy that trusts the simulator.
 pub fn cluster_fingerprints(dir: &Path) -> Result<RootFingerprints, RootsError> {
@@ -172,4 +186,29 @@ pub(crate) fn read(path: &Path) -> Result<String, RootsError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeding_copies_the_shared_roots_once_and_never_replaces_one() {
+        let from = tempfile::tempdir().unwrap();
+        let want = cluster_fingerprints(from.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        seed(dir.path(), from.path()).unwrap();
+        assert_eq!(cluster_fingerprints(dir.path()).unwrap(), want);
+        // Another seed does not replace the root a policy already trusts.
+        let other = tempfile::tempdir().unwrap();
+        let theirs = cluster_fingerprints(other.path()).unwrap();
+        assert_ne!(theirs, want);
+        seed(dir.path(), other.path()).unwrap();
+        assert_eq!(cluster_fingerprints(dir.path()).unwrap(), want);
+        // A seed without the roots names the missing file.
+        let empty = tempfile::tempdir().unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let e = seed(fresh.path(), empty.path()).unwrap_err().to_string();
+        assert!(e.contains("snp-sim-platform.pem"), "{e}");
+    }
 }
