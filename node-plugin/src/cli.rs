@@ -94,6 +94,11 @@ pub struct Cli {
     /// chart's published demo root.
     #[arg(long)]
     sim_root_seed: Option<PathBuf>,
+    /// Read this node's simulated TEEs from this label of its Node (values joined by
+    /// '.', e.g. `sev-snp.tdx`), where set; the --sim-tee flags otherwise. One DaemonSet
+    /// can so simulate a mixed fleet.
+    #[arg(long)]
+    sim_tees_label: Option<String>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -244,6 +249,34 @@ fn shell_lines(args: &[String]) -> String {
     lines.join(" \\\n  ")
 }
 
+/// The TEEs `label` of Node `node` names (`None`: no such label).
+async fn node_sim_tees(
+    client: &kube::Client,
+    node: &str,
+    label: &str,
+) -> anyhow::Result<Option<Vec<cvm_crds::TeeType>>> {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let n = nodes
+        .get(node)
+        .await
+        .with_context(|| format!("reading Node {node} for its {label} label"))?;
+    let Some(value) = n.metadata.labels.as_ref().and_then(|l| l.get(label)) else {
+        return Ok(None);
+    };
+    parse_tee_list(value)
+        .map(Some)
+        .with_context(|| format!("label {label}={value} of Node {node}"))
+}
+
+/// `sev-snp.tdx` → [SEV-SNP, TDX].
+fn parse_tee_list(value: &str) -> anyhow::Result<Vec<cvm_crds::TeeType>> {
+    value
+        .split('.')
+        .filter(|t| !t.is_empty())
+        .map(|t| parse_tee(t).map_err(anyhow::Error::from))
+        .collect()
+}
+
 fn sim_config(cli: &Cli) -> anyhow::Result<SimConfig> {
     if let Some(p) = &cli.sim_config {
         return Ok(SimConfig::from_file(p)?);
@@ -389,7 +422,14 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let Some(sim_root_dir) = cli.sim_root_dir.clone() else {
                 anyhow::bail!("--sim-root-dir is required with --platform sim");
             };
-            let cfg = sim_config(&cli)?;
+            let client = client(cli.kubeconfig.as_ref()).await?;
+            let mut cfg = sim_config(&cli)?;
+            if let Some(label) = &cli.sim_tees_label {
+                if let Some(tees) = node_sim_tees(&client, &node_name, label).await? {
+                    cfg.tees = tees;
+                    cfg.validate()?;
+                }
+            }
             if let Some(seed) = &cli.sim_root_seed {
                 crate::sim::roots::seed(&sim_root_dir, seed)?;
             }
@@ -404,7 +444,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 println!("simulated TDX root CA: {t}");
             }
             tracing::info!(node = %node_name, roots = %fps, "simulated platform ready");
-            serve(&cli, platform, node_name, state_dir).await
+            serve(&cli, client, platform, node_name, state_dir).await
         }
         PlatformKind::Qemu => {
             let mut opts = QemuOptions::new(&state_dir, &cli.artifacts_dir);
@@ -417,7 +457,8 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let platform = QemuPlatform::open(opts).await?;
             let caps = platform.capabilities();
             tracing::info!(node = %node_name, tees = ?caps.tees, host_caps = ?platform.host_caps(), "QEMU platform ready");
-            serve(&cli, platform, node_name, state_dir).await
+            let client = client(cli.kubeconfig.as_ref()).await?;
+            serve(&cli, client, platform, node_name, state_dir).await
         }
     }
 }
@@ -453,11 +494,11 @@ async fn state_lock(state_dir: &std::path::Path) -> anyhow::Result<Option<StateL
 /// Runs the loop over `platform` until SIGINT/SIGTERM.
 async fn serve<P: Platform>(
     cli: &Cli,
+    client: kube::Client,
     platform: P,
     node_name: String,
     state_dir: PathBuf,
 ) -> anyhow::Result<()> {
-    let client = client(cli.kubeconfig.as_ref()).await?;
     let plugin = run::NodePlugin::new(
         client,
         Arc::new(platform),
@@ -522,6 +563,18 @@ mod tests {
         assert_eq!(cfg.tees, vec![cvm_crds::TeeType::Tdx]);
         assert!(cfg.fail_sends);
         assert!(!sim_config(&parse(&[])).unwrap().fail_sends);
+    }
+
+    #[test]
+    fn a_node_label_names_its_simulated_tees() {
+        use cvm_crds::TeeType;
+        assert_eq!(
+            parse_tee_list("sev-snp.tdx").unwrap(),
+            vec![TeeType::SevSnp, TeeType::Tdx]
+        );
+        assert_eq!(parse_tee_list("sev-es").unwrap(), vec![TeeType::SevEs]);
+        let e = parse_tee_list("sev-snp.sgx").unwrap_err().to_string();
+        assert!(e.contains("sgx"), "{e}");
     }
 
     #[test]

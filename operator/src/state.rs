@@ -100,6 +100,30 @@ fn guest_state(cvm: &ConfidentialVM) -> Option<GuestState> {
     cvm.status.as_ref()?.platform.as_ref()?.guest_state
 }
 
+/// How long a node plugin may take to report on a CVM bound to its node before the
+/// status says that none did (a plugin pod that cannot start, or no plugin on the node).
+pub const PLUGIN_SILENCE_SECS: i64 = 60;
+
+/// Seconds since the CVM was bound when no node plugin has reported anything on it (no
+/// platform facts, no Launched condition) for at least [`PLUGIN_SILENCE_SECS`].
+fn plugin_silent_for(cvm: &ConfidentialVM, existing: &[Condition], now: &Time) -> Option<i64> {
+    let st = cvm.status.as_ref();
+    let reported = st.is_some_and(|s| {
+        s.platform.is_some()
+            || s.conditions
+                .iter()
+                .any(|c| c.type_ == ConditionType::Launched.as_str())
+    });
+    if reported {
+        return None;
+    }
+    let bound = existing.iter().find(|c| {
+        c.type_ == ConditionType::Scheduled.as_str() && c.status == conditions::STATUS_TRUE
+    })?;
+    let secs = now.0.as_second() - bound.last_transition_time.0.as_second();
+    (secs >= PLUGIN_SILENCE_SECS).then_some(secs)
+}
+
 fn launched(cvm: &ConfidentialVM) -> bool {
     cvm.status
         .as_ref()
@@ -192,6 +216,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
     };
 
     let running = guest_state(o.cvm) == Some(GuestState::Running) && launched(o.cvm);
+    let silent_for = plugin_silent_for(o.cvm, &existing, &o.now);
     let (ready, ready_reason, ready_msg) = match (o.node, running, verified) {
         (Some(NodeHealth::Missing), ..) => (
             false,
@@ -205,6 +230,17 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             false,
             "NodeNotReady",
             format!("node {} is not Ready", node_name.as_deref().unwrap_or("?")),
+        ),
+        (_, false, _) if silent_for.is_some() => (
+            false,
+            "NodePluginSilent",
+            format!(
+                "bound to node {node} {} s ago and no node plugin has reported on it: is the \
+                 cvm-node-plugin pod on {node} running? (kubectl get pods -A -o wide \
+                 -l app.kubernetes.io/component=node-plugin --field-selector spec.nodeName={node})",
+                silent_for.unwrap_or_default(),
+                node = node_name.as_deref().unwrap_or("?")
+            ),
         ),
         (_, false, _) => (
             false,
@@ -470,6 +506,44 @@ mod tests {
 
     fn cond(s: &OperatorStatus, t: ConditionType) -> &Condition {
         s.conditions.iter().find(|c| c.type_ == t.as_str()).unwrap()
+    }
+
+    #[test]
+    fn a_bound_cvm_no_plugin_reports_on_says_so_after_a_minute() {
+        let mut c = cvm("SEV-SNP");
+        let bound_at = |secs: i64| Condition {
+            type_: ConditionType::Scheduled.as_str().into(),
+            status: "True".into(),
+            reason: "Bound".into(),
+            message: "bound to node n1".into(),
+            observed_generation: Some(3),
+            last_transition_time: t(secs),
+        };
+        let at = |c: &ConfidentialVM, now: i64| {
+            derive(&Observed {
+                cvm: c,
+                placement: Placement::Bound("n1".into()),
+                node: Some(NodeHealth::Ready),
+                verification: Verification::Awaiting("no evidence".into()),
+                deleting: false,
+                now: t(now),
+            })
+        };
+        c.status.get_or_insert_with(Default::default).conditions = vec![bound_at(0)];
+        let early = at(&c, 59);
+        assert_eq!(cond(&early, ConditionType::Ready).reason, "GuestNotRunning");
+        let late = at(&c, 75);
+        let rd = cond(&late, ConditionType::Ready);
+        assert_eq!(rd.reason, "NodePluginSilent");
+        assert!(rd.message.contains("75 s ago"), "{}", rd.message);
+        assert!(rd.message.contains("spec.nodeName=n1"), "{}", rd.message);
+        // Once the plugin reports anything, the guest's own state speaks.
+        let mut heard = c.clone();
+        heard.status.as_mut().unwrap().platform = Some(Default::default());
+        assert_eq!(
+            cond(&at(&heard, 75), ConditionType::Ready).reason,
+            "GuestNotRunning"
+        );
     }
 
     #[test]
