@@ -17,10 +17,21 @@ pub fn demo_root_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator/files/sim-demo-root")
 }
 
-/// Runs `kubectl ARGS` against the system; stdout on success, stderr in the error.
-pub fn kubectl(sys: &System, args: &[&str]) -> Result<String, String> {
+/// A cluster `kubectl` can talk to: the process harness or a kind cluster.
+pub trait KubectlCmd {
+    /// `kubectl` with the cluster's kubeconfig set.
+    fn kubectl_cmd(&self) -> std::process::Command;
+}
+
+impl KubectlCmd for System {
+    fn kubectl_cmd(&self) -> std::process::Command {
+        self.cp.kubectl_cmd()
+    }
+}
+
+/// Runs `kubectl ARGS` against the cluster; stdout on success, stderr in the error.
+pub fn kubectl(sys: &impl KubectlCmd, args: &[&str]) -> Result<String, String> {
     let out = sys
-        .cp
         .kubectl_cmd()
         .args(args)
         .output()
@@ -110,7 +121,7 @@ fn example_tee(text: &str) -> Option<String> {
 
 /// Whether some node advertises `tee` (its NFD label, which node plugins publish for
 /// every TEE the host can launch, implied ones included).
-fn fleet_hosts(sys: &System, tee: &str) -> Result<bool, String> {
+fn fleet_hosts(sys: &impl KubectlCmd, tee: &str) -> Result<bool, String> {
     let label = match tee {
         "SEV" => "feature.node.kubernetes.io/cpu-security.sev.enabled",
         "SEV-ES" => "feature.node.kubernetes.io/cpu-security.sev.es.enabled",
@@ -125,9 +136,8 @@ fn fleet_hosts(sys: &System, tee: &str) -> Result<bool, String> {
     Ok(!names.trim().is_empty())
 }
 
-/// Applies the `examples/` this fleet can host, as they are: the `demo-simulator` policy
-/// names the demo root, which this system's simulated hosts must be seeded from.
-pub fn apply_examples(sys: &System) -> Result<Applied, String> {
+/// Whether the system's simulated hosts use the demo root the example policy names.
+pub fn check_demo_root(sys: &System) -> Result<(), String> {
     let theirs = sim_root_fingerprints(sys).map_err(|e| e.to_string())?;
     let named = example_policy_fingerprints()?;
     if let Some((_, fp)) = theirs.iter().find(|(_, fp)| !named.contains(fp)) {
@@ -135,6 +145,12 @@ pub fn apply_examples(sys: &System) -> Result<Applied, String> {
             "this system's simulator root {fp} is not the demo root that examples/attestation-policy.yaml names; start it with the demo root (SystemOptions::demo_root)"
         ));
     }
+    Ok(())
+}
+
+/// Applies the `examples/` this fleet can host, as they are: the `demo-simulator` policy
+/// names the demo root, which the cluster's simulated hosts must be seeded from.
+pub fn apply_examples(sys: &impl KubectlCmd) -> Result<Applied, String> {
     let dir = examples_dir();
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .map_err(|e| format!("reading {}: {e}", dir.display()))?
@@ -181,7 +197,11 @@ pub fn expected_verdict(tee: &str) -> (&'static str, &'static str) {
 }
 
 /// Waits until each CVM (namespace `default`) shows its TEE's [`expected_verdict`].
-pub fn wait_verified(sys: &System, names: &[String], timeout_secs: u64) -> Result<(), String> {
+pub fn wait_verified(
+    sys: &impl KubectlCmd,
+    names: &[String],
+    timeout_secs: u64,
+) -> Result<(), String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
     for name in names {
         let cvm = format!("cvm/{name}");

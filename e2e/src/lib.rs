@@ -11,6 +11,7 @@
 pub mod cluster;
 pub mod demo;
 pub mod error;
+pub mod kind;
 pub mod nodes;
 pub mod pki;
 pub mod process;

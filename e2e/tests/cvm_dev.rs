@@ -11,7 +11,15 @@ fn up_serves_ready_nodes_and_ctrl_c_cleans_up() {
     let state = dir.path().join("state");
     let bin = env!("CARGO_BIN_EXE_cvm-dev");
     let mut up = Command::new(bin)
-        .args(["up", "--nodes", "2", "--tee", "sev-snp,tdx", "--dir"])
+        .args([
+            "up",
+            "--processes",
+            "--nodes",
+            "2",
+            "--tee",
+            "sev-snp,tdx",
+            "--dir",
+        ])
         .arg(&state)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -50,7 +58,7 @@ fn up_serves_ready_nodes_and_ctrl_c_cleans_up() {
 
     // A second `up` on the same dir is refused with a hint.
     let second = Command::new(bin)
-        .args(["up", "--dir"])
+        .args(["up", "--processes", "--dir"])
         .arg(&state)
         .output()
         .unwrap();
@@ -87,7 +95,15 @@ fn a_fleet_without_tdx_skips_the_tdx_example_and_stays_up() {
     let state = dir.path().join("state");
     let bin = env!("CARGO_BIN_EXE_cvm-dev");
     let mut up = Command::new(bin)
-        .args(["up", "--nodes", "1", "--tee", "sev-snp", "--dir"])
+        .args([
+            "up",
+            "--processes",
+            "--nodes",
+            "1",
+            "--tee",
+            "sev-snp",
+            "--dir",
+        ])
         .arg(&state)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -13,11 +13,11 @@ use sha2::{Digest, Sha512};
 #[tokio::test]
 async fn examples_reach_verified_on_nodes_of_their_tee() {
     let sys = system();
-    let applied = cvm_e2e::demo::apply_examples(&sys).expect("examples apply");
+    let applied = cvm_e2e::demo::apply_examples(&*sys).expect("examples apply");
     assert!(applied.skipped.is_empty(), "{:?}", applied.skipped);
     let names = applied.names;
     assert_eq!(names.len(), 3, "{names:?}");
-    cvm_e2e::demo::wait_verified(&sys, &names, 90).expect("every example reaches its verdict");
+    cvm_e2e::demo::wait_verified(&*sys, &names, 90).expect("every example reaches its verdict");
     let (_, cvms) = api(&sys, "default").await;
     for name in &names {
         let c = cvms.get(name).await.unwrap();

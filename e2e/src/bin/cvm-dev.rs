@@ -1,6 +1,8 @@
-//! `cvm-dev`: a local cvm-operator cluster on a real Kubernetes control plane.
+//! `cvm-dev`: a local cvm-operator cluster: by default a real kind cluster (one kind node
+//! per simulated TEE host, the chart installed with `helm install --wait` from images built
+//! here); with `--processes`, a real control plane with the components as local processes.
 //!
-//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx] [--no-examples]
+//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx] [--no-examples] [--processes]
 //!   cvm-dev down --dir DIR
 //!
 //! It is also the multi-call binary the local system runs: `cvm-dev operator …` is the
@@ -25,9 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build or reuse the binaries, start the control plane, the operator and one
-    /// simulated node plugin per node, apply the examples, and run in the foreground
-    /// until SIGINT/SIGTERM.
+    /// Build or reuse what is needed, start a kind cluster with one simulated TEE host per
+    /// node and the chart installed (or, with --processes, the control plane, the operator
+    /// and one node plugin per node as processes), apply the examples, wait for their
+    /// verdicts, and run in the foreground until SIGINT/SIGTERM.
     Up {
         /// State, certificates, logs and the kubeconfig.
         #[arg(long, default_value = ".cvm-dev")]
@@ -38,15 +41,19 @@ enum Cmd {
         /// TEEs handed to the nodes round-robin (sev, sev-es, sev-snp, tdx).
         #[arg(long, value_delimiter = ',', default_value = "sev-snp,sev-snp,tdx")]
         tee: Vec<Tee>,
-        /// The API server's port (default: a free one).
-        #[arg(long)]
+        /// The API server's port (default: a free one). With --processes.
+        #[arg(long, requires = "processes")]
         port: Option<u16>,
         /// Do not apply examples/ (just the cluster, operator and plugins).
         #[arg(long)]
         no_examples: bool,
-        /// Only the control plane and nodes: no operator, no node plugins.
-        #[arg(long)]
+        /// Only the control plane and nodes: no operator, no node plugins. With --processes.
+        #[arg(long, requires = "processes")]
         bare: bool,
+        /// Local processes (the API server, the operator and one plugin per simulated node,
+        /// no kubelet: seconds to start) instead of a kind cluster.
+        #[arg(long)]
+        processes: bool,
     },
     /// Stop a `cvm-dev up` started elsewhere with the same --dir.
     Down {
@@ -90,9 +97,18 @@ fn main() -> ExitCode {
             dir,
             nodes,
             tee,
+            no_examples,
+            processes: false,
+            ..
+        } => up_kind(dir, nodes, tee, !no_examples),
+        Cmd::Up {
+            dir,
+            nodes,
+            tee,
             port,
             no_examples,
             bare,
+            ..
         } => up(dir, nodes, tee, port, !no_examples && !bare, bare),
         Cmd::Down { dir } => down(&dir),
     };
@@ -117,14 +133,7 @@ fn up(
     examples: bool,
     bare: bool,
 ) -> Result<(), String> {
-    if let Some(pid) = running_pid(&dir) {
-        return Err(format!(
-            "a cvm-dev (pid {pid}) already runs with --dir {}; stop it with `cvm-dev down --dir {}`",
-            dir.display(),
-            dir.display()
-        ));
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    claim_dir(&dir)?;
     let started = Instant::now();
     let exe = std::env::current_exe().map_err(|e| format!("locating cvm-dev itself: {e}"))?;
     let mut opts = SystemOptions::new(exe, SimNode::fleet(count, &tees));
@@ -161,7 +170,7 @@ fn up(
         if let Running::System(s) = &sys {
             // A demo that does not settle is reported, and the cluster keeps running as
             // said: the user can look at it.
-            if let Err(e) = demo(s) {
+            if let Err(e) = cvm_e2e::demo::check_demo_root(s).and_then(|()| demo(s)) {
                 eprintln!(
                     "cvm-dev: {e}; the cluster keeps running (logs in {})",
                     s.dir().join("logs").display()
@@ -171,34 +180,98 @@ fn up(
     }
     // Signal handlers first: a Ctrl-C right after the export line must still shut down
     // cleanly (without them, SIGINT's default action would end the process at once).
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let (mut term, mut int) = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok::<_, String>((
-            signal(SignalKind::terminate()).map_err(|e| e.to_string())?,
-            signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
-        ))
-    })?;
+    let signals = Signals::install()?;
     eprintln!("cvm-dev: ready in {:.1} s", started.elapsed().as_secs_f64());
     println!("export KUBECONFIG={}", sys.cp().kubeconfig().display());
     eprintln!(
         "cvm-dev: running; Ctrl-C (or `cvm-dev down --dir {}`) stops it",
         dir.display()
     );
-    let sig = rt.block_on(async {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    });
+    let sig = signals.wait();
     eprintln!("cvm-dev: {sig}: shutting down");
     sys.shutdown();
     let _ = std::fs::remove_file(pid_file(&dir));
     eprintln!("cvm-dev: stopped");
     Ok(())
+}
+
+/// `cvm-dev up`: the fleet as kind nodes, the chart installed from local images.
+fn up_kind(dir: PathBuf, count: usize, tees: Vec<Tee>, examples: bool) -> Result<(), String> {
+    use cvm_e2e::kind::{Kind, KindOptions};
+    cvm_e2e::kind::available()?;
+    claim_dir(&dir)?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| format!("resolving {}: {e}", dir.display()))?;
+    let started = Instant::now();
+    // One cluster per --dir; one left by a cvm-dev that died is stale: start afresh.
+    let name = cluster_name(&dir);
+    cvm_e2e::kind::delete_cluster(&name).map_err(|e| e.to_string())?;
+    let mut opts = KindOptions::demo(&name, &dir);
+    if count == 0 || tees.is_empty() {
+        return Err("--nodes and --tee must name at least one node and one TEE".into());
+    }
+    opts.fleet = (0..count).map(|i| vec![tees[i % tees.len()]]).collect();
+    let kind = Kind::up(&opts).map_err(|e| e.to_string())?;
+    std::fs::write(pid_file(&dir), std::process::id().to_string())
+        .map_err(|e| format!("writing {}: {e}", pid_file(&dir).display()))?;
+    for (step, took) in &kind.timings {
+        eprintln!("cvm-dev: {step}: {:.1} s", took.as_secs_f64());
+    }
+    if examples {
+        if let Err(e) = demo(&kind) {
+            eprintln!("cvm-dev: {e}; the cluster keeps running");
+        }
+    }
+    let signals = Signals::install()?;
+    eprintln!("cvm-dev: ready in {:.1} s", started.elapsed().as_secs_f64());
+    println!("export KUBECONFIG={}", kind.kubeconfig.display());
+    eprintln!(
+        "cvm-dev: kind cluster {} running; Ctrl-C (or `cvm-dev down --dir {}`) deletes it",
+        kind.name,
+        dir.display()
+    );
+    let sig = signals.wait();
+    eprintln!("cvm-dev: {sig}: deleting the kind cluster");
+    let deleted = kind.delete();
+    let _ = std::fs::remove_file(pid_file(&dir));
+    deleted.map_err(|e| e.to_string())?;
+    eprintln!("cvm-dev: stopped (the docker daemon keeps its cached images; `bash e2e/tools/docker.sh stop` stops it)");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT handlers, installed before the export line is printed.
+struct Signals {
+    rt: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (term, int) = rt.block_on(async {
+            Ok::<_, String>((
+                signal(SignalKind::terminate()).map_err(|e| e.to_string())?,
+                signal(SignalKind::interrupt()).map_err(|e| e.to_string())?,
+            ))
+        })?;
+        Ok(Signals { rt, term, int })
+    }
+
+    /// Blocks until one arrives; its name.
+    fn wait(mut self) -> &'static str {
+        self.rt.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        })
+    }
 }
 
 enum Running {
@@ -224,7 +297,7 @@ impl Running {
 /// Applies the examples, waits for every example CVM's verdict (Verified for SEV-SNP and
 /// TDX; OwnerVerificationRequired for SEV-ES, which only its owner can check) and shows
 /// `kubectl get cvm`.
-fn demo(sys: &System) -> Result<(), String> {
+fn demo(sys: &impl cvm_e2e::demo::KubectlCmd) -> Result<(), String> {
     let applied = cvm_e2e::demo::apply_examples(sys)?;
     for (file, tee) in &applied.skipped {
         eprintln!(
@@ -237,7 +310,7 @@ fn demo(sys: &System) -> Result<(), String> {
          (SEV-ES evidence is host-reported: it shows OwnerVerificationRequired)"
     );
     let t0 = Instant::now();
-    cvm_e2e::demo::wait_verified(sys, &names, 120)?;
+    cvm_e2e::demo::wait_verified(sys, &names, 180)?;
     eprintln!(
         "cvm-dev: every example CVM reached its verdict in {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -247,6 +320,31 @@ fn demo(sys: &System) -> Result<(), String> {
         cvm_e2e::demo::kubectl(sys, &["get", "cvm", "-o", "wide"])?
     );
     Ok(())
+}
+
+/// The kind cluster of a --dir: `cvm-dev-XXXX` from a hash of its path.
+fn cluster_name(dir: &Path) -> String {
+    // FNV-1a: stable across builds, so a later cvm-dev finds the same cluster.
+    let h = dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("cvm-dev-{:04x}", h & 0xffff)
+}
+
+/// Refuses a --dir another `cvm-dev up` runs with; creates it otherwise.
+fn claim_dir(dir: &Path) -> Result<(), String> {
+    if let Some(pid) = running_pid(dir) {
+        return Err(format!(
+            "a cvm-dev (pid {pid}) already runs with --dir {}; stop it with `cvm-dev down --dir {}`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))
 }
 
 fn running_pid(dir: &Path) -> Option<i32> {
