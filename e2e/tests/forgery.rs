@@ -47,6 +47,8 @@ async fn setup() -> std::sync::Arc<System> {
             .arg(&chart)
             .args(["-n", CHART_NS, "--create-namespace", "--kubeconfig"])
             .arg(sys.cp.kubeconfig())
+            // The shared system installed the CRDs itself.
+            .args(["--set", "crds.install=false"])
             .env("HELM_CACHE_HOME", tmp.join("cvm-helm-cache"))
             .env("HELM_CONFIG_HOME", tmp.join("cvm-helm-config"))
             .env("HELM_DATA_HOME", tmp.join("cvm-helm-data"))
