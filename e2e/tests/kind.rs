@@ -267,20 +267,26 @@ fn helm_installs_on_kind_and_the_examples_verify_through_real_pods() {
         "figure: helm upgrade --wait: {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    let images = get(
-        k,
-        &[
-            "get",
-            "pods",
-            "-n",
-            NAMESPACE,
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ],
-    );
-    assert!(
-        images.split_whitespace().all(|i| i.ends_with(":dev2")),
-        "{images}"
+    // --wait covers the new pods; the old ones may still be terminating.
+    let rolled = until(Duration::from_secs(120), "only dev2 pods left", || {
+        kubectl(
+            k,
+            &[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.items[*].spec.containers[0].image}",
+            ],
+        )
+        .is_ok_and(|images| {
+            !images.trim().is_empty() && images.split_whitespace().all(|i| i.ends_with(":dev2"))
+        })
+    });
+    println!(
+        "figure: old pods gone after the upgrade: {:.1} s",
+        rolled.as_secs_f64()
     );
     for name in applied.names.iter().filter(|n| !n.starts_with("sev-es")) {
         assert!(
