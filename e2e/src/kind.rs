@@ -227,7 +227,7 @@ impl Kind {
     /// `helm install|upgrade` of the chart with the simulated platform and this cluster's
     /// images, `--wait` for every replica; `extra` are more helm arguments.
     pub fn install_chart(&self, verb: &str, extra: &[&str]) -> Result<String> {
-        let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator");
+        let chart = crate::tools::chart_dir();
         let tag = format!("image.tag={}", self.image_tag);
         let mut args = vec![
             verb,
@@ -256,15 +256,8 @@ impl Kind {
 
     /// Runs helm against the cluster.
     pub fn helm_ok(&self, args: &[&str]) -> Result<String> {
-        let tmp = std::env::temp_dir();
-        let out = Command::new(&self.helm)
+        let out = crate::tools::helm_cmd(&self.helm, &self.kubeconfig)
             .args(args)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .env("HELM_CACHE_HOME", tmp.join("cvm-helm-cache"))
-            .env("HELM_CONFIG_HOME", tmp.join("cvm-helm-config"))
-            .env("HELM_DATA_HOME", tmp.join("cvm-helm-data"))
-            .stdin(Stdio::null())
             .output()
             .map_err(|source| KindError::Spawn {
                 what: "helm".into(),

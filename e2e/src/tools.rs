@@ -47,6 +47,25 @@ fn find_log_hint(stdout: &str) -> Option<String> {
         .map(|s| s.trim_end_matches(')').to_string())
 }
 
+/// The repository's Helm chart.
+pub fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator")
+}
+
+/// `helm --kubeconfig KUBECONFIG` with its cache, config and data in temp directories of
+/// the harness's own (never the user's); the caller adds the arguments.
+pub fn helm_cmd(helm: &Path, kubeconfig: &Path) -> Command {
+    let tmp = std::env::temp_dir();
+    let mut c = Command::new(helm);
+    c.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .env("HELM_CACHE_HOME", tmp.join("cvm-helm-cache"))
+        .env("HELM_CONFIG_HOME", tmp.join("cvm-helm-config"))
+        .env("HELM_DATA_HOME", tmp.join("cvm-helm-data"))
+        .stdin(Stdio::null());
+    c
+}
+
 /// Path of one tool inside [`bin_dir`].
 pub fn tool(bin: &Path, name: &str) -> PathBuf {
     bin.join(name)

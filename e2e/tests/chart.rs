@@ -27,7 +27,7 @@ const RELEASE: &str = "chart-test";
 const NS: &str = "cvm-system";
 
 fn chart_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator")
+    cvm_e2e::tools::chart_dir()
 }
 
 fn helm_install(c: &ClusterInfo) -> Result<String> {
@@ -64,19 +64,8 @@ fn bare_cluster() -> Result<(ControlPlane, ClusterInfo)> {
 
 /// Runs `helm ARGS --kubeconfig …` with a private cache and config.
 fn helm(c: &ClusterInfo, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(&c.helm)
+    let out = cvm_e2e::tools::helm_cmd(&c.helm, &c.kubeconfig)
         .args(args)
-        .arg("--kubeconfig")
-        .arg(&c.kubeconfig)
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("cvm-helm-cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("cvm-helm-config"),
-        )
-        .env("HELM_DATA_HOME", std::env::temp_dir().join("cvm-helm-data"))
         .output()?;
     let text = format!(
         "{}{}",

@@ -12,7 +12,6 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams, WatchEvent, 
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::Client;
 use serde_json::json;
-use std::path::Path;
 use std::process::Output;
 
 const TEST_CRD: &str = r#"
@@ -364,7 +363,7 @@ async fn kubectl_prints_custom_columns() -> Result<()> {
 }
 
 fn helm(c: &ClusterInfo, args: &[&str]) -> Result<Output> {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator");
+    let chart = cvm_e2e::tools::chart_dir();
     let mut cmd = std::process::Command::new(&c.helm);
     // helm built from modules defaults to an old Kubernetes; tell it the one we run.
     cmd.args(args)

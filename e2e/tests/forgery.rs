@@ -40,18 +40,12 @@ async fn setup() -> std::sync::Arc<System> {
         sys.add_node(n).await.expect("node added");
     }
     {
-        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/cvm-operator");
-        let tmp = std::env::temp_dir();
-        let out = std::process::Command::new(sys.cp.helm())
+        let out = cvm_e2e::tools::helm_cmd(&sys.cp.helm(), sys.cp.kubeconfig())
             .args(["install", RELEASE])
-            .arg(&chart)
-            .args(["-n", CHART_NS, "--create-namespace", "--kubeconfig"])
-            .arg(sys.cp.kubeconfig())
+            .arg(cvm_e2e::tools::chart_dir())
+            .args(["-n", CHART_NS, "--create-namespace"])
             // The shared system installed the CRDs itself.
             .args(["--set", "crds.install=false"])
-            .env("HELM_CACHE_HOME", tmp.join("cvm-helm-cache"))
-            .env("HELM_CONFIG_HOME", tmp.join("cvm-helm-config"))
-            .env("HELM_DATA_HOME", tmp.join("cvm-helm-data"))
             .output()
             .expect("helm runs");
         assert!(

@@ -148,36 +148,44 @@ fn helm_installs_on_kind_and_the_examples_verify_through_real_pods() {
         ],
     );
     assert_eq!(ready.trim(), "2", "both operator replicas are ready");
-    let ds = get(
-        k,
-        &[
-            "get",
-            "ds",
-            "-n",
-            NAMESPACE,
-            &format!("{RELEASE}-node-plugin"),
-            "-o",
-            "jsonpath={.status.numberReady}",
-        ],
-    );
-    assert_eq!(
-        ds.trim(),
-        "3",
-        "a plugin on each node, control plane included"
+    // helm's --wait counts a DaemonSet ready with maxUnavailable (1) pods still starting:
+    // wait for the last one.
+    until(
+        Duration::from_secs(60),
+        "a plugin ready on each node, control plane included",
+        || {
+            kubectl(
+                k,
+                &[
+                    "get",
+                    "ds",
+                    "-n",
+                    NAMESPACE,
+                    &format!("{RELEASE}-node-plugin"),
+                    "-o",
+                    "jsonpath={.status.numberReady}",
+                ],
+            )
+            .is_ok_and(|n| n.trim() == "3")
+        },
     );
     // Each plugin labelled its own Node (no NFD here) with the TEE of its label.
-    let labels = get(
-        k,
-        &[
-            "get",
-            "nodes",
-            "-o",
-            r#"jsonpath={range .items[*]}{.metadata.name}={.metadata.labels.feature\.node\.kubernetes\.io/cpu-security\.tdx\.enabled}{" "}{end}"#,
-        ],
-    );
-    assert!(
-        labels.contains(&format!("{}=true", k.nodes[2])),
-        "the TDX node is labelled by its plugin: {labels}"
+    until(
+        Duration::from_secs(60),
+        "the TDX node labelled by its plugin",
+        || {
+            kubectl(
+            k,
+            &[
+                "get",
+                "node",
+                &k.nodes[2],
+                "-o",
+                r#"jsonpath={.metadata.labels.feature\.node\.kubernetes\.io/cpu-security\.tdx\.enabled}"#,
+            ],
+        )
+        .is_ok_and(|v| v.trim() == "true")
+        },
     );
 
     // The examples as their headers say, with kubectl apply -f examples/.
@@ -252,7 +260,7 @@ fn helm_installs_on_kind_and_the_examples_verify_through_real_pods() {
     k.helm_ok(&[
         "upgrade",
         RELEASE,
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/cvm-operator"),
+        &cvm_e2e::tools::chart_dir().display().to_string(),
         "-n",
         NAMESPACE,
         "--wait",
