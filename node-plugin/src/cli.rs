@@ -417,12 +417,12 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
     let Some(_lock) = state_lock(&state_dir).await? else {
         return Ok(());
     };
+    let client = client(cli.kubeconfig.as_ref()).await?;
     match cli.platform {
         PlatformKind::Sim => {
             let Some(sim_root_dir) = cli.sim_root_dir.clone() else {
                 anyhow::bail!("--sim-root-dir is required with --platform sim");
             };
-            let client = client(cli.kubeconfig.as_ref()).await?;
             let mut cfg = sim_config(&cli)?;
             if let Some(label) = &cli.sim_tees_label {
                 if let Some(tees) = node_sim_tees(&client, &node_name, label).await? {
@@ -457,7 +457,6 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let platform = QemuPlatform::open(opts).await?;
             let caps = platform.capabilities();
             tracing::info!(node = %node_name, tees = ?caps.tees, host_caps = ?platform.host_caps(), "QEMU platform ready");
-            let client = client(cli.kubeconfig.as_ref()).await?;
             serve(&cli, client, platform, node_name, state_dir).await
         }
     }
