@@ -24,16 +24,24 @@ pub enum ConditionType {
     Ready,
     /// Whether the guest may be live-migrated (operator).
     LiveMigratable,
+    /// kstatus convention: the operator is still working toward the CVM's verdict
+    /// (operator). GitOps tools read True as "in progress".
+    Reconciling,
+    /// kstatus convention: the CVM cannot progress until someone acts, e.g. its evidence
+    /// was rejected or no node can host it (operator). GitOps tools read True as "failed".
+    Stalled,
 }
 
 impl ConditionType {
     /// Every condition type, in life-cycle order.
-    pub const ALL: [ConditionType; 5] = [
+    pub const ALL: [ConditionType; 7] = [
         ConditionType::Scheduled,
         ConditionType::Launched,
         ConditionType::Verified,
         ConditionType::Ready,
         ConditionType::LiveMigratable,
+        ConditionType::Reconciling,
+        ConditionType::Stalled,
     ];
 
     /// The spelling used in `status.conditions[].type`.
@@ -44,6 +52,8 @@ impl ConditionType {
             ConditionType::Verified => "Verified",
             ConditionType::Ready => "Ready",
             ConditionType::LiveMigratable => "LiveMigratable",
+            ConditionType::Reconciling => "Reconciling",
+            ConditionType::Stalled => "Stalled",
         }
     }
 }
@@ -195,7 +205,7 @@ mod tests {
         for ty in ConditionType::ALL {
             set_condition(&mut cs, unknown_condition(ty, "Init", "", None, t(1)));
         }
-        assert_eq!(cs.len(), 5);
+        assert_eq!(cs.len(), ConditionType::ALL.len());
         assert_eq!(
             find(&cs, "LiveMigratable").map(|c| c.status.as_str()),
             Some(STATUS_UNKNOWN)
@@ -203,6 +213,6 @@ mod tests {
         assert!(!is_true(&cs, ConditionType::Ready));
         assert!(remove_condition(&mut cs, ConditionType::Ready));
         assert!(!remove_condition(&mut cs, ConditionType::Ready));
-        assert_eq!(cs.len(), 4);
+        assert_eq!(cs.len(), ConditionType::ALL.len() - 1);
     }
 }

@@ -455,9 +455,9 @@ pub struct AttestationSpec {
 }
 
 /// Observed state of a confidential VM. The operator writes `phase`, `nodeName`,
-/// `observedGeneration`, `attestation` and the `Scheduled`, `Verified`, `Ready` and
-/// `LiveMigratable` conditions; the node plugin writes `platform`, `evidence` and the
-/// `Launched` condition. Each writes with server-side apply under its own field manager.
+/// `observedGeneration`, `attestation` and the `Scheduled`, `Verified`, `Ready`,
+/// `LiveMigratable`, `Reconciling` and `Stalled` conditions; the node plugin writes
+/// `platform`, `evidence` and the `Launched` condition. Each writes with server-side apply under its own field manager.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfidentialVMStatus {
@@ -475,7 +475,8 @@ pub struct ConfidentialVMStatus {
     pub observed_generation: Option<i64>,
 
     /// Standard conditions keyed by type: `Scheduled`, `Launched`, `Verified`, `Ready`,
-    /// `LiveMigratable`.
+    /// `LiveMigratable`, and kstatus's `Reconciling` (True while the operator works toward
+    /// the verdict) and `Stalled` (True when it cannot progress until someone acts).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]

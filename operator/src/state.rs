@@ -70,11 +70,13 @@ pub struct OperatorStatus {
 }
 
 /// The conditions the operator owns on a CVM.
-pub const OPERATOR_CONDITIONS: [ConditionType; 4] = [
+pub const OPERATOR_CONDITIONS: [ConditionType; 6] = [
     ConditionType::Scheduled,
     ConditionType::Verified,
     ConditionType::Ready,
     ConditionType::LiveMigratable,
+    ConditionType::Reconciling,
+    ConditionType::Stalled,
 ];
 
 /// The operator's share of a CVM's status as recorded: for a write that changes one field
@@ -179,6 +181,14 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
     };
 
     let kept_instance = o.cvm.status.as_ref().and_then(|s| s.guest_instance.clone());
+    let verdict: (VerdictReason, String) = match &o.verification {
+        Verification::Awaiting(msg) => (VerdictReason::AwaitingEvidence, msg.clone()),
+        Verification::PolicyProblem { reason, message } => (*reason, message.clone()),
+        Verification::Result { result, .. } => {
+            let (_, reason, msg) = verdict_text(result);
+            (reason, msg)
+        }
+    };
     let (verified, attestation, guest_instance) = match &o.verification {
         Verification::Awaiting(msg) => {
             set(unknown_condition(
@@ -258,6 +268,7 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             "the guest runs and its evidence is verified".into(),
         ),
     };
+    let ready_said = (ready_reason, ready_msg.clone());
     set(new_condition(
         ConditionType::Ready,
         ready,
@@ -292,6 +303,31 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         }
     };
 
+    let unschedulable = match &o.placement {
+        Placement::Unschedulable(msg) => Some(msg.as_str()),
+        Placement::Bound(_) => None,
+    };
+    let reading = progress(&ProgressInput {
+        phase,
+        unschedulable,
+        node: o.node,
+        verdict: (verdict.0, &verdict.1),
+        ready: (ready_said.0, &ready_said.1),
+        guest_message: o
+            .cvm
+            .status
+            .as_ref()
+            .and_then(|s| s.platform.as_ref())
+            .and_then(|p| p.message.as_deref()),
+    });
+    let (reconciling, stalled) = reading.conditions();
+    for (ty, (on, reason, message)) in [
+        (ConditionType::Reconciling, reconciling),
+        (ConditionType::Stalled, stalled),
+    ] {
+        set(new_condition(ty, on, reason, message, gen, o.now.clone()));
+    }
+
     OperatorStatus {
         phase,
         node_name,
@@ -299,6 +335,143 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         conditions: out,
         attestation,
         guest_instance,
+    }
+}
+
+/// Why a CVM cannot progress until someone acts (`Stalled=True`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StallReason {
+    /// No node can host it.
+    Unschedulable,
+    /// Its evidence failed a check of its policy.
+    EvidenceRejected,
+    /// The policy it names does not exist.
+    PolicyNotFound,
+    /// The guest failed and its run strategy does not relaunch it.
+    GuestFailed,
+    /// The node it is bound to is gone.
+    NodeLost,
+}
+
+impl StallReason {
+    /// The Kubernetes reason string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StallReason::Unschedulable => "Unschedulable",
+            StallReason::EvidenceRejected => "EvidenceRejected",
+            StallReason::PolicyNotFound => "PolicyNotFound",
+            StallReason::GuestFailed => "GuestFailed",
+            StallReason::NodeLost => "NodeLost",
+        }
+    }
+}
+
+/// A CVM as kstatus (Flux, kpt, cli-utils) and Argo CD read it: still in progress, done
+/// as far as the operator goes, or stuck until someone acts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// The operator is still working toward the verdict (`Reconciling=True`).
+    Reconciling {
+        reason: &'static str,
+        message: String,
+    },
+    /// Nothing changes until someone acts (`Stalled=True`).
+    Stalled {
+        reason: StallReason,
+        message: String,
+    },
+    /// Verified, handed to the owner (SEV, SEV-ES) or stopped as asked.
+    Done,
+}
+
+/// What [`progress`] reads: the rest of the derived status.
+#[derive(Debug, Clone)]
+pub struct ProgressInput<'a> {
+    pub phase: CvmPhase,
+    /// The scheduler's reasons when nothing fits.
+    pub unschedulable: Option<&'a str>,
+    pub node: Option<NodeHealth>,
+    /// The `Verified` condition's reason and message.
+    pub verdict: (VerdictReason, &'a str),
+    /// The `Ready` condition's reason and message.
+    pub ready: (&'static str, &'a str),
+    /// The node plugin's word on the guest (`status.platform.message`).
+    pub guest_message: Option<&'a str>,
+}
+
+/// kstatus's reading of the derived status.
+pub fn progress(i: &ProgressInput<'_>) -> Progress {
+    let stalled = |reason, message: &str| Progress::Stalled {
+        reason,
+        message: message.to_string(),
+    };
+    if i.phase == CvmPhase::Terminating {
+        return Progress::Reconciling {
+            reason: "Deleting",
+            message: "the node plugin is stopping the guest before the CVM goes".into(),
+        };
+    }
+    if let Some(msg) = i.unschedulable {
+        return stalled(StallReason::Unschedulable, msg);
+    }
+    if i.node == Some(NodeHealth::Missing) {
+        return stalled(StallReason::NodeLost, i.ready.1);
+    }
+    if i.phase == CvmPhase::Failed {
+        return stalled(
+            StallReason::GuestFailed,
+            i.guest_message.unwrap_or(
+                "the guest failed and its run strategy does not relaunch it; see the Launched condition",
+            ),
+        );
+    }
+    match i.verdict.0 {
+        VerdictReason::EvidenceRejected => {
+            return stalled(StallReason::EvidenceRejected, i.verdict.1)
+        }
+        VerdictReason::PolicyNotFound => return stalled(StallReason::PolicyNotFound, i.verdict.1),
+        _ => {}
+    }
+    match (i.phase, i.verdict.0) {
+        (CvmPhase::Verified | CvmPhase::Stopped, _) => Progress::Done,
+        (CvmPhase::Running, VerdictReason::OwnerVerificationRequired) => Progress::Done,
+        (CvmPhase::Running, reason) => Progress::Reconciling {
+            reason: reason.as_str(),
+            message: i.verdict.1.to_string(),
+        },
+        _ => Progress::Reconciling {
+            reason: i.ready.0,
+            message: i.ready.1.to_string(),
+        },
+    }
+}
+
+impl Progress {
+    /// `(status, reason, message)` of `Reconciling` and of `Stalled`: both always written,
+    /// False when they do not hold, so a reader never sees a stale True.
+    pub fn conditions(&self) -> ((bool, &'static str, String), (bool, &'static str, String)) {
+        match self {
+            Progress::Reconciling { reason, message } => (
+                (true, reason, message.clone()),
+                (
+                    false,
+                    "Progressing",
+                    "the operator is making progress".into(),
+                ),
+            ),
+            Progress::Stalled { reason, message } => (
+                (false, reason.as_str(), "waiting for someone to act".into()),
+                (true, reason.as_str(), message.clone()),
+            ),
+            Progress::Done => (
+                (
+                    false,
+                    "Done",
+                    "the operator's work on this CVM is done".into(),
+                ),
+                (false, "Done", "nothing blocks this CVM".into()),
+            ),
+        }
     }
 }
 
@@ -704,7 +877,136 @@ mod tests {
         assert_eq!(r.phase, CvmPhase::Verified);
         // Launched belongs to the node plugin.
         assert!(r.conditions.iter().all(|c| c.type_ != "Launched"));
-        assert_eq!(r.conditions.len(), 4);
+        assert_eq!(r.conditions.len(), OPERATOR_CONDITIONS.len());
         assert_eq!(r, derived);
+    }
+
+    fn input(phase: CvmPhase, verdict: VerdictReason) -> ProgressInput<'static> {
+        ProgressInput {
+            phase,
+            unschedulable: None,
+            node: Some(NodeHealth::Ready),
+            verdict: (verdict, "verdict says"),
+            ready: ("GuestNotRunning", "ready says"),
+            guest_message: None,
+        }
+    }
+
+    #[test]
+    fn kstatus_reads_in_progress_until_verified_and_stalled_when_someone_must_act() {
+        use VerdictReason as V;
+        let r = |i: &ProgressInput<'_>| progress(i);
+        assert_eq!(
+            r(&input(CvmPhase::Scheduled, V::AwaitingEvidence)),
+            Progress::Reconciling {
+                reason: "GuestNotRunning",
+                message: "ready says".into()
+            }
+        );
+        assert_eq!(
+            r(&input(CvmPhase::Running, V::AwaitingEvidence)),
+            Progress::Reconciling {
+                reason: "AwaitingEvidence",
+                message: "verdict says".into()
+            }
+        );
+        assert_eq!(r(&input(CvmPhase::Verified, V::Affirming)), Progress::Done);
+        assert_eq!(
+            r(&input(CvmPhase::Running, V::OwnerVerificationRequired)),
+            Progress::Done
+        );
+        assert_eq!(
+            r(&input(CvmPhase::Stopped, V::AwaitingEvidence)),
+            Progress::Done
+        );
+        for (v, want) in [
+            (V::EvidenceRejected, StallReason::EvidenceRejected),
+            (V::PolicyNotFound, StallReason::PolicyNotFound),
+        ] {
+            assert_eq!(
+                r(&input(CvmPhase::Running, v)),
+                Progress::Stalled {
+                    reason: want,
+                    message: "verdict says".into()
+                }
+            );
+        }
+        let mut i = input(CvmPhase::Pending, V::AwaitingEvidence);
+        i.unschedulable = Some("0/2 nodes lack TDX");
+        assert_eq!(
+            r(&i),
+            Progress::Stalled {
+                reason: StallReason::Unschedulable,
+                message: "0/2 nodes lack TDX".into()
+            }
+        );
+        let mut i = input(CvmPhase::Running, V::Affirming);
+        i.node = Some(NodeHealth::Missing);
+        assert!(matches!(
+            r(&i),
+            Progress::Stalled {
+                reason: StallReason::NodeLost,
+                ..
+            }
+        ));
+        let mut i = input(CvmPhase::Failed, V::AwaitingEvidence);
+        i.guest_message = Some("qemu exited 1");
+        assert_eq!(
+            r(&i),
+            Progress::Stalled {
+                reason: StallReason::GuestFailed,
+                message: "qemu exited 1".into()
+            }
+        );
+        // Deleting wins over everything: kstatus itself says Terminating.
+        let mut i = input(CvmPhase::Terminating, V::EvidenceRejected);
+        i.unschedulable = Some("x");
+        assert!(matches!(
+            r(&i),
+            Progress::Reconciling {
+                reason: "Deleting",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn derived_status_carries_both_kstatus_conditions() {
+        let c = cvm("SEV-SNP");
+        let pending = obs(
+            &c,
+            Placement::Unschedulable("0/2 nodes lack SEV-SNP".into()),
+            Verification::Awaiting("no evidence".into()),
+        );
+        assert_eq!(cond(&pending, ConditionType::Stalled).status, "True");
+        assert_eq!(
+            cond(&pending, ConditionType::Stalled).reason,
+            "Unschedulable"
+        );
+        assert_eq!(cond(&pending, ConditionType::Reconciling).status, "False");
+        assert_eq!(pending.observed_generation, Some(3));
+        let c = running(cvm("SEV-SNP"));
+        let ok = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Result {
+                result: Box::new(result(EarStatus::Affirming, vec![])),
+                instance: None,
+            },
+        );
+        assert_eq!(ok.phase, CvmPhase::Verified);
+        assert_eq!(cond(&ok, ConditionType::Reconciling).status, "False");
+        assert_eq!(cond(&ok, ConditionType::Stalled).status, "False");
+        let awaiting = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Awaiting("no evidence answers the challenge yet".into()),
+        );
+        let rc = cond(&awaiting, ConditionType::Reconciling);
+        assert_eq!(
+            (rc.status.as_str(), rc.reason.as_str()),
+            ("True", "AwaitingEvidence")
+        );
+        assert_eq!(cond(&awaiting, ConditionType::Stalled).status, "False");
     }
 }
