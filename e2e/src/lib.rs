@@ -11,6 +11,8 @@
 pub mod cluster;
 pub mod demo;
 pub mod error;
+pub mod gitops;
+pub mod identity;
 pub mod kind;
 pub mod nodes;
 pub mod pki;
