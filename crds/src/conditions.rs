@@ -20,7 +20,9 @@ pub enum ConditionType {
     Launched,
     /// The operator verified the guest's latest evidence (operator only).
     Verified,
-    /// Launched, verified and running as the run strategy asks (operator).
+    /// As the spec asks, with the operator's checks done (operator): running and
+    /// verified; running and handed to its owner for verification (SEV, SEV-ES, whose
+    /// Verified stays False); or stopped as runStrategy Halted asks.
     Ready,
     /// Whether the guest may be live-migrated (operator).
     LiveMigratable,

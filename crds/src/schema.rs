@@ -38,6 +38,7 @@ pub fn crds() -> Result<Vec<CustomResourceDefinition>, serde_json::Error> {
 fn post_process(
     mut crd: CustomResourceDefinition,
 ) -> Result<CustomResourceDefinition, serde_json::Error> {
+    let is_cvm = crd.spec.names.kind == "ConfidentialVM";
     for version in &mut crd.spec.versions {
         if let Some(s) = version
             .schema
@@ -47,10 +48,30 @@ fn post_process(
             let mut value = serde_json::to_value(&*s)?;
             remove_key(&mut value, "nullable");
             reflow_descriptions(&mut value);
+            if is_cvm {
+                default_unobserved(&mut value);
+            }
             *s = serde_json::from_value::<JSONSchemaProps>(value)?;
         }
     }
     Ok(crd)
+}
+
+/// A CVM the operator has not acted on yet reads `status.observedGeneration: 0` (the API
+/// server applies the default to every object it serves, from the very first revision):
+/// kstatus (Flux) then says InProgress until the operator writes status, instead of
+/// Current for an object without any status.
+fn default_unobserved(value: &mut Value) {
+    if let Some(status) = value
+        .get_mut("properties")
+        .and_then(|p| p.get_mut("status"))
+        .and_then(Value::as_object_mut)
+    {
+        status.insert(
+            "default".into(),
+            serde_json::json!({ "observedGeneration": 0 }),
+        );
+    }
 }
 
 /// Joins the lines of each paragraph of every `description` string (a property *named*

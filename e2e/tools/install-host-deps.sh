@@ -6,6 +6,7 @@
 #   iptables, jq      dockerd's networking; JSON edits in the runtime wrapper and kind.sh
 #   gcc, libc6-dev    the static pause binary (kind.sh image)
 #   busybox-static    a static busybox for FROM-scratch test images
+#   lua5.1            runs the chart's Argo CD health script (e2e/tests/gitops.rs)
 # Idempotent: only what is missing is installed, and apt is not touched when nothing is.
 set -euo pipefail
 
@@ -22,6 +23,7 @@ deps=(
   "gcc gcc"
   "/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
   "/bin/busybox busybox-static"
+  "lua5.1 lua5.1"
 )
 
 have() {

@@ -227,6 +227,11 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
 
     let running = guest_state(o.cvm) == Some(GuestState::Running) && launched(o.cvm);
     let silent_for = plugin_silent_for(o.cvm, &existing, &o.now);
+    // Done as far as the operator goes, though not Verified: kstatus reads Ready, so
+    // these must be True for Flux to see the CVM Current.
+    let stopped_as_asked = guest_state(o.cvm) == Some(GuestState::Stopped)
+        && o.cvm.spec.run_strategy == cvm_crds::cvm::RunStrategy::Halted;
+    let owner_verifies = verdict.0 == VerdictReason::OwnerVerificationRequired;
     let (ready, ready_reason, ready_msg) = match (o.node, running, verified) {
         (Some(NodeHealth::Missing), ..) => (
             false,
@@ -240,6 +245,18 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             false,
             "NodeNotReady",
             format!("node {} is not Ready", node_name.as_deref().unwrap_or("?")),
+        ),
+        (_, false, _) if stopped_as_asked => (
+            true,
+            "Halted",
+            "the guest is stopped, as spec.runStrategy Halted asks".into(),
+        ),
+        (_, true, false) if owner_verifies => (
+            true,
+            "OwnerVerificationRequired",
+            "the guest runs; nothing the operator can check signs SEV/SEV-ES evidence, so \
+             its owner verifies it (kubectl cvm attest); Verified stays False"
+                .into(),
         ),
         (_, false, _) if silent_for.is_some() => (
             false,
@@ -1008,5 +1025,58 @@ mod tests {
             ("True", "AwaitingEvidence")
         );
         assert_eq!(cond(&awaiting, ConditionType::Stalled).status, "False");
+    }
+
+    #[test]
+    fn ready_is_true_once_the_operators_share_is_done_though_not_verified() {
+        // SEV-ES: running, evidence the owner must check.
+        let c = running(cvm("SEV-ES"));
+        let owner = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Result {
+                result: Box::new(result(
+                    EarStatus::None,
+                    vec![Finding {
+                        check: crate::verify::CHECK_OWNER_VERIFICATION.into(),
+                        claim: None,
+                        severity: Some(FindingSeverity::Contraindicated),
+                        message: "only the owner can verify SEV-ES evidence".into(),
+                        expected: None,
+                        reported: None,
+                    }],
+                )),
+                instance: None,
+            },
+        );
+        assert_eq!(cond(&owner, ConditionType::Verified).status, "False");
+        let rd = cond(&owner, ConditionType::Ready);
+        assert_eq!(
+            (rd.status.as_str(), rd.reason.as_str()),
+            ("True", "OwnerVerificationRequired")
+        );
+        // Stopped as runStrategy Halted asks.
+        let mut c = cvm("SEV-SNP");
+        c.spec.run_strategy = cvm_crds::cvm::RunStrategy::Halted;
+        c.status.get_or_insert_with(Default::default).platform = Some(PlatformFacts {
+            guest_state: Some(GuestState::Stopped),
+            ..Default::default()
+        });
+        let halted = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Awaiting("x".into()),
+        );
+        assert_eq!(halted.phase, CvmPhase::Stopped);
+        let rd = cond(&halted, ConditionType::Ready);
+        assert_eq!((rd.status.as_str(), rd.reason.as_str()), ("True", "Halted"));
+        // Stopped although it should run: not Ready.
+        c.spec.run_strategy = cvm_crds::cvm::RunStrategy::Always;
+        let down = obs(
+            &c,
+            Placement::Bound("n1".into()),
+            Verification::Awaiting("x".into()),
+        );
+        assert_eq!(cond(&down, ConditionType::Ready).status, "False");
     }
 }
