@@ -141,8 +141,14 @@ pub fn node_names(cluster: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// The private docker daemon's `DOCKER_HOST` (started if needed).
+/// The private docker daemon's `DOCKER_HOST` (started if needed), or the daemon
+/// `CVM_DOCKER_HOST` names (a docker of the user's own).
 pub fn docker_host() -> Result<String> {
+    if let Ok(host) = std::env::var("CVM_DOCKER_HOST") {
+        if !host.is_empty() {
+            return Ok(host);
+        }
+    }
     let out = script("docker.sh", &["start"], None)?;
     out.lines()
         .find_map(|l| l.trim().strip_prefix("export DOCKER_HOST="))
@@ -173,8 +179,11 @@ impl Kind {
         let host = docker_host()?;
         step("docker daemon", t);
         let t = Instant::now();
-        script("kind.sh", &["image"], Some(&host))?;
-        step("kind node image (built or cached)", t);
+        // CVM_KIND_IMAGE names a node image (kind's published one, say): nothing to build.
+        if std::env::var_os("CVM_KIND_IMAGE").is_none_or(|v| v.is_empty()) {
+            script("kind.sh", &["image"], Some(&host))?;
+            step("kind node image (built or cached)", t);
+        }
         let t = Instant::now();
         let images: Vec<String> = script("images.sh", &[&opts.image_tag], Some(&host))?
             .lines()
@@ -353,13 +362,19 @@ impl KubectlCmd for Kind {
 /// harness installs both with `e2e/tools/install-host-deps.sh`). `Err` says what is
 /// missing.
 pub fn available() -> std::result::Result<(), String> {
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    // A docker of the user's own needs no dockerd here; a given node image no debootstrap.
     let missing: Vec<&str> = [
-        ("/usr/sbin/dockerd", "docker.io"),
-        ("/usr/sbin/debootstrap", "debootstrap"),
+        ("/usr/sbin/dockerd", "docker.io", !set("CVM_DOCKER_HOST")),
+        (
+            "/usr/sbin/debootstrap",
+            "debootstrap",
+            !set("CVM_KIND_IMAGE"),
+        ),
     ]
     .into_iter()
-    .filter(|(p, _)| !Path::new(p).exists())
-    .map(|(_, pkg)| pkg)
+    .filter(|(p, _, needed)| *needed && !Path::new(p).exists())
+    .map(|(_, pkg, _)| pkg)
     .collect();
     if missing.is_empty() {
         Ok(())

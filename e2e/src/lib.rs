@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod pki;
 pub mod process;
 pub mod shared;
+pub mod suite;
 pub mod system;
 pub mod tokens;
 pub mod tools;

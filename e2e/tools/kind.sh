@@ -10,7 +10,9 @@
 #   e2e/tools/kind.sh delete NAME
 #
 # Environment: CVM_TOOLS_CACHE (cache root, default ~/.cache/cvm-operator),
-# CVM_KIND_IMAGE (node image for create instead of the built one),
+# CVM_KIND_IMAGE (node image for create instead of the built one, e.g. kind's published
+# kindest/node:v1.34.0 on a machine with a network), CVM_DOCKER_HOST (a docker daemon of
+# your own instead of docker.sh's private one),
 # CVM_DEBIAN_MIRROR (debootstrap mirror instead of the one apt uses),
 # CVM_KIND_READY_TIMEOUT (seconds create waits for Ready nodes, default 300).
 # Progress goes to stderr, heavy output to log files in the cache; DOCKER_HOST is set
@@ -50,9 +52,16 @@ hash12() { sha256sum | cut -c1-12; }
 # --- docker and kind --------------------------------------------------------------------
 
 # Every subcommand talks to docker.sh's daemon (its runtime wrapper is what makes
-# privileged node containers work here), never to whatever DOCKER_HOST the caller has.
+# privileged node containers work here), never to whatever DOCKER_HOST the caller has,
+# unless CVM_DOCKER_HOST names a daemon on purpose.
 setup_docker() {
   local line
+  # A docker of the user's own (with a network: kind's published node image works too).
+  if [ -n "${CVM_DOCKER_HOST:-}" ]; then
+    export DOCKER_HOST="$CVM_DOCKER_HOST"
+    docker info >/dev/null 2>&1 || die "no docker daemon answers at CVM_DOCKER_HOST=$CVM_DOCKER_HOST"
+    return 0
+  fi
   line="$(bash "$here/docker.sh" start)" || die "could not start the private dockerd (e2e/tools/docker.sh start)"
   case "$line" in export\ DOCKER_HOST=unix://*) ;; *) die "unexpected output from docker.sh start: $line" ;; esac
   export DOCKER_HOST="${line#export DOCKER_HOST=}"

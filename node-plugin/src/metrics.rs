@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 
 /// The plugin's counters.
@@ -19,6 +19,9 @@ pub struct Metrics {
     pub migrations_sent: IntCounter,
     /// Failed actions by action and reason.
     pub errors: IntCounterVec,
+    /// Guests the platform holds on this node, by whether a CVM bound here owns them
+    /// (`owned="false"`: an orphan the next pass stops).
+    pub guests_held: IntGaugeVec,
 }
 
 impl Metrics {
@@ -53,6 +56,14 @@ impl Metrics {
             Opts::new("action_errors_total", "Failed actions by action and reason"),
             &["action", "reason"],
         )?;
+        let guests_held = IntGaugeVec::new(
+            Opts::new(
+                "guests_held",
+                "Guests the platform holds on this node, by whether a CVM bound here owns them",
+            ),
+            &["owned"],
+        )?;
+        registry.register(Box::new(guests_held.clone()))?;
         registry.register(Box::new(guests_launched.clone()))?;
         registry.register(Box::new(guests_stopped.clone()))?;
         registry.register(Box::new(evidence_issued.clone()))?;
@@ -67,6 +78,7 @@ impl Metrics {
             migrations_prepared,
             migrations_sent,
             errors,
+            guests_held,
         })
     }
 
@@ -102,7 +114,12 @@ mod tests {
         m.guests_launched.inc();
         m.migrations_sent.inc();
         m.errors.with_label_values(&["launch", "NoCapacity"]).inc();
+        m.guests_held.with_label_values(&["true"]).set(2);
         let text = m.render();
+        assert!(
+            text.contains("cvm_node_plugin_guests_held{owned=\"true\",node=\"n1\"} 2"),
+            "{text}"
+        );
         assert!(
             text.contains("cvm_node_plugin_guests_launched_total{node=\"n1\"} 1"),
             "{text}"

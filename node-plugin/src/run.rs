@@ -261,6 +261,19 @@ impl<P: Platform> NodePlugin<P> {
         let bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
         let answered = self.lock_answered().clone();
         let receiving = migrate_plan::receiving(node, &migrations, &held_plain);
+        let owned = held
+            .iter()
+            .filter(|g| by_uid.contains_key(&g.uid) || receiving.contains(&g.uid))
+            .count();
+        let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics
+            .guests_held
+            .with_label_values(&["true"])
+            .set(count(owned));
+        self.metrics
+            .guests_held
+            .with_label_values(&["false"])
+            .set(count(held.len() - owned));
         let actions = plan::plan(&held_plain, &bound, &answered, retry_failed, &receiving);
         let guests: BTreeMap<&str, &GuestInfo> = held.iter().map(|g| (g.uid.as_str(), g)).collect();
         let runs = actions.into_iter().map(|(uid, action)| {

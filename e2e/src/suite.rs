@@ -1,0 +1,1026 @@
+//! The cluster e2e suite: one list of checks that runs on a kind cluster the harness makes
+//! (chart installed by `helm install --wait`) and on any existing cluster with the chart
+//! installed, given its kubeconfig (`CVM_E2E_KUBECONFIG`). Checks that need the harness's
+//! internals (a node's filesystem, images loaded into nodes, deleting the release) say so
+//! and are skipped on a foreign cluster; nothing else is.
+//!
+//! The suite's own CVMs live in namespace [`SUITE_NAMESPACE`], which it removes at the
+//! end; the examples go to `default` as their headers say and stay.
+
+use crate::demo::{apply_examples, kubectl, wait_verified, KubectlCmd};
+use crate::kind::{Kind, KindError};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Namespace of the suite's own CVMs.
+pub const SUITE_NAMESPACE: &str = "cvm-e2e";
+/// kubeconfig of an existing cluster to run the suite against instead of kind.
+pub const ENV_KUBECONFIG: &str = "CVM_E2E_KUBECONFIG";
+/// The chart's release namespace there (default `cvm-system`).
+pub const ENV_NAMESPACE: &str = "CVM_E2E_NAMESPACE";
+/// The chart's release name there (default `cvm-operator`).
+pub const ENV_RELEASE: &str = "CVM_E2E_RELEASE";
+
+/// Why a check failed: each names what it saw.
+#[derive(Debug, thiserror::Error)]
+pub enum SuiteError {
+    #[error("{0}")]
+    Kubectl(String),
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    #[error("{0}")]
+    Check(String),
+    #[error(transparent)]
+    Kind(#[from] KindError),
+    #[error(transparent)]
+    Gitops(#[from] crate::gitops::GitopsError),
+    #[error("{0}")]
+    Harness(String),
+}
+
+pub type Result<T> = std::result::Result<T, SuiteError>;
+
+/// The cluster under test.
+#[derive(Debug)]
+pub struct Cluster {
+    pub kubeconfig: PathBuf,
+    pub kubectl: PathBuf,
+    pub helm: PathBuf,
+    /// The chart's release namespace and name.
+    pub namespace: String,
+    pub release: String,
+    /// The kind harness that made the cluster; `None` on a foreign cluster.
+    pub kind: Option<Kind>,
+}
+
+impl KubectlCmd for Cluster {
+    fn kubectl_cmd(&self) -> Command {
+        let mut c = Command::new(&self.kubectl);
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+}
+
+impl Cluster {
+    /// The cluster kind made, chart installed by the harness.
+    pub fn from_kind(kind: Kind) -> Cluster {
+        Cluster {
+            kubeconfig: kind.kubeconfig.clone(),
+            kubectl: kind.kubectl.clone(),
+            helm: kind.helm.clone(),
+            namespace: crate::kind::NAMESPACE.into(),
+            release: crate::kind::RELEASE.into(),
+            kind: Some(kind),
+        }
+    }
+
+    /// An existing cluster with the chart installed (release and namespace from
+    /// [`ENV_RELEASE`] / [`ENV_NAMESPACE`], or the chart's defaults).
+    pub fn existing(kubeconfig: &Path) -> Result<Cluster> {
+        if !kubeconfig.is_file() {
+            return Err(SuiteError::Harness(format!(
+                "{ENV_KUBECONFIG}={} is not a file",
+                kubeconfig.display()
+            )));
+        }
+        let bin = crate::tools::bin_dir().map_err(|e| SuiteError::Harness(e.to_string()))?;
+        let c = Cluster {
+            kubeconfig: kubeconfig.to_path_buf(),
+            kubectl: bin.join("kubectl"),
+            helm: bin.join("helm"),
+            namespace: std::env::var(ENV_NAMESPACE).unwrap_or_else(|_| "cvm-system".into()),
+            release: std::env::var(ENV_RELEASE).unwrap_or_else(|_| "cvm-operator".into()),
+            kind: None,
+        };
+        let deploy = format!("deploy/{}-operator", c.release);
+        c.get(&["get", &deploy, "-n", &c.namespace, "-o", "name"])
+            .map_err(|e| {
+                SuiteError::Harness(format!(
+                    "no cvm-operator release {} in namespace {} ({e}); install the chart first (docs/install.md) or set {ENV_RELEASE} / {ENV_NAMESPACE}",
+                    c.release, c.namespace
+                ))
+            })?;
+        Ok(c)
+    }
+
+    /// `kubectl ARGS`; stdout.
+    pub fn get(&self, args: &[&str]) -> Result<String> {
+        kubectl(self, args).map_err(SuiteError::Kubectl)
+    }
+
+    fn jsonpath(&self, args: &[&str], path: &str) -> Result<String> {
+        let out = format!("jsonpath={path}");
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["-o", &out]);
+        Ok(self.get(&all)?.trim().to_string())
+    }
+
+    /// `kubectl apply -f -` of `manifest`.
+    pub fn apply(&self, manifest: &str) -> Result<()> {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_cmd()
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| SuiteError::Kubectl(format!("running kubectl: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(manifest.as_bytes())
+                .map_err(|e| SuiteError::Kubectl(format!("writing to kubectl: {e}")))?;
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| SuiteError::Kubectl(format!("kubectl apply: {e}")))?;
+        if !out.status.success() {
+            return Err(SuiteError::Kubectl(format!(
+                "kubectl apply failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
+
+    fn operator_deploy(&self) -> String {
+        format!("deploy/{}-operator", self.release)
+    }
+
+    fn plugin_ds(&self) -> String {
+        format!("ds/{}-node-plugin", self.release)
+    }
+
+    /// The Lease holder: the leading operator pod.
+    fn leader(&self) -> String {
+        self.jsonpath(
+            &[
+                "get",
+                "lease",
+                "-n",
+                &self.namespace,
+                &format!("{}-operator-leader", self.release),
+            ],
+            "{.spec.holderIdentity}",
+        )
+        .unwrap_or_default()
+    }
+}
+
+/// Polls `f` every 200 ms until it holds or `within` passes; how long it took.
+pub fn until(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Result<Duration> {
+    let t0 = Instant::now();
+    while !f() {
+        if t0.elapsed() >= within {
+            return Err(SuiteError::Timeout {
+                what: what.to_string(),
+                after: within,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(t0.elapsed())
+}
+
+fn check(ok: bool, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(SuiteError::Check(what()))
+    }
+}
+
+fn figure(what: &str, value: String) {
+    println!("figure: {what}: {value}");
+}
+
+/// How one check ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Passed,
+    /// Needs the harness's internals; the reason says which.
+    Skipped(String),
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub passed: Vec<&'static str>,
+    pub skipped: Vec<(&'static str, String)>,
+    pub took: Duration,
+}
+
+type Check = fn(&Cluster) -> Result<Outcome>;
+
+/// The checks in the order they run (later ones rely on the examples and leave the
+/// release uninstalled last).
+pub const CHECKS: [(&str, Check); 9] = [
+    ("install", check_install),
+    ("examples", check_examples),
+    ("gitops-health", check_gitops_health),
+    ("apply-to-verified", check_apply_to_verified),
+    ("node-restriction-projected-token", check_projected_token),
+    ("plugin-pod-recreated", check_plugin_pod_recreated),
+    ("leader-failover", check_leader_failover),
+    ("helm-upgrade", check_upgrade),
+    ("helm-uninstall", check_uninstall),
+];
+
+/// Runs every check in order, printing each outcome; stops at the first failure.
+pub fn run(c: &Cluster) -> Result<Report> {
+    let t0 = Instant::now();
+    c.apply(&format!(
+        "{{\"apiVersion\":\"v1\",\"kind\":\"Namespace\",\"metadata\":{{\"name\":\"{SUITE_NAMESPACE}\"}}}}"
+    ))?;
+    let mut report = Report::default();
+    let result = (|| {
+        for (name, f) in CHECKS {
+            let t = Instant::now();
+            match f(c) {
+                Ok(Outcome::Passed) => {
+                    println!(
+                        "suite: {name}: passed in {:.1} s",
+                        t.elapsed().as_secs_f64()
+                    );
+                    report.passed.push(name);
+                }
+                Ok(Outcome::Skipped(why)) => {
+                    println!("suite: {name}: skipped: {why}");
+                    report.skipped.push((name, why));
+                }
+                Err(e) => {
+                    return Err(SuiteError::Check(format!("check {name} failed: {e}")));
+                }
+            }
+        }
+        Ok(())
+    })();
+    // The suite's namespace goes however the run ended (the cluster may be someone's).
+    let _ = c.get(&["delete", "ns", SUITE_NAMESPACE, "--wait=false"]);
+    result?;
+    report.took = t0.elapsed();
+    Ok(report)
+}
+
+fn needs_kind(c: &Cluster, why: &str) -> Option<Outcome> {
+    c.kind
+        .is_none()
+        .then(|| Outcome::Skipped(format!("needs the kind harness: {why}")))
+}
+
+// --- the checks ----------------------------------------------------------------------
+
+/// Every operator replica ready, a plugin ready on every node it is scheduled to, and
+/// each simulated TDX node labelled by its own plugin (no NFD).
+fn check_install(c: &Cluster) -> Result<Outcome> {
+    let ns = c.namespace.as_str();
+    until(
+        Duration::from_secs(120),
+        "every operator replica ready",
+        || {
+            c.jsonpath(
+                &["get", &c.operator_deploy(), "-n", ns],
+                "{.spec.replicas} {.status.readyReplicas}",
+            )
+            .is_ok_and(|s| {
+                let v: Vec<&str> = s.split_whitespace().collect();
+                v.len() == 2 && v[0] == v[1] && v[0] != "0"
+            })
+        },
+    )?;
+    // helm's --wait counts a DaemonSet ready with maxUnavailable pods still starting.
+    until(
+        Duration::from_secs(120),
+        "a ready plugin on every node",
+        || {
+            c.jsonpath(
+                &["get", &c.plugin_ds(), "-n", ns],
+                "{.status.desiredNumberScheduled} {.status.numberReady}",
+            )
+            .is_ok_and(|s| {
+                let v: Vec<&str> = s.split_whitespace().collect();
+                v.len() == 2 && v[0] == v[1] && v[0] != "0"
+            })
+        },
+    )?;
+    let tdx_nodes: Vec<String> = c
+        .jsonpath(
+            &["get", "nodes"],
+            r#"{range .items[*]}{.metadata.name}={.metadata.labels.sim\.cvmp\.io/tees}{"\n"}{end}"#,
+        )?
+        .lines()
+        .filter(|l| {
+            l.split('=')
+                .nth(1)
+                .is_some_and(|t| t.split('.').any(|x| x == "tdx"))
+        })
+        .filter_map(|l| l.split('=').next().map(String::from))
+        .collect();
+    for node in &tdx_nodes {
+        until(
+            Duration::from_secs(60),
+            &format!("node {node} labelled TDX by its plugin"),
+            || {
+                c.jsonpath(
+                    &["get", "node", node],
+                    r#"{.metadata.labels.feature\.node\.kubernetes\.io/cpu-security\.tdx\.enabled}"#,
+                )
+                .is_ok_and(|v| v == "true")
+            },
+        )?;
+    }
+    Ok(Outcome::Passed)
+}
+
+/// `kubectl apply -f examples/` as the headers say; each example reaches its verdict.
+fn check_examples(c: &Cluster) -> Result<Outcome> {
+    let applied = apply_examples(c).map_err(SuiteError::Kubectl)?;
+    for (file, tee) in &applied.skipped {
+        println!("suite: example {file} not applied: no node hosts {tee}");
+    }
+    check(!applied.names.is_empty(), || {
+        "no example CVM could be applied".into()
+    })?;
+    wait_verified(c, &applied.names, 180).map_err(SuiteError::Check)?;
+    Ok(Outcome::Passed)
+}
+
+/// The SEV-SNP example as a suite CVM: `name` in the suite's namespace, one vCPU (kind
+/// nodes report the machine's cores, which the examples hold some of), its expected
+/// measurement recomputed; `edit` changes it further.
+pub fn snp_cvm(name: &str, edit: impl FnOnce(&mut cvm_crds::ConfidentialVM)) -> Result<String> {
+    use serde::Deserialize as _;
+    let path = crate::demo::examples_dir().join("sev-snp-cvm.yaml");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| SuiteError::Harness(format!("reading {}: {e}", path.display())))?;
+    let doc = serde_yaml::Deserializer::from_str(&text)
+        .next()
+        .ok_or_else(|| SuiteError::Harness(format!("{} holds no manifest", path.display())))?;
+    let mut cvm = cvm_crds::ConfidentialVM::deserialize(doc)
+        .map_err(|e| SuiteError::Harness(format!("{}: {e}", path.display())))?;
+    cvm.metadata.name = Some(name.to_string());
+    cvm.metadata.namespace = Some(SUITE_NAMESPACE.to_string());
+    cvm.spec.resources.vcpus = 1;
+    let m = cvm_node_plugin::measure::simulated_measurement(&cvm.spec);
+    if let Some(a) = cvm.spec.attestation.as_mut() {
+        a.expected_measurements = vec![m];
+    }
+    edit(&mut cvm);
+    serde_json::to_string(&cvm).map_err(|e| SuiteError::Harness(format!("encoding {name}: {e}")))
+}
+
+fn condition(c: &Cluster, ns: &str, name: &str, ty: &str) -> (String, String) {
+    let got = c
+        .jsonpath(
+            &["get", "cvm", name, "-n", ns],
+            &format!(
+                r#"{{.status.conditions[?(@.type=="{ty}")].status}} {{.status.conditions[?(@.type=="{ty}")].reason}}"#
+            ),
+        )
+        .unwrap_or_default();
+    let mut parts = got.split_whitespace();
+    (
+        parts.next().unwrap_or_default().to_string(),
+        parts.next().unwrap_or_default().to_string(),
+    )
+}
+
+fn verified(c: &Cluster, ns: &str, name: &str) -> bool {
+    condition(c, ns, name, "Verified").0 == "True"
+}
+
+fn delete_cvm(c: &Cluster, name: &str) -> Result<()> {
+    c.get(&[
+        "delete",
+        "cvm",
+        name,
+        "-n",
+        SUITE_NAMESPACE,
+        "--timeout=90s",
+    ])
+    .map(|_| ())
+}
+
+/// Flux's kstatus and Argo CD's health script, run on the objects the API server really
+/// served: a new CVM reads InProgress / Progressing until it is Verified, then Current /
+/// Healthy; a CVM whose evidence is rejected and one no node can host read Failed /
+/// Degraded; an SEV-ES guest handed to its owner reads Current / Healthy.
+fn check_gitops_health(c: &Cluster) -> Result<Outcome> {
+    let ns = SUITE_NAMESPACE;
+    // A list's own resourceVersion (kubectl's table of a list has none).
+    let list: serde_json::Value = serde_json::from_str(&c.get(&[
+        "get",
+        "--raw",
+        &format!("/apis/cvmp.io/v1alpha1/namespaces/{ns}/confidentialvms?limit=1"),
+    ])?)
+    .map_err(|e| SuiteError::Check(format!("the CVM list is not JSON: {e}")))?;
+    let rv0 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    check(!rv0.is_empty(), || {
+        "the CVM list has no resourceVersion".into()
+    })?;
+    let name = "gitops-ok";
+    c.apply(&snp_cvm(name, |_| {})?)?;
+    until(Duration::from_secs(120), "gitops-ok Verified", || {
+        verified(c, ns, name)
+    })?;
+    // Every revision of the object since before it existed, replayed by a watch from
+    // the list's resourceVersion (the server closes it after a second).
+    let events = c.get(&[
+        "get",
+        "--raw",
+        &format!(
+            "/apis/cvmp.io/v1alpha1/namespaces/{ns}/confidentialvms?watch=1&resourceVersion={rv0}&timeoutSeconds=1&fieldSelector=metadata.name%3D{name}"
+        ),
+    ])?;
+    let mut seen = Vec::new();
+    for ev in serde_json::Deserializer::from_str(&events).into_iter::<serde_json::Value>() {
+        let ev = ev.map_err(|e| SuiteError::Check(format!("watch event is not JSON: {e}")))?;
+        let Some(obj) = ev.get("object") else {
+            continue;
+        };
+        let text = obj.to_string();
+        let k = crate::gitops::kstatus(&text)?;
+        let a = crate::gitops::argocd_health(&text)?;
+        seen.push((k.status, a.status, k.message));
+    }
+    let first = seen.first().cloned().unwrap_or_default();
+    let last = seen.last().cloned().unwrap_or_default();
+    let trail: Vec<String> = seen.iter().map(|(k, a, _)| format!("{k}/{a}")).collect();
+    check(seen.len() >= 2, || {
+        format!("the watch replayed {} revisions of {name}", seen.len())
+    })?;
+    check(first.0 == "InProgress" && first.1 == "Progressing", || {
+        format!(
+            "a new CVM reads {}/{} ({}); want InProgress/Progressing",
+            first.0, first.1, first.2
+        )
+    })?;
+    check(last.0 == "Current" && last.1 == "Healthy", || {
+        format!(
+            "a Verified CVM reads {}/{} ({}); want Current/Healthy",
+            last.0, last.1, last.2
+        )
+    })?;
+    check(
+        seen.iter()
+            .all(|(k, a, _)| k != "Failed" && a != "Degraded"),
+        || {
+            format!(
+                "a CVM on its way to Verified never reads Failed: {}",
+                trail.join(" → ")
+            )
+        },
+    )?;
+    println!(
+        "suite: kstatus/argocd over {name}'s revisions: {}",
+        trail.join(" → ")
+    );
+
+    // Stuck until someone acts: evidence rejected, and nothing can host it.
+    let stuck = [
+        ("gitops-rejected", "EvidenceRejected"),
+        ("gitops-unplaceable", "Unschedulable"),
+    ];
+    c.apply(&snp_cvm(stuck[0].0, |cvm| {
+        if let Some(a) = cvm.spec.attestation.as_mut() {
+            a.expected_measurements = vec!["00".repeat(48)];
+        }
+    })?)?;
+    c.apply(&snp_cvm(stuck[1].0, |cvm| {
+        cvm.spec.node_selector = [("cvmp.io/e2e".to_string(), "no-such-node".to_string())].into();
+    })?)?;
+    for (name, reason) in stuck {
+        until(
+            Duration::from_secs(120),
+            &format!("{name} Stalled={reason}"),
+            || condition(c, ns, name, "Stalled") == ("True".into(), reason.into()),
+        )?;
+        let obj = c.get(&["get", "cvm", name, "-n", ns, "-o", "json"])?;
+        let (k, a) = (
+            crate::gitops::kstatus(&obj)?,
+            crate::gitops::argocd_health(&obj)?,
+        );
+        check(k.status == "Failed" && a.status == "Degraded", || {
+            format!(
+                "{name} reads {}/{}; want Failed/Degraded",
+                k.status, a.status
+            )
+        })?;
+        check(a.message.contains(reason), || {
+            format!("Argo CD's message for {name} names {reason}: {}", a.message)
+        })?;
+        delete_cvm(c, name)?;
+    }
+    // Handed to its owner: done as far as the operator goes.
+    let sev_es = c.jsonpath(
+        &["get", "cvm", "-n", "default"],
+        r#"{range .items[?(@.spec.tee.type=="SEV-ES")]}{.metadata.name}{"\n"}{end}"#,
+    )?;
+    if let Some(es) = sev_es.lines().next() {
+        let obj = c.get(&["get", "cvm", es, "-n", "default", "-o", "json"])?;
+        let (k, a) = (
+            crate::gitops::kstatus(&obj)?,
+            crate::gitops::argocd_health(&obj)?,
+        );
+        check(k.status == "Current" && a.status == "Healthy", || {
+            format!(
+                "SEV-ES {es} reads {}/{}; want Current/Healthy",
+                k.status, a.status
+            )
+        })?;
+    }
+    delete_cvm(c, name)?;
+    Ok(Outcome::Passed)
+}
+
+fn p50(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// apply → Verified through the installed pods, one CVM at a time (each deleted, its
+/// guest stopped, before the next).
+fn check_apply_to_verified(c: &Cluster) -> Result<Outcome> {
+    let mut took = Vec::new();
+    for i in 0..5 {
+        let name = format!("snp-{i}");
+        let t = Instant::now();
+        c.apply(&snp_cvm(&name, |_| {})?)?;
+        until(
+            Duration::from_secs(120),
+            &format!("{name} Verified"),
+            || verified(c, SUITE_NAMESPACE, &name),
+        )?;
+        took.push(t.elapsed().as_secs_f64());
+        delete_cvm(c, &name)?;
+    }
+    figure(
+        "apply -> Verified through pods",
+        format!(
+            "p50 {:.2} s, max {:.2} s (n={})",
+            p50(took.clone()),
+            took.iter().cloned().fold(0.0, f64::max),
+            took.len()
+        ),
+    );
+    if let Some(kind) = &c.kind {
+        for comm in ["cvm-operator", "cvm-node-plugin"] {
+            let rss = kind.rss_mb(comm);
+            check(!rss.is_empty(), || format!("no {comm} process on any node"))?;
+            let list: Vec<String> = rss
+                .iter()
+                .map(|(n, mb)| format!("{n} {mb:.1} MB"))
+                .collect();
+            figure(&format!("RSS {comm}"), list.join(", "));
+        }
+    }
+    Ok(Outcome::Passed)
+}
+
+/// (name, nodeName) of the Verified example CVMs in `default`.
+fn verified_examples(c: &Cluster) -> Result<Vec<(String, String)>> {
+    let out = c.jsonpath(
+        &["get", "cvm", "-n", "default"],
+        r#"{range .items[*]}{.metadata.name} {.status.nodeName} {.status.conditions[?(@.type=="Verified")].status}{"\n"}{end}"#,
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<&str> = l.split_whitespace().collect();
+            (v.len() == 3 && v[2] == "True").then(|| (v[0].to_string(), v[1].to_string()))
+        })
+        .collect())
+}
+
+/// The node plugin pod on `node`: (name, uid).
+fn plugin_pod(c: &Cluster, node: &str) -> Result<(String, String)> {
+    let out = c.jsonpath(
+        &[
+            "get",
+            "pods",
+            "-n",
+            &c.namespace,
+            "-l",
+            "app.kubernetes.io/component=node-plugin",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ],
+        r#"{range .items[*]}{.metadata.name} {.metadata.uid} {.metadata.deletionTimestamp}{"\n"}{end}"#,
+    )?;
+    out.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|v| v.len() == 2)
+        .map(|v| (v[0].to_string(), v[1].to_string()))
+        .ok_or_else(|| SuiteError::Check(format!("no running node plugin pod on {node}")))
+}
+
+/// The node restriction holds for the token kubelet really projects into the plugin
+/// pod: its node-name claim comes from kubelet, it may write the status of a CVM bound
+/// to its node and not of one bound to another (server-side dry runs: nothing changes).
+fn check_projected_token(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(c, "it reads the projected token from the node's filesystem") {
+        return Ok(skip);
+    }
+    let Some(kind) = &c.kind else {
+        return Ok(Outcome::Skipped("no kind harness".into()));
+    };
+    let cvms = verified_examples(c)?;
+    let Some((mine, node)) = cvms.first().cloned() else {
+        return Err(SuiteError::Check("no Verified example CVM".into()));
+    };
+    let Some((theirs, other)) = cvms.iter().find(|(_, n)| *n != node).cloned() else {
+        return Err(SuiteError::Check(format!(
+            "every Verified example runs on {node}; the check needs two nodes"
+        )));
+    };
+    let (pod, uid) = plugin_pod(c, &node)?;
+    let token = kind.node_exec(
+        &node,
+        &[
+            "sh",
+            "-c",
+            &format!("cat /var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~projected/*/token"),
+        ],
+    )?;
+    let token = token.trim();
+    check(token.split('.').count() == 3, || {
+        format!("the token projected into {pod} is not a JWT")
+    })?;
+    let as_plugin = TokenClient::new(c, token)?;
+    let who: serde_json::Value =
+        serde_json::from_str(&as_plugin.run(&["auth", "whoami", "-o", "json"])?.1)
+            .map_err(|e| SuiteError::Check(format!("kubectl auth whoami: {e}")))?;
+    let user = &who["status"]["userInfo"];
+    let claim = &user["extra"]["authentication.kubernetes.io/node-name"];
+    check(claim == &serde_json::json!([node]), || {
+        format!("kubelet's token for {pod} claims node {claim}, want [{node}]: {user}")
+    })?;
+    check(
+        user["extra"]["authentication.kubernetes.io/pod-name"] == serde_json::json!([pod]),
+        || format!("the token names pod {pod}: {user}"),
+    )?;
+    let patch = |name: &str| {
+        as_plugin.run(&[
+            "patch",
+            "cvm",
+            name,
+            "-n",
+            "default",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"platform":{"message":"e2e dry run"}}}"#,
+            "--dry-run=server",
+        ])
+    };
+    let (ok, out) = patch(&mine)?;
+    check(ok, || {
+        format!("the plugin on {node} may write {mine}'s status: {out}")
+    })?;
+    let (ok, out) = patch(&theirs)?;
+    check(
+        !ok && out.contains("Forbidden") && out.contains("may only write CVMs bound to that node"),
+        || {
+            format!(
+                "the plugin on {node} writing {theirs} (bound to {other}) must be Forbidden: {out}"
+            )
+        },
+    )?;
+    let (ok, out) = as_plugin.run(&[
+        "label",
+        "node",
+        &other,
+        "cvmp.io/e2e=forged",
+        "--dry-run=server",
+    ])?;
+    check(!ok && out.contains("Forbidden"), || {
+        format!("the plugin on {node} labelling node {other} must be Forbidden: {out}")
+    })?;
+    Ok(Outcome::Passed)
+}
+
+/// kubectl with only a bearer token: no client certificate of the admin's beside it.
+struct TokenClient<'a> {
+    c: &'a Cluster,
+    server: String,
+    ca: tempfile::NamedTempFile,
+    token: String,
+}
+
+impl<'a> TokenClient<'a> {
+    fn new(c: &'a Cluster, token: &str) -> Result<TokenClient<'a>> {
+        let server = c.get(&[
+            "config",
+            "view",
+            "--minify",
+            "-o",
+            "jsonpath={.clusters[0].cluster.server}",
+        ])?;
+        let ca_b64 = c.get(&[
+            "config",
+            "view",
+            "--minify",
+            "--raw",
+            "-o",
+            "jsonpath={.clusters[0].cluster.certificate-authority-data}",
+        ])?;
+        use base64::Engine as _;
+        let ca_pem = base64::engine::general_purpose::STANDARD
+            .decode(ca_b64.trim())
+            .map_err(|e| SuiteError::Harness(format!("the kubeconfig's CA is not base64: {e}")))?;
+        let ca = tempfile::NamedTempFile::new()
+            .map_err(|e| SuiteError::Harness(format!("temp file: {e}")))?;
+        std::fs::write(ca.path(), ca_pem)
+            .map_err(|e| SuiteError::Harness(format!("writing the CA: {e}")))?;
+        Ok(TokenClient {
+            c,
+            server: server.trim().to_string(),
+            ca,
+            token: token.to_string(),
+        })
+    }
+
+    /// (success, stdout + stderr).
+    fn run(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(&self.c.kubectl)
+            .env_remove("KUBECONFIG")
+            .arg("--kubeconfig=/dev/null")
+            .arg(format!("--server={}", self.server))
+            .arg(format!(
+                "--certificate-authority={}",
+                self.ca.path().display()
+            ))
+            .arg(format!("--token={}", self.token))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| SuiteError::Kubectl(format!("running kubectl: {e}")))?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+}
+
+/// One plugin metric of the pod, read through the API server's pod proxy.
+fn plugin_metric(c: &Cluster, pod: &str, series: &str) -> Result<f64> {
+    let port = c.jsonpath(
+        &["get", "pod", pod, "-n", &c.namespace],
+        r#"{.spec.containers[0].ports[?(@.name=="metrics")].containerPort}"#,
+    )?;
+    let text = c.get(&[
+        "get",
+        "--raw",
+        &format!(
+            "/api/v1/namespaces/{}/pods/{pod}:{port}/proxy/metrics",
+            c.namespace
+        ),
+    ])?;
+    text.lines()
+        .find(|l| l.starts_with(series) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| SuiteError::Check(format!("{pod} serves no {series}")))
+}
+
+/// Delete a node plugin pod: the DaemonSet recreates it, the new plugin takes over its
+/// node's guests without launching any again (same launch IDs, none launched by the new
+/// pod, none orphaned), and answers a fresh attestation request for each.
+fn check_plugin_pod_recreated(c: &Cluster) -> Result<Outcome> {
+    let cvms = verified_examples(c)?;
+    let Some((_, node)) = cvms.first().cloned() else {
+        return Err(SuiteError::Check("no Verified example CVM".into()));
+    };
+    let on_node: Vec<String> = cvms
+        .iter()
+        .filter(|(_, n)| *n == node)
+        .map(|(name, _)| name.clone())
+        .collect();
+    let launch_ids = |names: &[String]| -> Result<Vec<String>> {
+        names
+            .iter()
+            .map(|n| {
+                c.jsonpath(
+                    &["get", "cvm", n, "-n", "default"],
+                    "{.status.platform.launchId}/{.status.guestInstance.relaunches}",
+                )
+            })
+            .collect()
+    };
+    let before = launch_ids(&on_node)?;
+    let collected = |n: &str| {
+        c.jsonpath(
+            &["get", "cvm", n, "-n", "default"],
+            "{.status.attestation.evidenceCollectedAt}",
+        )
+        .unwrap_or_default()
+    };
+    let collected_before: Vec<String> = on_node.iter().map(|n| collected(n)).collect();
+    let (pod, uid) = plugin_pod(c, &node)?;
+    let t0 = Instant::now();
+    c.get(&["delete", "pod", &pod, "-n", &c.namespace, "--wait=false"])?;
+    let mut new_pod = String::new();
+    until(
+        Duration::from_secs(120),
+        &format!("a new ready plugin pod on {node}"),
+        || match plugin_pod(c, &node) {
+            Ok((p, u)) if u != uid => {
+                let ready = c
+                    .jsonpath(
+                        &["get", "pod", &p, "-n", &c.namespace],
+                        "{.status.containerStatuses[0].ready}",
+                    )
+                    .is_ok_and(|r| r == "true");
+                if ready {
+                    new_pod = p;
+                }
+                ready
+            }
+            _ => false,
+        },
+    )?;
+    let recreated = t0.elapsed();
+    // Ask each CVM on the node for fresh evidence: only the new plugin can answer.
+    let stamp = t0_stamp();
+    for n in &on_node {
+        c.get(&[
+            "annotate",
+            "cvm",
+            n,
+            "-n",
+            "default",
+            &format!("cvmp.io/reattest={stamp}"),
+            "--overwrite",
+        ])?;
+    }
+    for (n, was) in on_node.iter().zip(&collected_before) {
+        until(
+            Duration::from_secs(120),
+            &format!("{n} Verified on fresh evidence from the new plugin"),
+            || verified(c, "default", n) && collected(n) != *was,
+        )?;
+    }
+    let reconciled = t0.elapsed();
+    let after = launch_ids(&on_node)?;
+    check(before == after, || {
+        format!("launch IDs / relaunches of {on_node:?} changed across the plugin restart: {before:?} → {after:?}")
+    })?;
+    let launched = plugin_metric(c, &new_pod, "cvm_node_plugin_guests_launched_total")?;
+    check(launched == 0.0, || {
+        format!("the new plugin pod {new_pod} launched {launched} guests; it must adopt them")
+    })?;
+    let owned = plugin_metric(c, &new_pod, "cvm_node_plugin_guests_held{owned=\"true\"")?;
+    let orphans = plugin_metric(c, &new_pod, "cvm_node_plugin_guests_held{owned=\"false\"")?;
+    let bound_here = c
+        .jsonpath(
+            &["get", "cvm", "-A"],
+            &format!(r#"{{range .items[?(@.status.nodeName=="{node}")]}}{{.metadata.name}}{{"\n"}}{{end}}"#),
+        )?
+        .lines()
+        .count();
+    check(orphans == 0.0, || {
+        format!("{new_pod} holds {orphans} orphaned guests")
+    })?;
+    check(owned as usize == bound_here, || {
+        format!("{new_pod} holds {owned} guests for the {bound_here} CVMs bound to {node}")
+    })?;
+    figure(
+        "plugin pod deleted -> new pod Ready",
+        format!("{:.1} s", recreated.as_secs_f64()),
+    );
+    figure(
+        "plugin pod deleted -> its CVMs Verified on fresh evidence",
+        format!(
+            "{:.1} s ({} CVMs on {node})",
+            reconciled.as_secs_f64(),
+            on_node.len()
+        ),
+    );
+    Ok(Outcome::Passed)
+}
+
+fn t0_stamp() -> String {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos().to_string())
+        .unwrap_or_default()
+}
+
+/// Delete the leader's pod: a standby takes the Lease and CVMs keep reconciling.
+fn check_leader_failover(c: &Cluster) -> Result<Outcome> {
+    let first = c.leader();
+    check(!first.is_empty(), || "no operator holds the Lease".into())?;
+    c.get(&["delete", "pod", "-n", &c.namespace, &first, "--wait=false"])?;
+    let failover = until(Duration::from_secs(90), "a new leader", || {
+        let l = c.leader();
+        !l.is_empty() && l != first
+    })?;
+    figure(
+        "leader failover after its pod was deleted",
+        format!("{:.1} s", failover.as_secs_f64()),
+    );
+    c.apply(&snp_cvm("after-failover", |_| {})?)?;
+    let t = until(
+        Duration::from_secs(120),
+        "a CVM Verified under the new leader",
+        || verified(c, SUITE_NAMESPACE, "after-failover"),
+    )?;
+    figure(
+        "apply -> Verified under the new leader",
+        format!("{:.2} s", t.as_secs_f64()),
+    );
+    Ok(Outcome::Passed)
+}
+
+/// `helm upgrade` to a new image tag: the pods roll, every SEV-SNP/TDX CVM stays
+/// Verified and answers fresh evidence through the new pods.
+fn check_upgrade(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(c, "it loads a new image tag into the nodes") {
+        return Ok(skip);
+    }
+    let Some(kind) = &c.kind else {
+        return Ok(Outcome::Skipped("no kind harness".into()));
+    };
+    let before = verified_examples(c)?;
+    let tag = format!("{}-next", kind.image_tag);
+    let mut images = Vec::new();
+    for image in ["cvm-operator", "cvm-node-plugin"] {
+        let to = format!("{image}:{tag}");
+        kind.tag_image(&format!("{image}:{}", kind.image_tag), &to)?;
+        images.push(to);
+    }
+    kind.load(&images.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let t = Instant::now();
+    kind.helm_ok(&[
+        "upgrade",
+        &c.release,
+        &crate::tools::chart_dir().display().to_string(),
+        "-n",
+        &c.namespace,
+        "--wait",
+        "--timeout",
+        "5m",
+        "--reuse-values",
+        "--set",
+        &format!("image.tag={tag}"),
+    ])?;
+    figure(
+        "helm upgrade --wait",
+        format!("{:.1} s", t.elapsed().as_secs_f64()),
+    );
+    let rolled = until(Duration::from_secs(120), "only new-tag pods left", || {
+        c.jsonpath(
+            &["get", "pods", "-n", &c.namespace],
+            "{.items[*].spec.containers[0].image}",
+        )
+        .is_ok_and(|images| {
+            !images.is_empty()
+                && images
+                    .split_whitespace()
+                    .all(|i| i.ends_with(&format!(":{tag}")))
+        })
+    })?;
+    figure(
+        "old pods gone after the upgrade",
+        format!("{:.1} s", rolled.as_secs_f64()),
+    );
+    let after = verified_examples(c)?;
+    check(before == after, || {
+        format!("Verified CVMs before the upgrade {before:?}, after {after:?}")
+    })?;
+    check(verified(c, SUITE_NAMESPACE, "after-failover"), || {
+        "after-failover stays Verified across the upgrade".into()
+    })?;
+    Ok(Outcome::Passed)
+}
+
+/// `helm uninstall`: the workloads go, the CRDs and the CVMs stay.
+fn check_uninstall(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(
+        c,
+        "it removes the release (not done to a cluster it did not make)",
+    ) {
+        return Ok(skip);
+    }
+    let Some(kind) = &c.kind else {
+        return Ok(Outcome::Skipped("no kind harness".into()));
+    };
+    kind.helm_ok(&["uninstall", &c.release, "-n", &c.namespace, "--wait"])?;
+    let left = c.get(&["get", "deploy,ds", "-n", &c.namespace, "-o", "name"])?;
+    check(left.trim().is_empty(), || {
+        format!("left after uninstall: {left}")
+    })?;
+    let cvms = c.get(&["get", "cvm", "-n", SUITE_NAMESPACE, "-o", "name"])?;
+    check(cvms.contains("after-failover"), || {
+        format!("the CVMs stay after uninstall: {cvms}")
+    })?;
+    Ok(Outcome::Passed)
+}
