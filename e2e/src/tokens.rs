@@ -40,13 +40,19 @@ pub async fn node_bound_client(
         .create_subresource::<TokenRequest, TokenRequest>("token", sa, &PostParams::default(), &tr)
         .await?;
     let token = tr.status.context("the TokenRequest has no status")?.token;
+    token_client(kubeconfig, &token).await
+}
+
+/// A client that presents only `token` (no client certificate beside it) to the server
+/// of `kubeconfig`, trusting its CA.
+pub async fn token_client(kubeconfig: &Path, token: &str) -> Result<Client> {
     let mut cfg = kube::Config::from_custom_kubeconfig(
         kube::config::Kubeconfig::read_from(kubeconfig)?,
         &Default::default(),
     )
     .await?;
     cfg.auth_info = kube::config::AuthInfo {
-        token: Some(token.into()),
+        token: Some(token.to_string().into()),
         ..Default::default()
     };
     Ok(Client::try_from(cfg)?)
