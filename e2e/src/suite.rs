@@ -948,11 +948,24 @@ fn t0_stamp() -> String {
 fn check_leader_failover(c: &Cluster) -> Result<Outcome> {
     let first = c.leader();
     check(!first.is_empty(), || "no operator holds the Lease".into())?;
+    let t0 = Instant::now();
     c.get(&["delete", "pod", "-n", &c.namespace, &first, "--wait=false"])?;
-    let failover = until(Duration::from_secs(90), "a new leader", || {
+    // A leader stopped by SIGTERM hands the Lease over before it exits: once its pod is
+    // gone the Lease is no longer its own (it would be for up to the Lease's 15 s if it
+    // had only stopped renewing).
+    until(Duration::from_secs(90), "the old leader's pod gone", || {
+        c.get(&["get", "pod", "-n", &c.namespace, &first, "-o", "name"])
+            .is_err_and(|e| e.to_string().contains("NotFound"))
+    })?;
+    let held = c.leader();
+    check(held != first, || {
+        format!("{first} is gone but still holds the Lease: it did not release it on SIGTERM")
+    })?;
+    until(Duration::from_secs(90), "a new leader", || {
         let l = c.leader();
         !l.is_empty() && l != first
     })?;
+    let failover = t0.elapsed();
     figure(
         "leader failover after its pod was deleted",
         format!("{:.1} s", failover.as_secs_f64()),

@@ -146,7 +146,11 @@ async fn run(cli: Cli) -> Result<(), String> {
                 );
             }
             _ = &mut signals => {
-                tracing::info!("signal received; shutting down");
+                // The controllers are dropped (stopped) by now: hand the Lease over so a
+                // standby leads at its next attempt, not after the Lease expires.
+                let _ = stop_tx.send(());
+                let handed = elector.release().await;
+                tracing::info!(identity = %identity, released_lease = handed, "signal received; shutting down");
                 return Ok(());
             }
         }

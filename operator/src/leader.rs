@@ -42,6 +42,22 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseAction
     }
 }
 
+/// The Lease spec that gives it up, when `me` holds it: no holder, so the next attempt of
+/// a standby takes it over instead of waiting out the duration (client-go's
+/// ReleaseOnCancel). `None`: not ours to release.
+pub fn released(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Option<LeaseSpec> {
+    let spec = spec?;
+    if spec.holder_identity.as_deref() != Some(me) {
+        return None;
+    }
+    Some(LeaseSpec {
+        holder_identity: None,
+        lease_duration_seconds: Some(1),
+        renew_time: Some(MicroTime(now)),
+        ..spec.clone()
+    })
+}
+
 /// How often the leader renews and a candidate retries, at most (client-go's retry period).
 pub const RETRY_PERIOD: Duration = Duration::from_secs(2);
 
@@ -157,6 +173,28 @@ impl Elector {
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(Error::Leader(format!("writing Lease {}: {e}", self.name))),
         }
+    }
+
+    /// Gives the Lease up if we still hold it (on shutdown, after the controllers have
+    /// stopped). True when released; a lost race or an error leaves the Lease to expire.
+    pub async fn release(&self) -> bool {
+        let attempt = async {
+            let Some(mut lease) = self.api.get_opt(&self.name).await.ok().flatten() else {
+                return false;
+            };
+            let Some(spec) = released(lease.spec.as_ref(), &self.me, Timestamp::now()) else {
+                return false;
+            };
+            lease.spec = Some(spec);
+            // The resourceVersion read above: a concurrent writer wins with a 409.
+            self.api
+                .replace(&self.name, &PostParams::default(), &lease)
+                .await
+                .is_ok()
+        };
+        tokio::time::timeout(self.renew_deadline(), attempt)
+            .await
+            .unwrap_or(false)
     }
 
     /// Blocks until we lead; returns when the winning attempt started (the renewal time
@@ -277,5 +315,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decide(Some(&no_renew), "a", at(100)), LeaseAction::TakeOver);
+    }
+
+    #[test]
+    fn only_the_holder_releases_and_a_released_lease_is_taken_over_at_once() {
+        let held = spec("a", 100, 15);
+        assert_eq!(released(Some(&held), "b", at(101)), None);
+        assert_eq!(released(None, "a", at(101)), None);
+        let r = released(Some(&held), "a", at(101)).unwrap();
+        assert_eq!(r.holder_identity, None);
+        assert_eq!(r.lease_transitions, held.lease_transitions);
+        // Well within the old duration, a standby takes over.
+        assert_eq!(decide(Some(&r), "b", at(102)), LeaseAction::TakeOver);
     }
 }
