@@ -152,6 +152,15 @@ impl Cluster {
         format!("ds/{}-node-plugin", self.release)
     }
 
+    /// Whether the chart's node plugin serves kubelet's device-plugin API.
+    fn plugin_serves_kubelet(&self) -> bool {
+        self.jsonpath(
+            &["get", &self.plugin_ds(), "-n", &self.namespace],
+            "{.spec.template.spec.containers[0].args}",
+        )
+        .is_ok_and(|a| a.contains("--device-plugin-dir"))
+    }
+
     /// The Lease holder: the leading operator pod.
     fn leader(&self) -> String {
         self.jsonpath(
@@ -215,13 +224,14 @@ type Check = fn(&Cluster) -> Result<Outcome>;
 
 /// The checks in the order they run (later ones rely on the examples and leave the
 /// release uninstalled last).
-pub const CHECKS: [(&str, Check); 9] = [
+pub const CHECKS: [(&str, Check); 10] = [
     ("install", check_install),
     ("examples", check_examples),
     ("gitops-health", check_gitops_health),
     ("apply-to-verified", check_apply_to_verified),
     ("node-restriction-projected-token", check_projected_token),
     ("plugin-pod-recreated", check_plugin_pod_recreated),
+    ("kubelet-restart", check_kubelet_restart),
     ("leader-failover", check_leader_failover),
     ("helm-upgrade", check_upgrade),
     ("helm-uninstall", check_uninstall),
@@ -317,6 +327,26 @@ fn check_install(c: &Cluster) -> Result<Outcome> {
         })
         .filter_map(|l| l.split('=').next().map(String::from))
         .collect();
+    // kubelet advertises the keys and the KVM shares the plugin serves it through the
+    // device-plugin API (no one else writes devices.cvmp.io/kvm).
+    let advertised_by_kubelet = if c.plugin_serves_kubelet() {
+        sim_nodes(c)?
+    } else {
+        Vec::new()
+    };
+    for node in advertised_by_kubelet {
+        until(
+            Duration::from_secs(60),
+            &format!("kubelet on {node} advertising devices.cvmp.io/kvm"),
+            || {
+                c.jsonpath(
+                    &["get", "node", &node],
+                    r#"{.status.allocatable.devices\.cvmp\.io/kvm}"#,
+                )
+                .is_ok_and(|v| v == "110")
+            },
+        )?;
+    }
     for node in &tdx_nodes {
         until(
             Duration::from_secs(60),
@@ -330,6 +360,75 @@ fn check_install(c: &Cluster) -> Result<Outcome> {
             },
         )?;
     }
+    Ok(Outcome::Passed)
+}
+
+/// Nodes with simulated TEEs (the chart's sim label).
+fn sim_nodes(c: &Cluster) -> Result<Vec<String>> {
+    Ok(c.jsonpath(
+        &["get", "nodes", "-l", "sim.cvmp.io/tees"],
+        r#"{range .items[*]}{.metadata.name}{"\n"}{end}"#,
+    )?
+    .lines()
+    .map(String::from)
+    .collect())
+}
+
+/// Restart kubelet on a node: the plugin registers its resources again (kubelet drops
+/// every plugin socket when it starts) and kubelet advertises them again; the node's
+/// CVMs stay Verified.
+fn check_kubelet_restart(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(c, "it restarts kubelet inside a node") {
+        return Ok(skip);
+    }
+    let Some(kind) = &c.kind else {
+        return Ok(Outcome::Skipped("no kind harness".into()));
+    };
+    let cvms = verified_examples(c)?;
+    let Some((name, node)) = cvms.first().cloned() else {
+        return Err(SuiteError::Check("no Verified example CVM".into()));
+    };
+    let socket = format!(
+        "/var/lib/kubelet/device-plugins/{}",
+        cvm_node_plugin::deviceplugin::socket_name(cvm_node_plugin::deviceplugin::RESOURCE_KVM)
+    );
+    let inode = |k: &Kind| {
+        k.node_exec(&node, &["stat", "-c", "%i", &socket])
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let before = inode(kind);
+    check(!before.is_empty(), || {
+        format!("no plugin socket {socket} on {node}")
+    })?;
+    let t0 = Instant::now();
+    kind.node_exec(&node, &["systemctl", "restart", "kubelet"])?;
+    until(
+        Duration::from_secs(90),
+        &format!("the plugin on {node} registered again after kubelet restarted"),
+        || {
+            let now = inode(kind);
+            !now.is_empty() && now != before
+        },
+    )?;
+    until(
+        Duration::from_secs(90),
+        &format!("{node} Ready and advertising again"),
+        || {
+            c.jsonpath(
+            &["get", "node", &node],
+            r#"{.status.conditions[?(@.type=="Ready")].status} {.status.allocatable.devices\.cvmp\.io/kvm}"#,
+        )
+        .is_ok_and(|v| v == "True 110")
+        },
+    )?;
+    figure(
+        "kubelet restarted -> the plugin registered and advertised again",
+        format!("{:.1} s", t0.elapsed().as_secs_f64()),
+    );
+    check(verified(c, "default", &name), || {
+        format!("{name} on {node} stays Verified across the kubelet restart")
+    })?;
     Ok(Outcome::Passed)
 }
 

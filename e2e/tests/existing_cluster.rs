@@ -68,6 +68,7 @@ fn the_suite_runs_on_an_existing_cluster_started_by_cvm_dev_up() {
         skipped,
         [
             "node-restriction-projected-token",
+            "kubelet-restart",
             "helm-upgrade",
             "helm-uninstall"
         ],

@@ -99,6 +99,13 @@ pub struct Cli {
     /// can so simulate a mixed fleet.
     #[arg(long)]
     sim_tees_label: Option<String>,
+    /// Serve kubelet's device-plugin API in this directory (kubelet's, normally
+    /// /var/lib/kubelet/device-plugins): kubelet then advertises the TEE keys and
+    /// `devices.cvmp.io/kvm` in the Node's capacity and counts them for every pod. Without
+    /// it the plugin writes the keys into Node status itself (clusters without kubelets,
+    /// such as `cvm-dev up --processes`).
+    #[arg(long, value_name = "DIR")]
+    device_plugin_dir: Option<PathBuf>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -498,6 +505,18 @@ async fn serve<P: Platform>(
     node_name: String,
     state_dir: PathBuf,
 ) -> anyhow::Result<()> {
+    if let Some(dir) = &cli.device_plugin_dir {
+        let resources = crate::deviceplugin::resources(&platform.capabilities());
+        let host = crate::deviceplugin::HostDevices::detect(&cli.host_root);
+        tracing::info!(node = %node_name, dir = %dir.display(), resources = ?resources, devices = ?host, "serving kubelet's device-plugin API");
+        tokio::spawn(crate::deviceplugin::run(
+            dir.clone(),
+            node_name.clone(),
+            resources,
+            host,
+            shutdown_signal(),
+        ));
+    }
     let plugin = run::NodePlugin::new(
         client,
         Arc::new(platform),
@@ -505,6 +524,7 @@ async fn serve<P: Platform>(
             node: node_name.clone(),
             state_dir: state_dir.clone(),
             resync: Duration::from_secs(cli.resync_secs.max(1)),
+            kubelet_counts_keys: cli.device_plugin_dir.is_some(),
         },
     )?;
     if let Some(addr) = cli.metrics_addr {

@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod deviceplugin;
 pub mod evidence;
 pub mod measure;
 pub mod metrics;
@@ -111,6 +112,7 @@ pub async fn spawn_sim_plugin(
             node: opts.node.clone(),
             state_dir: opts.state_dir.clone(),
             resync: opts.resync,
+            kubelet_counts_keys: false,
         },
     )?;
     let metrics = plugin.metrics().clone();

@@ -78,12 +78,14 @@ pub fn capacity_patch(node: &str, caps: &HostCapabilities) -> Value {
     })
 }
 
-/// Applies labels and capacity. Applying unchanged content is a no-op on the server, so
-/// this is safe to repeat on every resync.
+/// Applies labels and, unless kubelet counts them (`capacity`: false, the device plugin
+/// serves it), capacity. Applying unchanged content is a no-op on the server, so this is
+/// safe to repeat on every resync.
 pub async fn advertise(
     client: &Client,
     node: &str,
     caps: &HostCapabilities,
+    capacity: bool,
 ) -> Result<(), NodeError> {
     let nodes: Api<Node> = Api::all(client.clone());
     let api = |doing| {
@@ -102,10 +104,12 @@ pub async fn advertise(
         .patch(node, &pp, &Patch::Apply(labels_patch(node, caps)))
         .await
         .map_err(api("labelling"))?;
-    nodes
-        .patch_status(node, &pp, &Patch::Apply(capacity_patch(node, caps)))
-        .await
-        .map_err(api("advertising capacity on"))?;
+    if capacity {
+        nodes
+            .patch_status(node, &pp, &Patch::Apply(capacity_patch(node, caps)))
+            .await
+            .map_err(api("advertising capacity on"))?;
+    }
     Ok(())
 }
 

@@ -46,6 +46,9 @@ pub struct Options {
     pub state_dir: PathBuf,
     /// Full re-plan (and retry of failed actions, node advertisement) at least this often.
     pub resync: Duration,
+    /// kubelet advertises and counts the TEE keys (the device plugin serves it): the
+    /// plugin writes no capacity into Node status.
+    pub kubelet_counts_keys: bool,
 }
 
 /// Errors that end the loop (an action that fails is logged, counted and retried instead).
@@ -202,7 +205,9 @@ impl<P: Platform> NodePlugin<P> {
         let mut retry = true;
         loop {
             if advertised.is_none_or(|t| t.elapsed() >= self.opts.resync) {
-                match node::advertise(&self.client, &node, &caps).await {
+                match node::advertise(&self.client, &node, &caps, !self.opts.kubelet_counts_keys)
+                    .await
+                {
                     Ok(()) => advertised = Some(Instant::now()),
                     Err(e) => warn!(node = %node, error = %e, "advertising the node"),
                 }

@@ -403,6 +403,7 @@ async fn snp_cvm_on_a_host_whose_qemu_refuses_snp_says_so_in_its_condition() {
             node: node_name.into(),
             state_dir: h.opts.state_dir.clone(),
             resync: Duration::from_secs(2),
+            kubelet_counts_keys: false,
         },
     )
     .unwrap();
@@ -503,6 +504,7 @@ async fn guest_whose_qemu_dies_after_launch_is_reported_failed_with_how() {
             node: node_name.into(),
             state_dir: state.clone(),
             resync: Duration::from_secs(2),
+            kubelet_counts_keys: false,
         },
     )
     .unwrap();
