@@ -312,6 +312,80 @@ async fn a_users_nonce_comes_back_bound_in_fresh_evidence() {
     assert_eq!(report.report_data, want);
 }
 
+/// Labels are the owner's to edit: removing `cvmp.io/node` must neither stop nor relaunch
+/// the guest (the plugin watches CVMs by `status.nodeName`, which only the operator
+/// writes). The report: the plugin stopped the guest as an orphan and launched it
+/// again (runStrategy Manual, launchedAt moved).
+#[tokio::test]
+async fn an_owner_removing_the_node_label_neither_stops_nor_relaunches_the_guest() {
+    let sys = system();
+    let ns = "e2e-label";
+    let (_, cvms) = api(&sys, ns).await;
+    let mut m = cvm("keep", ns, "SEV-SNP");
+    m["spec"]["runStrategy"] = json!("Manual");
+    apply_json(&sys, &m).unwrap();
+    let before = wait::until(&cvms, "keep", WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let launch = |c: &cvm_crds::ConfidentialVM| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.platform.as_ref())
+            .and_then(|p| p.launch_id.clone())
+    };
+    let first = launch(&before);
+    assert!(first.is_some(), "the plugin reports a launch ID");
+    cvms.patch(
+        "keep",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"labels": {"cvmp.io/node": null}}})),
+    )
+    .await
+    .unwrap();
+    // Fresh evidence after the edit (a new nonce): by then the plugin has acted on the
+    // edit, whatever it did.
+    let nonce = format!("ab{:016x}", std::process::id() as u64 * 104729);
+    cvms.patch(
+        "keep",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"attestation": {"nonce": nonce}}})),
+    )
+    .await
+    .unwrap();
+    let after = wait::until(
+        &cvms,
+        "keep",
+        WAIT,
+        "Verified on evidence for the new nonce",
+        |c| {
+            let st = c.status.as_ref();
+            st.and_then(|s| s.evidence.as_ref())
+                .and_then(|e| e.nonce.as_deref())
+                == Some(nonce.as_str())
+                && cond_is(c, "Verified", "True")
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(launch(&after), first, "the guest was not relaunched");
+    assert_eq!(
+        after
+            .status
+            .as_ref()
+            .and_then(|s| s.guest_instance.as_ref())
+            .map(|g| g.relaunches),
+        Some(0)
+    );
+    let node = after.node_name().unwrap_or_default().to_string();
+    let uid = after.metadata.uid.clone().unwrap_or_default();
+    assert!(
+        guests_on(&sys, &node).contains(&uid),
+        "the guest still runs on {node}"
+    );
+}
+
 #[tokio::test]
 async fn delete_stops_the_guest_then_removes_the_object() {
     let sys = system();

@@ -14,7 +14,7 @@ use cvm_crds::cvm::{ConfidentialVM, GuestState};
 use cvm_crds::migration::{
     ConfidentialVMMigration, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
 };
-use cvm_crds::wellknown::{LABEL_NODE, MANAGER_NODE_PLUGIN};
+use cvm_crds::wellknown::MANAGER_NODE_PLUGIN;
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -139,7 +139,9 @@ impl<P: Platform> NodePlugin<P> {
     pub async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<(), RunError> {
         let node = self.opts.node.clone();
         let api: Api<ConfidentialVM> = Api::all(self.client.clone());
-        let cfg = watcher::Config::default().labels(&format!("{LABEL_NODE}={node}"));
+        // By status.nodeName (which only the operator writes), never by a label: the owner
+        // can edit labels, and a CVM missing from this watch would look like an orphan.
+        let cfg = watcher::Config::default().fields(&format!("status.nodeName={node}"));
         let (reader, writer) = reflector::store();
         let notify = Arc::new(Notify::new());
         let stream = reflector::reflector(writer, watcher(api, cfg)).backoff(WatchRetry::new(
