@@ -473,6 +473,13 @@ impl Platform for SimPlatform {
         }
         let found = self.lock().guests.get(uid).cloned();
         let g = crate::platform::running_guest(uid, found, |g| &g.info)?;
+        // A sent guest runs on its target now (a real source VM is paused after the
+        // migration): this host's copy answers for nothing.
+        if let Some(target) = &g.sent_to {
+            return Err(PlatformError::Transfer(format!(
+                "guest {uid} was sent to node {target}: its evidence comes from there"
+            )));
+        }
         // Signing is CPU work of a few milliseconds; not worth a blocking-pool hop.
         self.issue(&g, challenge)
     }
@@ -655,6 +662,10 @@ mod tests {
         let p = SimPlatform::open(config(TeeType::SevEs, 2), state.path(), SimRoots::default())
             .unwrap();
         assert_eq!(p.sent_to("a").as_deref(), Some("dst"), "recorded on disk");
+        // The sent copy answers for nothing: the target's guest gives the evidence now.
+        let c = challenge_for(None, "a", None).unwrap();
+        let e = p.evidence("a", &c).await.unwrap_err();
+        assert!(e.to_string().contains("sent to node dst"), "{e}");
 
         let failing = tempfile::tempdir().unwrap();
         let cfg = SimConfig {
