@@ -1094,7 +1094,7 @@ fn check_upgrade(c: &Cluster) -> Result<Outcome> {
     let before = verified_examples(c)?;
     let tag = format!("{}-next", kind.image_tag);
     let mut images = Vec::new();
-    for image in ["cvm-operator", "cvm-node-plugin"] {
+    for image in ["cvm-operator", "cvm-node-plugin", "cvm-launcher"] {
         let to = format!("{image}:{tag}");
         kind.tag_image(&format!("{image}:{}", kind.image_tag), &to)?;
         images.push(to);

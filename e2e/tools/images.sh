@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the cvm-operator and cvm-node-plugin images from static release binaries with
+# Builds the cvm-operator, cvm-node-plugin and cvm-launcher images from static release binaries with
 # the private docker daemon (docker.sh), FROM scratch: nothing is pulled. Prints the
 # image references on stdout, one a line, and their sizes on stderr.
 #
@@ -26,7 +26,7 @@ say "building static release binaries (target $target)"
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked --quiet --target "$target" -p cvm-operator -p cvm-node-plugin) >&2
 out="$repo/target/$target/release"
-for b in cvm-operator cvm-node-plugin; do
+for b in cvm-operator cvm-node-plugin cvm-launcher; do
   if ! file_out="$(file -b "$out/$b" 2>/dev/null)"; then file_out=""; fi
   case "$file_out" in
     *dynamically*) echo "images: error: $out/$b is dynamically linked; it would not run FROM scratch" >&2; exit 4 ;;
@@ -46,6 +46,7 @@ build() { # name dockerfile
 say "docker build"
 build cvm-operator "$repo/operator/Dockerfile"
 build cvm-node-plugin "$repo/node-plugin/Dockerfile"
-for i in cvm-operator cvm-node-plugin; do
+build cvm-launcher "$repo/node-plugin/launcher.Dockerfile"
+for i in cvm-operator cvm-node-plugin cvm-launcher; do
   say "$i:$tag $("$docker" image inspect -f '{{.Size}}' "$i:$tag" | awk '{printf "%.1f MB", $1/1e6}')"
 done

@@ -106,6 +106,11 @@ pub struct Cli {
     /// such as `cvm-dev up --processes`).
     #[arg(long, value_name = "DIR")]
     device_plugin_dir: Option<PathBuf>,
+    /// Guests live in their CVMs' launcher pods (the operator's --launcher-image): this is
+    /// kubelet's pod directory as mounted here (normally /var/lib/kubelet/pods), where
+    /// each launcher's command socket is. A guest then runs only while its pod runs.
+    #[arg(long, value_name = "DIR")]
+    launcher_pods_dir: Option<PathBuf>,
     /// Address for /metrics and /healthz, e.g. 127.0.0.1:9102.
     #[arg(long)]
     metrics_addr: Option<SocketAddr>,
@@ -525,6 +530,7 @@ async fn serve<P: Platform>(
             state_dir: state_dir.clone(),
             resync: Duration::from_secs(cli.resync_secs.max(1)),
             kubelet_counts_keys: cli.device_plugin_dir.is_some(),
+            launcher_pods: cli.launcher_pods_dir.clone(),
         },
     )?;
     if let Some(addr) = cli.metrics_addr {

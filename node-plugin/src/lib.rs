@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod deviceplugin;
 pub mod evidence;
+pub mod launcher;
 pub mod measure;
 pub mod metrics;
 pub mod migrate_plan;
@@ -113,6 +114,7 @@ pub async fn spawn_sim_plugin(
             state_dir: opts.state_dir.clone(),
             resync: opts.resync,
             kubelet_counts_keys: false,
+            launcher_pods: None,
         },
     )?;
     let metrics = plugin.metrics().clone();

@@ -381,6 +381,7 @@ mod tests {
             key: "ns/web".into(),
             deleting: false,
             halted: false,
+            launcher_down: false,
             restart: Restart::Always,
             wanted: wanted.clone(),
             reported: plan::Reported {

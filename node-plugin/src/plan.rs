@@ -50,6 +50,8 @@ pub struct BoundCvm {
     pub deleting: bool,
     /// The run strategy asks for the guest to be stopped (`Halted`).
     pub halted: bool,
+    /// Its launcher pod does not run (with launcher pods, the guest's life is the pod's).
+    pub launcher_down: bool,
     /// When a guest that ended on its own is started again (from `spec.runStrategy`).
     pub restart: Restart,
     pub wanted: EvidenceKey,
@@ -81,6 +83,7 @@ impl BoundCvm {
             ),
             deleting: cvm.metadata.deletion_timestamp.is_some(),
             halted: cvm.spec.run_strategy == RunStrategy::Halted,
+            launcher_down: false,
             restart: Restart::of(cvm.spec.run_strategy),
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
@@ -167,6 +170,8 @@ pub enum StopCause {
     Deleted,
     /// `runStrategy: Halted`.
     Halted,
+    /// Its launcher pod does not run.
+    LauncherDown,
 }
 
 /// What to do for one CVM or held guest.
@@ -217,6 +222,8 @@ pub fn decide(
         Some(StopCause::Deleted)
     } else if cvm.halted {
         Some(StopCause::Halted)
+    } else if cvm.launcher_down {
+        Some(StopCause::LauncherDown)
     } else {
         None
     };
@@ -226,7 +233,11 @@ pub fn decide(
             None => {
                 let shows_stopped = cvm.reported.guest_state == Some(GuestState::Stopped)
                     && cvm.reported.launched == Some(false);
-                (!shows_stopped).then_some(Action::ReportStopped(cause))
+                // A guest waiting for its first launcher pod never ran: nothing to report
+                // (it would read as stopped before it ever started).
+                let never_ran =
+                    cause == StopCause::LauncherDown && cvm.reported.guest_state.is_none();
+                (!shows_stopped && !never_ran).then_some(Action::ReportStopped(cause))
             }
         };
     }
@@ -447,6 +458,7 @@ mod tests {
             key: format!("ns/{uid}"),
             deleting: false,
             halted: false,
+            launcher_down: false,
             restart: Restart::Always,
             wanted: key(Some("aa"), None),
             reported: Reported::default(),
@@ -714,5 +726,36 @@ mod tests {
         assert_eq!(v.reported, Reported::default());
         c.metadata.uid = None;
         assert_eq!(BoundCvm::of(&c, "n1"), None);
+    }
+
+    #[test]
+    fn a_guest_lives_only_while_its_launcher_pod_runs() {
+        let mut c = cvm("u");
+        c.launcher_down = true;
+        let run = |c: &BoundCvm, held: Option<&HeldGuest>| decide(c, held, None, true);
+        // No pod yet: nothing is launched, and nothing reported (it never ran).
+        assert_eq!(run(&c, None), None);
+        // Its pod went after the guest ran: the status says stopped, once.
+        c.reported.guest_state = Some(GuestState::Running);
+        assert_eq!(
+            run(&c, None),
+            Some(Action::ReportStopped(StopCause::LauncherDown))
+        );
+        c.reported.guest_state = Some(GuestState::Stopped);
+        c.reported.launched = Some(false);
+        assert_eq!(run(&c, None), None);
+        // Its pod went while the guest ran: the guest stops with it.
+        let g = held("u", GuestState::Running);
+        assert_eq!(
+            run(&c, Some(&g)),
+            Some(Action::Stop(StopCause::LauncherDown))
+        );
+        // The pod runs and its launcher answers: launch.
+        c.launcher_down = false;
+        assert_eq!(run(&c, None), Some(Action::Launch));
+        // Deletion and Halted still say why they stop.
+        c.launcher_down = true;
+        c.deleting = true;
+        assert_eq!(run(&c, Some(&g)), Some(Action::Stop(StopCause::Deleted)));
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,12 +16,13 @@ use cvm_crds::migration::{
 };
 use cvm_crds::wellknown::MANAGER_NODE_PLUGIN;
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::Client;
+use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
@@ -49,6 +50,10 @@ pub struct Options {
     /// kubelet advertises and counts the TEE keys (the device plugin serves it): the
     /// plugin writes no capacity into Node status.
     pub kubelet_counts_keys: bool,
+    /// Guests live in their CVMs' launcher pods: kubelet's pod directory on the host
+    /// (`/var/lib/kubelet/pods`), where each pod's command socket is. A guest runs only
+    /// while its pod runs and its launcher answers. `None`: no launcher pods.
+    pub launcher_pods: Option<PathBuf>,
 }
 
 /// Errors that end the loop (an action that fails is logged, counted and retried instead).
@@ -111,6 +116,37 @@ pub struct NodePlugin<P: Platform> {
     opts: Options,
     metrics: Metrics,
     answered: Mutex<BTreeMap<String, EvidenceKey>>,
+}
+
+/// The `app.kubernetes.io/component` of launcher pods (the operator's).
+const LAUNCHER_COMPONENT: &str = "cvm-launcher";
+/// The emptyDir of a launcher pod that holds its command socket (the operator's).
+const LAUNCHER_VOLUME: &str = "launcher";
+
+/// Whether the CVM's launcher pod runs here and its launcher answers for the CVM.
+async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> bool {
+    let Some((ns, name)) = b.key.split_once('/') else {
+        return false;
+    };
+    let pod = pods.iter().find(|p| {
+        p.metadata.namespace.as_deref() == Some(ns)
+            && p.metadata.deletion_timestamp.is_none()
+            && p.owner_references()
+                .iter()
+                .any(|o| o.controller == Some(true) && o.uid == b.uid)
+            && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+    });
+    let Some(uid) = pod.and_then(|p| p.metadata.uid.as_deref()) else {
+        return false;
+    };
+    let socket = crate::launcher::host_socket(kubelet_pods, uid, LAUNCHER_VOLUME);
+    match crate::launcher::ping(&socket, &format!("{ns}/{name}")).await {
+        Ok(()) => true,
+        Err(e) => {
+            debug!(cvm = %b.key, error = %e, "launcher pod runs, its launcher does not answer yet");
+            false
+        }
+    }
 }
 
 fn now() -> Time {
@@ -181,9 +217,35 @@ impl<P: Platform> NodePlugin<P> {
                 }
             }
         });
+        // The launcher pods on this node, as kubelet watches its pods (a field selector;
+        // RBAC cannot narrow a list to one node, so the plugin's token can read every pod).
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let pod_watch = self.opts.launcher_pods.is_some().then(|| {
+            let api: Api<Pod> = Api::all(self.client.clone());
+            let cfg = watcher::Config::default()
+                .fields(&format!("spec.nodeName={node}"))
+                .labels(&format!("app.kubernetes.io/component={LAUNCHER_COMPONENT}"));
+            let stream = reflector::reflector(pod_writer, watcher(api, cfg)).backoff(
+                WatchRetry::new("Pod (launchers on this node)", PLUGIN_RETRY_MAX),
+            );
+            let wake = notify.clone();
+            let watch_node = node.clone();
+            tokio::spawn(async move {
+                futures::pin_mut!(stream);
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(_) => wake.notify_one(),
+                        Err(e) => warn!(node = %watch_node, error = %e, "watching launcher pods"),
+                    }
+                }
+            })
+        });
         let stop_watches = || {
             watch.abort();
             mig_watch.abort();
+            if let Some(w) = &pod_watch {
+                w.abort();
+            }
         };
         let caps = self.platform.capabilities();
         info!(node = %node, tees = ?caps.tees, simulated = caps.simulated, "node plugin starting");
@@ -192,8 +254,19 @@ impl<P: Platform> NodePlugin<P> {
         // Planning before the first full lists would take every held guest (or receiving
         // guest of a migration) for an orphan.
         let ready = async {
-            let (c, m) = tokio::join!(reader.wait_until_ready(), migrations.wait_until_ready());
-            c.is_ok() && m.is_ok()
+            let pods_ready = async {
+                if self.opts.launcher_pods.is_some() {
+                    pods.wait_until_ready().await.is_ok()
+                } else {
+                    true
+                }
+            };
+            let (c, m, p) = tokio::join!(
+                reader.wait_until_ready(),
+                migrations.wait_until_ready(),
+                pods_ready
+            );
+            c.is_ok() && m.is_ok() && p
         };
         tokio::select! {
             ok = ready => {
@@ -214,7 +287,7 @@ impl<P: Platform> NodePlugin<P> {
                     Err(e) => warn!(node = %node, error = %e, "advertising the node"),
                 }
             }
-            self.sync(&reader, &migrations, retry).await;
+            self.sync(&reader, &migrations, &pods, retry).await;
             retry = tokio::select! {
                 _ = notify.notified() => false,
                 _ = tokio::time::sleep(self.opts.resync) => true,
@@ -233,6 +306,7 @@ impl<P: Platform> NodePlugin<P> {
         &self,
         reader: &Store<ConfidentialVM>,
         migrations: &Store<ConfidentialVMMigration>,
+        pods: &Store<Pod>,
         retry_failed: bool,
     ) {
         let node = &self.opts.node;
@@ -265,7 +339,13 @@ impl<P: Platform> NodePlugin<P> {
                     .map(|b| (b.uid.clone(), (c.clone(), b)))
             })
             .collect();
-        let bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
+        let mut bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
+        if let Some(dir) = &self.opts.launcher_pods {
+            let pods = pods.state();
+            for b in &mut bound {
+                b.launcher_down = !launcher_up(dir, &pods, b).await;
+            }
+        }
         let answered = self.lock_answered().clone();
         let receiving = migrate_plan::receiving(node, &migrations, &held_plain);
         let owned = held
@@ -482,6 +562,9 @@ impl<P: Platform> NodePlugin<P> {
         let why = match cause {
             StopCause::Deleted => "the ConfidentialVM is being deleted",
             StopCause::Halted => "runStrategy is Halted",
+            StopCause::LauncherDown => {
+                "its launcher pod is not running (the guest's life is the pod's)"
+            }
         };
         let msg = format!("guest stopped on node {}: {why}", self.opts.node);
         let facts = match guest {

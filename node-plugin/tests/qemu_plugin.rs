@@ -404,6 +404,7 @@ async fn snp_cvm_on_a_host_whose_qemu_refuses_snp_says_so_in_its_condition() {
             state_dir: h.opts.state_dir.clone(),
             resync: Duration::from_secs(2),
             kubelet_counts_keys: false,
+            launcher_pods: None,
         },
     )
     .unwrap();
@@ -505,6 +506,7 @@ async fn guest_whose_qemu_dies_after_launch_is_reported_failed_with_how() {
             state_dir: state.clone(),
             resync: Duration::from_secs(2),
             kubelet_counts_keys: false,
+            launcher_pods: None,
         },
     )
     .unwrap();

@@ -38,6 +38,20 @@ pub struct Cli {
     /// verified there), e.g. 90s, 5m or 1h30m; plain numbers are seconds.
     #[arg(long, env = "CVM_MIGRATION_TIMEOUT", default_value = "5m", value_parser = parse_timeout)]
     migration_timeout: Duration,
+    /// Give each placed CVM a launcher Pod of this image, pinned to its node and requesting
+    /// its cpu, memory, TEE key and /dev/kvm share, so kubelet counts them (the node
+    /// plugin's device plugin serves the keys). Unset: no pods (clusters without kubelets).
+    #[arg(long, value_name = "IMAGE")]
+    launcher_image: Option<String>,
+    /// The launcher image's pull policy.
+    #[arg(long, default_value = "IfNotPresent")]
+    launcher_pull_policy: String,
+    /// CPU a launcher pod requests per vCPU, in millicores (KubeVirt's 1/10 ratio: 100).
+    #[arg(long, default_value_t = 100)]
+    launcher_cpu_milli_per_vcpu: u32,
+    /// Memory a launcher pod requests beyond the guest's, in MiB (QEMU and the launcher).
+    #[arg(long, default_value_t = 256)]
+    launcher_memory_overhead_mib: u32,
 }
 
 /// A positive duration: Go-style (`90s`, `5m`, `1h30m`, `500ms`) or whole seconds (`300`).
@@ -124,11 +138,21 @@ async fn run(cli: Cli) -> Result<(), String> {
         let stop = async move {
             let _ = stop_rx.await;
         };
+        let launcher = cli
+            .launcher_image
+            .clone()
+            .map(|image| crate::launcher::LauncherOptions {
+                image,
+                pull_policy: cli.launcher_pull_policy.clone(),
+                cpu_milli_per_vcpu: cli.launcher_cpu_milli_per_vcpu,
+                memory_overhead_mib: cli.launcher_memory_overhead_mib,
+            });
         let ctrl = runtime::run(
             client.clone(),
             metrics.clone(),
             &identity,
             cli.migration_timeout,
+            launcher,
             stop,
         );
         tokio::select! {

@@ -3,13 +3,14 @@
 //! module only reads snapshots and writes results.
 
 use crate::error::{kube as kerr, Error, Result};
+use crate::launcher;
 use crate::metrics::Metrics;
 use crate::migrate;
 use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
 use crate::state::{self, NodeHealth, Observed, OperatorStatus, Placement, Verification};
 use crate::verify;
 use cvm_crds::conditions::{self, STATUS_TRUE};
-use cvm_crds::cvm::GuestState;
+use cvm_crds::cvm::{GuestState, RunStrategy};
 use cvm_crds::policy::AttestationPolicySpec;
 use cvm_crds::wellknown::{
     tee_resource, ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, FINALIZER, LABEL_NODE,
@@ -19,10 +20,10 @@ use cvm_crds::{
     AttestationPolicy, ConditionType, ConfidentialVM, ConfidentialVMMigration, CvmPhase, HostPin,
     HostPinSpec, MigrationPhase, PinSource,
 };
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -51,6 +52,8 @@ pub struct Context {
     pub freed: futures::channel::mpsc::UnboundedSender<()>,
     /// How long a migration may take to switch (`--migration-timeout`).
     pub migration_timeout: Duration,
+    /// Launcher pods for placed CVMs (`--launcher-image`); `None`: none.
+    pub launcher: Option<crate::launcher::LauncherOptions>,
     /// The CVMs whose time to Verified is observed, so that each counts once however
     /// many (stale) views reconcile its transition.
     pub verified_once: std::sync::Mutex<crate::metrics::VerifiedOnce>,
@@ -691,7 +694,19 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         let node_gone = cvm
             .node_name()
             .is_none_or(|n| node_health(n, &ctx) == NodeHealth::Missing);
-        if cvm.node_name().is_none() || node_gone || guest_stopped && launched_ever(&cvm) {
+        // Deleting: the guest stops, then its launcher pod goes, then the finalizer.
+        let pod_gone = match &ctx.launcher {
+            Some(_) if !node_gone && (guest_stopped || !launched_ever(&cvm)) => {
+                delete_launcher(&cvm, &ctx).await?
+            }
+            Some(_) => node_gone,
+            None => true,
+        };
+        if cvm.node_name().is_none()
+            || node_gone
+            || guest_stopped && launched_ever(&cvm) && pod_gone
+            || !launched_ever(&cvm) && pod_gone
+        {
             let rest: Vec<String> = cvm
                 .finalizers()
                 .iter()
@@ -731,6 +746,12 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         Placement::Bound(n) => Some(node_health(n, &ctx)),
         Placement::Unschedulable(_) => None,
     };
+    let launcher = match (&ctx.launcher, &placement) {
+        (Some(o), Placement::Bound(node)) if !deleting => {
+            Some(ensure_launcher(&cvm, node, o, &ctx).await?)
+        }
+        _ => None,
+    };
     let verdict = verification(&cvm, &ctx, now).await?;
     if let Some(a) = &verdict.appraised {
         record_appraisal(&ctx, &cvm, a).await;
@@ -741,6 +762,7 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         node,
         verification: verdict.verification,
         deleting,
+        launcher,
         now: Time(now),
     });
     on_transitions(&ctx, &cvm, &st, now).await;
@@ -753,6 +775,97 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         // without any event to say so.
         _ => Action::requeue(Duration::from_secs(60)),
     })
+}
+
+/// Makes sure the placed CVM has its launcher pod on `node`, and reads it. A pod pinned
+/// to another node (the CVM moved) is deleted first; the new one is created only once the
+/// old is confirmed gone, so a CVM never has two.
+async fn ensure_launcher(
+    cvm: &ConfidentialVM,
+    node: &str,
+    o: &launcher::LauncherOptions,
+    ctx: &Context,
+) -> Result<launcher::PodReading> {
+    let ns = cvm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = launcher::pod_name(&cvm.name_any());
+    let found = pods
+        .get_opt(&name)
+        .await
+        .map_err(kerr(format!("reading pod {name}")))?;
+    match found {
+        Some(pod) if launcher::pinned_node(&pod) != Some(node) => {
+            if pod.metadata.deletion_timestamp.is_none() {
+                pods.delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(kerr(format!("deleting pod {name}")))?;
+                info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod pinned to another node deleted");
+            }
+            Ok(launcher::PodReading::Terminating)
+        }
+        // Halted: the guest stops with its pod.
+        Some(pod) if cvm.spec.run_strategy == RunStrategy::Halted => {
+            if pod.metadata.deletion_timestamp.is_none() {
+                pods.delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(kerr(format!("deleting pod {name}")))?;
+            }
+            Ok(launcher::PodReading::Terminating)
+        }
+        Some(pod) => {
+            let reading = launcher::read_pod(Some(&pod));
+            // A refused or failed pod: Always and RerunOnFailure get a new one (after this
+            // one is gone); Manual and Halted keep the verdict.
+            if matches!(reading, launcher::PodReading::Refused { .. })
+                && matches!(
+                    cvm.spec.run_strategy,
+                    RunStrategy::Always | RunStrategy::RerunOnFailure
+                )
+                && pod.metadata.deletion_timestamp.is_none()
+            {
+                pods.delete(&name, &DeleteParams::default())
+                    .await
+                    .map_err(kerr(format!("deleting pod {name}")))?;
+            }
+            Ok(reading)
+        }
+        None if cvm.spec.run_strategy == RunStrategy::Halted => Ok(launcher::PodReading::Absent),
+        None => {
+            let Some(pod) = launcher::launcher_pod(cvm, node, o) else {
+                return Ok(launcher::PodReading::Absent);
+            };
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(_) => {
+                    info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod created");
+                    Ok(launcher::PodReading::Pending)
+                }
+                // Another reconcile (or replica) made it: read it next pass.
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(launcher::PodReading::Pending),
+                Err(e) => Err(kerr(format!("creating pod {name}"))(e)),
+            }
+        }
+    }
+}
+
+/// Deletes the CVM's launcher pod; true once it is gone.
+async fn delete_launcher(cvm: &ConfidentialVM, ctx: &Context) -> Result<bool> {
+    let ns = cvm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let name = launcher::pod_name(&cvm.name_any());
+    match pods
+        .get_opt(&name)
+        .await
+        .map_err(kerr(format!("reading pod {name}")))?
+    {
+        None => Ok(true),
+        Some(p) if p.metadata.deletion_timestamp.is_some() => Ok(false),
+        Some(_) => {
+            pods.delete(&name, &DeleteParams::default())
+                .await
+                .map_err(kerr(format!("deleting pod {name}")))?;
+            Ok(false)
+        }
+    }
 }
 
 /// Whether the node plugin ever reported on this guest (a guest that never launched

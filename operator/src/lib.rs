@@ -9,6 +9,7 @@
 pub mod cli;
 pub mod controller;
 pub mod error;
+pub mod launcher;
 pub mod leader;
 pub mod metrics;
 pub mod migrate;

@@ -27,6 +27,7 @@ pub async fn run(
     metrics: Metrics,
     identity: &str,
     migration_timeout: Duration,
+    launcher: Option<crate::launcher::LauncherOptions>,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stop = stop.shared();
@@ -35,6 +36,7 @@ pub async fn run(
     let switches: Api<ConfidentialVMMigration> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let policies: Api<AttestationPolicy> = Api::all(client.clone());
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
 
     let (node_store, node_writer) = reflector::store();
     let node_watch =
@@ -67,6 +69,7 @@ pub async fn run(
         migrations: migration_store.clone(),
         assumed: tokio::sync::Mutex::new(Assumed::default()),
         migration_timeout,
+        launcher: launcher.clone(),
         verified_once: Default::default(),
         metrics: metrics.clone(),
         recorder: Recorder::new(
@@ -92,6 +95,16 @@ pub async fn run(
         "ConfidentialVM, Node, AttestationPolicy",
         OPERATOR_RETRY_MAX,
     );
+    // A launcher pod that is scheduled, refused, runs or goes speaks for its CVM.
+    let controller = if launcher.is_some() {
+        let only_launchers = watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/component={}",
+            crate::launcher::COMPONENT
+        ));
+        controller.owns(pods, only_launchers)
+    } else {
+        controller
+    };
     let ctrl = controller
         // A node that appears, frees up or changes readiness may let pending CVMs in and
         // changes the health of those bound to it.

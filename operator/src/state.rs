@@ -51,6 +51,8 @@ pub struct Observed<'a> {
     pub node: Option<NodeHealth>,
     pub verification: Verification,
     pub deleting: bool,
+    /// The launcher pod, when the operator makes them (`None`: it does not).
+    pub launcher: Option<crate::launcher::PodReading>,
     pub now: Time,
 }
 
@@ -232,6 +234,18 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
     let stopped_as_asked = guest_state(o.cvm) == Some(GuestState::Stopped)
         && o.cvm.spec.run_strategy == cvm_crds::cvm::RunStrategy::Halted;
     let owner_verifies = verdict.0 == VerdictReason::OwnerVerificationRequired;
+    // What kube-scheduler or kubelet said of the launcher pod, in their words.
+    use crate::launcher::PodReading;
+    let launcher_unschedulable = match &o.launcher {
+        Some(PodReading::Unschedulable(m)) => Some(m.as_str()),
+        _ => None,
+    };
+    let launcher_refused: Option<(&'static str, &str)> = match &o.launcher {
+        Some(PodReading::Refused { reason, message }) => {
+            Some((launcher_reason(reason), message.as_str()))
+        }
+        _ => None,
+    };
     let (ready, ready_reason, ready_msg) = match (o.node, running, verified) {
         (Some(NodeHealth::Missing), ..) => (
             false,
@@ -246,6 +260,23 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             "NodeNotReady",
             format!("node {} is not Ready", node_name.as_deref().unwrap_or("?")),
         ),
+        (_, false, _) if launcher_unschedulable.is_some() => (
+            false,
+            "LauncherUnschedulable",
+            format!(
+                "the launcher pod cannot be scheduled on node {}: {}",
+                node_name.as_deref().unwrap_or("?"),
+                launcher_unschedulable.unwrap_or_default()
+            ),
+        ),
+        (_, _, _) if launcher_refused.is_some() => {
+            let (reason, message) = launcher_refused.unwrap_or_default();
+            (
+                false,
+                reason,
+                format!("the launcher pod was refused: {message}"),
+            )
+        }
         (_, false, _) if stopped_as_asked => (
             true,
             "Halted",
@@ -353,6 +384,28 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         attestation,
         guest_instance,
     }
+}
+
+/// A kubelet reason as a condition reason: the ones kubelet gives for refusing or
+/// ending a launcher pod, verbatim; anything else as `LauncherRefused`.
+fn launcher_reason(r: &str) -> &'static str {
+    const KNOWN: [&str; 10] = [
+        "OutOfmemory",
+        "OutOfcpu",
+        "Evicted",
+        "UnexpectedAdmissionError",
+        "NodeAffinity",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "ErrImageNeverPull",
+        "CreateContainerError",
+        "LauncherExited",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == r)
+        .copied()
+        .unwrap_or("LauncherRefused")
 }
 
 /// Why a CVM cannot progress until someone acts (`Stalled=True`).
@@ -690,6 +743,7 @@ mod tests {
             node: Some(NodeHealth::Ready),
             verification: v,
             deleting: false,
+            launcher: None,
             now: t(10),
         })
     }
@@ -716,6 +770,7 @@ mod tests {
                 node: Some(NodeHealth::Ready),
                 verification: Verification::Awaiting("no evidence".into()),
                 deleting: false,
+                launcher: None,
                 now: t(now),
             })
         };
@@ -822,6 +877,7 @@ mod tests {
             node: Some(NodeHealth::Missing),
             verification: Verification::Awaiting("".into()),
             deleting: true,
+            launcher: None,
             now: t(10),
         });
         assert_eq!(s.phase, CvmPhase::Terminating);
@@ -845,6 +901,7 @@ mod tests {
             node: Some(NodeHealth::Ready),
             verification: Verification::Awaiting("".into()),
             deleting: false,
+            launcher: None,
             now: t(99),
         });
         assert_eq!(
@@ -1078,5 +1135,48 @@ mod tests {
             Verification::Awaiting("x".into()),
         );
         assert_eq!(cond(&down, ConditionType::Ready).status, "False");
+    }
+
+    #[test]
+    fn the_launcher_pods_refusal_is_the_cvms_reason_in_the_schedulers_words() {
+        use crate::launcher::PodReading;
+        let c = cvm("SEV-SNP");
+        let at = |launcher: PodReading| {
+            derive(&Observed {
+                cvm: &c,
+                placement: Placement::Bound("n1".into()),
+                node: Some(NodeHealth::Ready),
+                verification: Verification::Awaiting("no evidence".into()),
+                deleting: false,
+                launcher: Some(launcher),
+                now: t(10),
+            })
+        };
+        let s = at(PodReading::Unschedulable(
+            "0/3 nodes are available: 1 Insufficient sev-snp.amd.com/esids.".into(),
+        ));
+        let rd = cond(&s, ConditionType::Ready);
+        assert_eq!(rd.reason, "LauncherUnschedulable");
+        assert!(
+            rd.message.contains("1 Insufficient sev-snp.amd.com/esids"),
+            "{}",
+            rd.message
+        );
+        let s = at(PodReading::Refused {
+            reason: "OutOfmemory".into(),
+            message: "Node didn't have enough resource: memory".into(),
+        });
+        let rd = cond(&s, ConditionType::Ready);
+        assert_eq!(rd.reason, "OutOfmemory");
+        assert!(
+            rd.message.contains("enough resource: memory"),
+            "{}",
+            rd.message
+        );
+        let s = at(PodReading::Refused {
+            reason: "something new".into(),
+            message: "m".into(),
+        });
+        assert_eq!(cond(&s, ConditionType::Ready).reason, "LauncherRefused");
     }
 }
