@@ -224,11 +224,12 @@ type Check = fn(&Cluster) -> Result<Outcome>;
 
 /// The checks in the order they run (later ones rely on the examples and leave the
 /// release uninstalled last).
-pub const CHECKS: [(&str, Check); 10] = [
+pub const CHECKS: [(&str, Check); 11] = [
     ("install", check_install),
     ("examples", check_examples),
     ("gitops-health", check_gitops_health),
     ("apply-to-verified", check_apply_to_verified),
+    ("capacity-burst", check_capacity_burst),
     ("node-restriction-projected-token", check_projected_token),
     ("plugin-pod-recreated", check_plugin_pod_recreated),
     ("kubelet-restart", check_kubelet_restart),
@@ -393,7 +394,7 @@ fn check_kubelet_restart(c: &Cluster) -> Result<Outcome> {
         cvm_node_plugin::deviceplugin::socket_name(cvm_node_plugin::deviceplugin::RESOURCE_KVM)
     );
     let inode = |k: &Kind| {
-        k.node_exec(&node, &["stat", "-c", "%i", &socket])
+        k.node_exec(&node, &["stat", "-c", "%i %y", &socket])
             .map(|s| s.trim().to_string())
             .unwrap_or_default()
     };
@@ -679,6 +680,168 @@ fn check_apply_to_verified(c: &Cluster) -> Result<Outcome> {
             figure(&format!("RSS {comm}"), list.join(", "));
         }
     }
+    Ok(Outcome::Passed)
+}
+
+/// Three times the fleet's SEV-SNP key capacity applied at once (two operator replicas
+/// run): no node's keys are ever handed out twice (kubelet, which counts them for the
+/// launcher pods, admits every pod it is given), the CVMs that fit verify, the rest say
+/// why they wait. Then all are deleted and their keys come back.
+fn check_capacity_burst(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(c, "it fills every node's TEE keys for a while") {
+        return Ok(skip);
+    }
+    let ns = SUITE_NAMESPACE;
+    let nodes = c.jsonpath(
+        &["get", "nodes"],
+        r#"{range .items[*]}{.metadata.name} {.status.allocatable.sev-snp\.amd\.com/esids}{"\n"}{end}"#,
+    )?;
+    let capacity: Vec<(String, u32)> = nodes
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.split_whitespace();
+            Some((p.next()?.to_string(), p.next()?.parse().ok()?))
+        })
+        .collect();
+    let total: u32 = capacity.iter().map(|(_, n)| n).sum();
+    check(total > 0, || {
+        "no node advertises sev-snp.amd.com/esids".into()
+    })?;
+    let n = 3 * total;
+    let mut items = Vec::new();
+    for i in 0..n {
+        let m = snp_cvm(&format!("burst-{i}"), |cvm| {
+            cvm.spec.resources.memory_mib = 256;
+            let m = cvm_node_plugin::measure::simulated_measurement(&cvm.spec);
+            if let Some(a) = cvm.spec.attestation.as_mut() {
+                a.expected_measurements = vec![m];
+            }
+            cvm.metadata
+                .labels
+                .get_or_insert_with(Default::default)
+                .insert("e2e.cvmp.io/burst".into(), "true".into());
+        })?;
+        items.push(
+            serde_json::from_str::<serde_json::Value>(&m)
+                .map_err(|e| SuiteError::Harness(format!("burst manifest: {e}")))?,
+        );
+    }
+    let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+    let t0 = Instant::now();
+    c.apply(&list.to_string())?;
+    // Settled: each burst CVM Verified, or waiting with a reason (no key left for the
+    // operator, or kube-scheduler's words for its launcher pod).
+    let states = || {
+        c.jsonpath(
+            &["get", "cvm", "-n", ns, "-l", "e2e.cvmp.io/burst"],
+            r#"{range .items[*]}{.metadata.name}|{.status.nodeName}|{.status.conditions[?(@.type=="Verified")].status}|{.status.conditions[?(@.type=="Scheduled")].reason}|{.status.conditions[?(@.type=="Ready")].reason}{"\n"}{end}"#,
+        )
+        .unwrap_or_default()
+    };
+    let settled = |text: &str| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines.len() == n as usize
+            && lines.iter().all(|l| {
+                let v: Vec<&str> = l.split('|').collect();
+                v.len() == 5
+                    && (v[2] == "True"
+                        || v[3] == "Unschedulable"
+                        || v[4] == "LauncherUnschedulable")
+            })
+    };
+    let mut last = String::new();
+    until(
+        Duration::from_secs(300),
+        &format!("{n} burst CVMs settled"),
+        || {
+            last = states();
+            settled(&last)
+        },
+    )
+    .map_err(|e| SuiteError::Check(format!("{e}; last seen:\n{last}")))?;
+    let took = t0.elapsed();
+    let field = |l: &str, i: usize| l.split('|').nth(i).unwrap_or_default().to_string();
+    let verified = last.lines().filter(|l| field(l, 2) == "True").count();
+    let placed = last.lines().filter(|l| !field(l, 1).is_empty()).count();
+    // Why the others wait, counted by the words they were given.
+    let why = c.jsonpath(
+        &["get", "cvm", "-n", ns, "-l", "e2e.cvmp.io/burst"],
+        r#"{range .items[*]}{.status.conditions[?(@.type=="Ready")].reason}: {.status.conditions[?(@.type=="Ready")].message}{"\n"}{end}"#,
+    )?;
+    let mut reasons: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in why.lines() {
+        *reasons.entry(l.to_string()).or_default() += 1;
+    }
+    for (r, k) in &reasons {
+        println!("suite: burst: {k} x {r}");
+    }
+    // Keys per node: every CVM bound there (examples and the suite's own included) holds one.
+    for (node, keys) in &capacity {
+        let bound = c
+            .jsonpath(
+                &["get", "cvm", "-A"],
+                &format!(
+                    r#"{{range .items[?(@.status.nodeName=="{node}")]}}{{.spec.tee.type}}{{"\n"}}{{end}}"#
+                ),
+            )?
+            .lines()
+            .filter(|t| *t == "SEV-SNP" || *t == "SEV-ES")
+            .count();
+        check(bound as u32 <= *keys, || {
+            format!("{bound} SEV-SNP/SEV-ES CVMs bound to {node}, which has {keys} keys")
+        })?;
+    }
+    // kubelet refused no launcher pod: it never had to hand out a key it did not have.
+    let refused = c.jsonpath(
+        &["get", "pods", "-n", ns, "-l", "e2e.cvmp.io/burst"],
+        r#"{range .items[?(@.status.phase=="Failed")]}{.metadata.name} {.status.reason}{"\n"}{end}"#,
+    )?;
+    check(refused.trim().is_empty(), || {
+        format!("kubelet refused launcher pods: {refused}")
+    })?;
+    check(verified > 0, || "no burst CVM verified".into())?;
+    check(placed <= total as usize, || {
+        format!("{placed} burst CVMs placed with {total} keys in the fleet")
+    })?;
+    figure(
+        "burst of 3 x capacity settled (two operator replicas)",
+        format!(
+            "{n} CVMs in {:.1} s: {placed} placed, {verified} of them Verified, {} waiting with a reason ({total} SEV-SNP keys in the fleet)",
+            took.as_secs_f64(),
+            n as usize - verified
+        ),
+    );
+    let t = Instant::now();
+    c.get(&[
+        "delete",
+        "cvm",
+        "-n",
+        ns,
+        "-l",
+        "e2e.cvmp.io/burst",
+        "--wait=false",
+    ])?;
+    until(
+        Duration::from_secs(300),
+        "the burst CVMs and their pods gone",
+        || {
+            c.get(&[
+                "get",
+                "cvm,pods",
+                "-n",
+                ns,
+                "-l",
+                "e2e.cvmp.io/burst",
+                "-o",
+                "name",
+            ])
+            .is_ok_and(|s| s.trim().is_empty())
+        },
+    )?;
+    figure(
+        "burst deleted (guests stopped, pods gone, finalizers removed)",
+        format!("{:.1} s", t.elapsed().as_secs_f64()),
+    );
     Ok(Outcome::Passed)
 }
 

@@ -67,6 +67,7 @@ fn the_suite_runs_on_an_existing_cluster_started_by_cvm_dev_up() {
     assert_eq!(
         skipped,
         [
+            "capacity-burst",
             "node-restriction-projected-token",
             "kubelet-restart",
             "helm-upgrade",

@@ -59,6 +59,19 @@ pub struct Context {
     pub verified_once: std::sync::Mutex<crate::metrics::VerifiedOnce>,
 }
 
+impl Context {
+    /// A node as placement sees it. With launcher pods, kube-scheduler checks cpu and
+    /// memory through the pod's requests (vCPUs at the allocation ratio, not one core
+    /// each): placement decides TEE, keys, TCB and selectors only.
+    pub fn for_placement(&self, mut n: NodeInfo) -> NodeInfo {
+        if self.launcher.is_some() {
+            n.cpus = u64::from(u32::MAX);
+            n.memory_mib = u64::from(u32::MAX);
+        }
+        n
+    }
+}
+
 /// Placement decisions not yet in the cache.
 #[derive(Debug, Default)]
 pub struct Assumed {
@@ -247,7 +260,12 @@ async fn place(
     }
     let me = key(cvm);
     let placed = occupied(ctx, &mut assumed, &me);
-    let nodes: Vec<NodeInfo> = ctx.nodes.state().iter().map(|n| node_info(n)).collect();
+    let nodes: Vec<NodeInfo> = ctx
+        .nodes
+        .state()
+        .iter()
+        .map(|n| ctx.for_placement(node_info(n)))
+        .collect();
     match schedule::schedule(&request(cvm), &nodes, &placed) {
         Decision::Bind(node) => {
             // Bind now, still under the lock: status first (the source of truth), then

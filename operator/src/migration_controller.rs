@@ -139,7 +139,12 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
         {
             let mut assumed = ctx.assumed.lock().await;
             let placed = controller::occupied(&ctx, &mut assumed, &controller::migration_key(&mig));
-            let nodes: Vec<_> = ctx.nodes.state().iter().map(|n| node_info(n)).collect();
+            let nodes: Vec<_> = ctx
+                .nodes
+                .state()
+                .iter()
+                .map(|n| ctx.for_placement(node_info(n)))
+                .collect();
             target = Some(migrate::choose_target(
                 migration.requested_target,
                 &source,
