@@ -495,32 +495,52 @@ fn write_kubeconfig(
     user_name: &str,
 ) -> Result<()> {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
-    let text = format!(
+    let text = kubeconfig_yaml(
+        &format!("https://127.0.0.1:{port}"),
+        &b64(ca_pem),
+        user_name,
+        "cvm-dev",
+        &user.cert_pem,
+        &user.key_pem,
+    );
+    std::fs::write(path, text).map_err(io("writing kubeconfig", path))
+}
+
+/// A kubeconfig for one client-certificate user of `server` (cluster `cvm-dev`, namespace
+/// `default`); `ca_data` is the CA's PEM, base64-encoded as kubeconfigs carry it.
+pub fn kubeconfig_yaml(
+    server: &str,
+    ca_data: &str,
+    user: &str,
+    context: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> String {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+    format!(
         "apiVersion: v1
 kind: Config
 clusters:
 - name: cvm-dev
   cluster:
-    server: https://127.0.0.1:{port}
-    certificate-authority-data: {ca}
+    server: {server}
+    certificate-authority-data: {ca_data}
 users:
-- name: {user_name}
+- name: {user}
   user:
     client-certificate-data: {cert}
     client-key-data: {key}
 contexts:
-- name: cvm-dev
+- name: {context}
   context:
     cluster: cvm-dev
-    user: {user_name}
+    user: {user}
     namespace: default
-current-context: cvm-dev
+current-context: {context}
 ",
-        ca = b64(ca_pem),
-        cert = b64(&user.cert_pem),
-        key = b64(&user.key_pem),
-    );
-    std::fs::write(path, text).map_err(io("writing kubeconfig", path))
+        cert = b64(cert_pem),
+        key = b64(key_pem),
+    )
 }
 
 /// A plain-HTTP GET on loopback that succeeds when the body contains `needle`.

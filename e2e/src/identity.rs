@@ -49,30 +49,13 @@ pub async fn user_kubeconfig(
     let request = params.serialize_request(&key)?.pem()?;
     let cert_pem = sign(admin, user, &request).await?;
 
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
-    let text = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: cvm-dev
-  cluster:
-    server: {server}
-    certificate-authority-data: {ca_data}
-users:
-- name: {user}
-  user:
-    client-certificate-data: {cert}
-    client-key-data: {key}
-contexts:
-- name: {user}
-  context:
-    cluster: cvm-dev
-    user: {user}
-    namespace: default
-current-context: {user}
-",
-        cert = b64(&cert_pem),
-        key = b64(&key.serialize_pem()),
+    let text = crate::cluster::kubeconfig_yaml(
+        &server,
+        &ca_data,
+        user,
+        user,
+        &cert_pem,
+        &key.serialize_pem(),
     );
     let mut f = std::fs::OpenOptions::new()
         .write(true)

@@ -286,35 +286,27 @@ fn needs_kind(c: &Cluster, why: &str) -> Option<Outcome> {
 /// each simulated TDX node labelled by its own plugin (no NFD).
 fn check_install(c: &Cluster) -> Result<Outcome> {
     let ns = c.namespace.as_str();
-    until(
-        Duration::from_secs(120),
-        "every operator replica ready",
-        || {
-            c.jsonpath(
-                &["get", &c.operator_deploy(), "-n", ns],
-                "{.spec.replicas} {.status.readyReplicas}",
-            )
-            .is_ok_and(|s| {
-                let v: Vec<&str> = s.split_whitespace().collect();
-                v.len() == 2 && v[0] == v[1] && v[0] != "0"
-            })
-        },
-    )?;
     // helm's --wait counts a DaemonSet ready with maxUnavailable pods still starting.
-    until(
-        Duration::from_secs(120),
-        "a ready plugin on every node",
-        || {
-            c.jsonpath(
-                &["get", &c.plugin_ds(), "-n", ns],
-                "{.status.desiredNumberScheduled} {.status.numberReady}",
-            )
-            .is_ok_and(|s| {
-                let v: Vec<&str> = s.split_whitespace().collect();
-                v.len() == 2 && v[0] == v[1] && v[0] != "0"
-            })
-        },
-    )?;
+    for (what, object, counts) in [
+        (
+            "every operator replica ready",
+            c.operator_deploy(),
+            "{.spec.replicas} {.status.readyReplicas}",
+        ),
+        (
+            "a ready plugin on every node",
+            c.plugin_ds(),
+            "{.status.desiredNumberScheduled} {.status.numberReady}",
+        ),
+    ] {
+        until(Duration::from_secs(120), what, || {
+            c.jsonpath(&["get", &object, "-n", ns], counts)
+                .is_ok_and(|s| {
+                    let v: Vec<&str> = s.split_whitespace().collect();
+                    v.len() == 2 && v[0] == v[1] && v[0] != "0"
+                })
+        })?;
+    }
     let tdx_nodes: Vec<String> = c
         .jsonpath(
             &["get", "nodes"],
