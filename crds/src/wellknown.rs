@@ -36,6 +36,16 @@ pub const RESOURCE_SEV_ASIDS: &str = "sev.amd.com/asids";
 pub const RESOURCE_SNP_ESIDS: &str = "sev-snp.amd.com/esids";
 /// Extended resource counting TDX private keys (HKIDs).
 pub const RESOURCE_TDX_KEYS: &str = "tdx.intel.com/keys";
+/// Extended resource counting `/dev/kvm` shares (KubeVirt's `devices.kubevirt.io/kvm`):
+/// one per launcher pod.
+pub const RESOURCE_KVM: &str = "devices.cvmp.io/kvm";
+
+/// The `app.kubernetes.io/component` of launcher pods: the operator labels them, the
+/// node plugin watches its node's by it.
+pub const LAUNCHER_COMPONENT: &str = "cvm-launcher";
+/// The emptyDir of a launcher pod holding its command socket: the operator mounts it,
+/// the node plugin finds it under kubelet's pod-volume directory by this name.
+pub const LAUNCHER_SOCKET_VOLUME: &str = "launcher";
 
 /// Node Feature Discovery label that marks a TEE enabled on a host.
 pub fn nfd_label(tee: TeeType) -> &'static str {

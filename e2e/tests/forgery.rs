@@ -39,21 +39,7 @@ async fn setup() -> std::sync::Arc<System> {
         n.extra_labels.insert("cvmp.io/pool".into(), "forge".into());
         sys.add_node(n).await.expect("node added");
     }
-    {
-        let out = cvm_e2e::tools::helm_cmd(&sys.cp.helm(), sys.cp.kubeconfig())
-            .args(["install", RELEASE])
-            .arg(cvm_e2e::tools::chart_dir())
-            .args(["-n", CHART_NS, "--create-namespace"])
-            // The shared system installed the CRDs itself.
-            .args(["--set", "crds.install=false"])
-            .output()
-            .expect("helm runs");
-        assert!(
-            out.status.success(),
-            "helm install: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    install_chart(&sys, RELEASE, CHART_NS, &[]);
     sys
 }
 

@@ -36,22 +36,11 @@ fn pod(
 #[tokio::test]
 async fn the_operator_creates_and_deletes_only_launcher_pods_of_cvms() {
     let sys = system();
-    let out = cvm_e2e::tools::helm_cmd(&sys.cp.helm(), sys.cp.kubeconfig())
-        .args(["install", RELEASE])
-        .arg(cvm_e2e::tools::chart_dir())
-        .args(["-n", CHART_NS, "--create-namespace"])
-        .args([
-            "--set",
-            "crds.install=false",
-            "--set",
-            "rbac.aggregateToDefaultRoles=false",
-        ])
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
+    install_chart(
+        &sys,
+        RELEASE,
+        CHART_NS,
+        &["rbac.aggregateToDefaultRoles=false"],
     );
     let (admin, cvms) = api(&sys, NS).await;
     apply_json(&sys, &cvm("owner", NS, "SEV-SNP")).unwrap();

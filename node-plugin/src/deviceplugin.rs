@@ -10,6 +10,7 @@
 //! servers and the registration loop are the I/O around them.
 
 use crate::platform::HostCapabilities;
+pub use cvm_crds::wellknown::RESOURCE_KVM;
 use cvm_crds::wellknown::{RESOURCE_SEV_ASIDS, RESOURCE_SNP_ESIDS, RESOURCE_TDX_KEYS};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,9 +29,8 @@ pub const API_VERSION: &str = "v1beta1";
 pub const KUBELET_SOCKET: &str = "kubelet.sock";
 /// kubelet's device-plugin directory on a standard node.
 pub const DEFAULT_DIR: &str = "/var/lib/kubelet/device-plugins";
-/// `/dev/kvm` shares, like KubeVirt's `devices.kubevirt.io/kvm`: one per pod that may run
-/// a guest. 110 is kubelet's default pod limit, so it never limits on its own.
-pub const RESOURCE_KVM: &str = "devices.cvmp.io/kvm";
+/// `/dev/kvm` shares advertised ([`RESOURCE_KVM`]): one per pod that may run a guest.
+/// 110 is kubelet's default pod limit, so it never limits on its own.
 pub const KVM_SHARES: u32 = 110;
 /// How often the loop checks that kubelet still has our socket (kubelet deletes the
 /// sockets of its directory when it restarts; then we register again).

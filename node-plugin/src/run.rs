@@ -14,7 +14,7 @@ use cvm_crds::cvm::{ConfidentialVM, GuestState};
 use cvm_crds::migration::{
     ConfidentialVMMigration, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
 };
-use cvm_crds::wellknown::MANAGER_NODE_PLUGIN;
+use cvm_crds::wellknown::{LAUNCHER_COMPONENT, LAUNCHER_SOCKET_VOLUME, MANAGER_NODE_PLUGIN};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -118,11 +118,6 @@ pub struct NodePlugin<P: Platform> {
     answered: Mutex<BTreeMap<String, EvidenceKey>>,
 }
 
-/// The `app.kubernetes.io/component` of launcher pods (the operator's).
-const LAUNCHER_COMPONENT: &str = "cvm-launcher";
-/// The emptyDir of a launcher pod that holds its command socket (the operator's).
-const LAUNCHER_VOLUME: &str = "launcher";
-
 /// Whether the CVM's launcher pod runs here and its launcher answers for the CVM.
 async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> bool {
     let Some((ns, name)) = b.key.split_once('/') else {
@@ -139,7 +134,7 @@ async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> bo
     let Some(uid) = pod.and_then(|p| p.metadata.uid.as_deref()) else {
         return false;
     };
-    let socket = crate::launcher::host_socket(kubelet_pods, uid, LAUNCHER_VOLUME);
+    let socket = crate::launcher::host_socket(kubelet_pods, uid, LAUNCHER_SOCKET_VOLUME);
     match crate::launcher::ping(&socket, &format!("{ns}/{name}")).await {
         Ok(()) => true,
         Err(e) => {
@@ -342,8 +337,11 @@ impl<P: Platform> NodePlugin<P> {
         let mut bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
         if let Some(dir) = &self.opts.launcher_pods {
             let pods = pods.state();
-            for b in &mut bound {
-                b.launcher_down = !launcher_up(dir, &pods, b).await;
+            // One ping per launcher, all at once: a pass waits for the slowest only.
+            let up =
+                futures::future::join_all(bound.iter().map(|b| launcher_up(dir, &pods, b))).await;
+            for (b, up) in bound.iter_mut().zip(up) {
+                b.launcher_down = !up;
             }
         }
         let answered = self.lock_answered().clone();

@@ -10,7 +10,7 @@ use crate::schedule::{self, Decision, NodeInfo, Placed, Request};
 use crate::state::{self, NodeHealth, Observed, OperatorStatus, Placement, Verification};
 use crate::verify;
 use cvm_crds::conditions::{self, STATUS_TRUE};
-use cvm_crds::cvm::{GuestState, RunStrategy};
+use cvm_crds::cvm::GuestState;
 use cvm_crds::policy::AttestationPolicySpec;
 use cvm_crds::wellknown::{
     tee_resource, ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, FINALIZER, LABEL_NODE,
@@ -712,19 +712,14 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         let node_gone = cvm
             .node_name()
             .is_none_or(|n| node_health(n, &ctx) == NodeHealth::Missing);
-        // Deleting: the guest stops, then its launcher pod goes, then the finalizer.
+        // Deleting: the guest stops, then its launcher pod goes, then the finalizer (a
+        // vanished node's pod is never confirmed gone: it does not block).
+        let stopped = guest_stopped && launched_ever(&cvm);
         let pod_gone = match &ctx.launcher {
-            Some(_) if !node_gone && (guest_stopped || !launched_ever(&cvm)) => {
-                delete_launcher(&cvm, &ctx).await?
-            }
-            Some(_) => node_gone,
-            None => true,
+            Some(_) if stopped && !node_gone => delete_launcher(&cvm, &ctx).await?,
+            _ => true,
         };
-        if cvm.node_name().is_none()
-            || node_gone
-            || guest_stopped && launched_ever(&cvm) && pod_gone
-            || !launched_ever(&cvm) && pod_gone
-        {
+        if cvm.node_name().is_none() || node_gone || stopped && pod_gone {
             let rest: Vec<String> = cvm
                 .finalizers()
                 .iter()
@@ -795,9 +790,8 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
     })
 }
 
-/// Makes sure the placed CVM has its launcher pod on `node`, and reads it. A pod pinned
-/// to another node (the CVM moved) is deleted first; the new one is created only once the
-/// old is confirmed gone, so a CVM never has two.
+/// Makes sure the placed CVM has its launcher pod on `node` (as [`launcher::pod_action`]
+/// decides), and reads it.
 async fn ensure_launcher(
     cvm: &ConfidentialVM,
     node: &str,
@@ -811,58 +805,30 @@ async fn ensure_launcher(
         .get_opt(&name)
         .await
         .map_err(kerr(format!("reading pod {name}")))?;
-    match found {
-        Some(pod) if launcher::pinned_node(&pod) != Some(node) => {
-            if pod.metadata.deletion_timestamp.is_none() {
-                pods.delete(&name, &DeleteParams::default())
-                    .await
-                    .map_err(kerr(format!("deleting pod {name}")))?;
-                info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod pinned to another node deleted");
-            }
-            Ok(launcher::PodReading::Terminating)
+    let (action, reading) = launcher::pod_action(found.as_ref(), node, cvm.spec.run_strategy);
+    match action {
+        launcher::PodAction::Keep => {}
+        launcher::PodAction::Delete => {
+            pods.delete(&name, &DeleteParams::default())
+                .await
+                .map_err(kerr(format!("deleting pod {name}")))?;
+            info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod deleted");
         }
-        // Halted: the guest stops with its pod.
-        Some(pod) if cvm.spec.run_strategy == RunStrategy::Halted => {
-            if pod.metadata.deletion_timestamp.is_none() {
-                pods.delete(&name, &DeleteParams::default())
-                    .await
-                    .map_err(kerr(format!("deleting pod {name}")))?;
-            }
-            Ok(launcher::PodReading::Terminating)
-        }
-        Some(pod) => {
-            let reading = launcher::read_pod(Some(&pod));
-            // A refused or failed pod: Always and RerunOnFailure get a new one (after this
-            // one is gone); Manual and Halted keep the verdict.
-            if matches!(reading, launcher::PodReading::Refused { .. })
-                && matches!(
-                    cvm.spec.run_strategy,
-                    RunStrategy::Always | RunStrategy::RerunOnFailure
-                )
-                && pod.metadata.deletion_timestamp.is_none()
-            {
-                pods.delete(&name, &DeleteParams::default())
-                    .await
-                    .map_err(kerr(format!("deleting pod {name}")))?;
-            }
-            Ok(reading)
-        }
-        None if cvm.spec.run_strategy == RunStrategy::Halted => Ok(launcher::PodReading::Absent),
-        None => {
+        launcher::PodAction::Create => {
             let Some(pod) = launcher::launcher_pod(cvm, node, o) else {
                 return Ok(launcher::PodReading::Absent);
             };
             match pods.create(&PostParams::default(), &pod).await {
                 Ok(_) => {
-                    info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod created");
-                    Ok(launcher::PodReading::Pending)
+                    info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", pod = %name, "launcher pod created")
                 }
                 // Another reconcile (or replica) made it: read it next pass.
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(launcher::PodReading::Pending),
-                Err(e) => Err(kerr(format!("creating pod {name}"))(e)),
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(kerr(format!("creating pod {name}"))(e)),
             }
         }
     }
+    Ok(reading)
 }
 
 /// Deletes the CVM's launcher pod; true once it is gone.

@@ -5,7 +5,11 @@
 //! the accountant of the node's keys. Pure builders and readings; the controller does the
 //! I/O.
 
-use cvm_crds::wellknown::tee_resource;
+use cvm_crds::cvm::RunStrategy;
+use cvm_crds::wellknown::{
+    tee_resource, LAUNCHER_COMPONENT as COMPONENT, LAUNCHER_SOCKET_VOLUME as SOCKET_VOLUME,
+    RESOURCE_KVM,
+};
 use cvm_crds::ConfidentialVM;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -13,15 +17,8 @@ use serde_json::json;
 
 /// Label naming a launcher pod's CVM (in the CVM's namespace).
 pub const LABEL_CVM: &str = "cvmp.io/cvm";
-/// The `app.kubernetes.io/component` of launcher pods.
-pub const COMPONENT: &str = "cvm-launcher";
-/// The device plugin's `/dev/kvm` shares.
-pub const RESOURCE_KVM: &str = "devices.cvmp.io/kvm";
 /// Where the launcher's command socket lives in its pod (an emptyDir).
 pub const SOCKET_DIR: &str = "/var/run/cvm-launcher";
-/// The emptyDir volume holding it; the node plugin finds it under kubelet's pod-volume
-/// directory by this name.
-pub const SOCKET_VOLUME: &str = "launcher";
 
 /// How launcher pods are made (operator flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +162,41 @@ pub enum PodReading {
     Running,
 }
 
+/// What to do with a CVM's launcher pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodAction {
+    Create,
+    Delete,
+    Keep,
+}
+
+/// Decides from the pod as it stands, the node the CVM is bound to and its run strategy.
+/// A pod pinned to another node (the CVM moved) goes, and so does a Halted CVM's, and a
+/// refused one that Always or RerunOnFailure replace; a new pod is created only once the
+/// old is gone, so a CVM never has two. Returns what the status should read too.
+pub fn pod_action(pod: Option<&Pod>, node: &str, strategy: RunStrategy) -> (PodAction, PodReading) {
+    let halted = strategy == RunStrategy::Halted;
+    let Some(pod) = pod else {
+        return if halted {
+            (PodAction::Keep, PodReading::Absent)
+        } else {
+            (PodAction::Create, PodReading::Pending)
+        };
+    };
+    let reading = read_pod(Some(pod));
+    if reading == PodReading::Terminating {
+        return (PodAction::Keep, reading);
+    }
+    if pinned_node(pod) != Some(node) || halted {
+        return (PodAction::Delete, PodReading::Terminating);
+    }
+    let replaced = matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure);
+    match reading {
+        PodReading::Refused { .. } if replaced => (PodAction::Delete, reading),
+        _ => (PodAction::Keep, reading),
+    }
+}
+
 /// Reads a launcher pod's status.
 pub fn read_pod(pod: Option<&Pod>) -> PodReading {
     let Some(pod) = pod else {
@@ -292,6 +324,44 @@ mod tests {
         let n = pod_name(&long);
         assert!(n.len() <= 253 && n.ends_with("-launcher"), "{n}");
         assert_eq!(pod_name(&long), n);
+    }
+
+    #[test]
+    fn a_cvm_has_one_pod_on_its_node_as_its_run_strategy_says() {
+        use RunStrategy::*;
+        let mine = launcher_pod(&cvm(), "n1", &opts()).unwrap();
+        let act = |p: Option<&Pod>, node: &str, s: RunStrategy| pod_action(p, node, s).0;
+        assert_eq!(act(None, "n1", Always), PodAction::Create);
+        assert_eq!(
+            pod_action(None, "n1", Halted),
+            (PodAction::Keep, PodReading::Absent)
+        );
+        assert_eq!(act(Some(&mine), "n1", Always), PodAction::Keep);
+        // Moved, or Halted: the pod goes (and only once).
+        assert_eq!(
+            pod_action(Some(&mine), "n2", Always),
+            (PodAction::Delete, PodReading::Terminating)
+        );
+        assert_eq!(act(Some(&mine), "n1", Halted), PodAction::Delete);
+        let mut going = mine.clone();
+        going.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        assert_eq!(
+            pod_action(Some(&going), "n2", Always),
+            (PodAction::Keep, PodReading::Terminating)
+        );
+        // Refused: replaced by Always and RerunOnFailure, kept by Manual.
+        let mut refused = mine.clone();
+        refused.status = Some(
+            serde_json::from_value(json!({"phase": "Failed", "reason": "Evicted", "message": "m"}))
+                .unwrap(),
+        );
+        let (a, r) = pod_action(Some(&refused), "n1", RerunOnFailure);
+        assert_eq!(a, PodAction::Delete);
+        assert!(matches!(r, PodReading::Refused { reason, .. } if reason == "Evicted"));
+        assert_eq!(act(Some(&refused), "n1", Manual), PodAction::Keep);
     }
 
     fn pod(status: serde_json::Value) -> Pod {

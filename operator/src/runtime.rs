@@ -99,7 +99,7 @@ pub async fn run(
     let controller = if launcher.is_some() {
         let only_launchers = watcher::Config::default().labels(&format!(
             "app.kubernetes.io/component={}",
-            crate::launcher::COMPONENT
+            cvm_crds::wellknown::LAUNCHER_COMPONENT
         ));
         controller.owns(pods, only_launchers)
     } else {

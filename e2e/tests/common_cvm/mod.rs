@@ -64,6 +64,30 @@ pub fn apply_json(sys: &System, v: &Value) -> Result<String, String> {
     }
 }
 
+/// `helm install RELEASE` of the chart into `ns` on the shared system, which installed the
+/// CRDs itself; `sets` are more `--set` values. Panics with helm's words when it fails.
+pub fn install_chart(sys: &System, release: &str, ns: &str, sets: &[&str]) {
+    let mut cmd = cvm_e2e::tools::helm_cmd(&sys.cp.helm(), sys.cp.kubeconfig());
+    cmd.args(["install", release])
+        .arg(cvm_e2e::tools::chart_dir())
+        .args([
+            "-n",
+            ns,
+            "--create-namespace",
+            "--set",
+            "crds.install=false",
+        ]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn kubectl(sys: &System, args: &[&str]) -> Result<String, String> {
     cvm_e2e::demo::kubectl(sys, args)
 }
