@@ -46,6 +46,10 @@ pub const LAUNCHER_COMPONENT: &str = "cvm-launcher";
 /// The emptyDir of a launcher pod holding its command socket: the operator mounts it,
 /// the node plugin finds it under kubelet's pod-volume directory by this name.
 pub const LAUNCHER_SOCKET_VOLUME: &str = "launcher";
+/// Where that emptyDir is mounted in the launcher pod: the guest's QMP socket and boot
+/// artifacts live there too, at paths QEMU (in the pod) and the plugin (on the host)
+/// both reach.
+pub const LAUNCHER_DIR: &str = "/var/run/cvm-launcher";
 
 /// Node Feature Discovery label that marks a TEE enabled on a host.
 pub fn nfd_label(tee: TeeType) -> &'static str {

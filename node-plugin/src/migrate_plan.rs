@@ -382,6 +382,7 @@ mod tests {
             deleting: false,
             halted: false,
             launcher_down: false,
+            launcher_dir: None,
             restart: Restart::Always,
             wanted: wanted.clone(),
             reported: plan::Reported {

@@ -52,6 +52,8 @@ pub struct BoundCvm {
     pub halted: bool,
     /// Its launcher pod does not run (with launcher pods, the guest's life is the pod's).
     pub launcher_down: bool,
+    /// Its running launcher's socket directory on the host (the guest is launched there).
+    pub launcher_dir: Option<std::path::PathBuf>,
     /// When a guest that ended on its own is started again (from `spec.runStrategy`).
     pub restart: Restart,
     pub wanted: EvidenceKey,
@@ -84,6 +86,7 @@ impl BoundCvm {
             deleting: cvm.metadata.deletion_timestamp.is_some(),
             halted: cvm.spec.run_strategy == RunStrategy::Halted,
             launcher_down: false,
+            launcher_dir: None,
             restart: Restart::of(cvm.spec.run_strategy),
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
@@ -459,6 +462,7 @@ mod tests {
             deleting: false,
             halted: false,
             launcher_down: false,
+            launcher_dir: None,
             restart: Restart::Always,
             wanted: key(Some("aa"), None),
             reported: Reported::default(),

@@ -84,6 +84,10 @@ pub struct GuestRequest {
     /// The launch measurement the boot inputs give (simulated function; a real backend
     /// compares it with what the firmware reports).
     pub expected_measurement: Vec<u8>,
+    /// The socket directory (on the host) of the CVM's launcher pod, which runs the
+    /// guest's process; `None`: the backend runs it itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<std::path::PathBuf>,
 }
 
 /// A CVM that cannot become a [`GuestRequest`]: nothing a launch could fix.
@@ -120,6 +124,7 @@ impl GuestRequest {
             launch_policy: measure::launch_policy(spec),
             host_data,
             expected_measurement: measure::simulated_measurement_bytes(spec),
+            launcher: None,
         })
     }
 }

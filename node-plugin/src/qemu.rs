@@ -64,6 +64,12 @@ pub struct QemuOptions {
     pub agent_port: u32,
     /// Time to reach the guest agent and get its answer.
     pub agent_timeout: Duration,
+    /// Where a launcher pod's socket directory is mounted in the pod (QEMU's view of the
+    /// directory the plugin reaches on the host).
+    pub launcher_dir_in_pod: PathBuf,
+    /// SEV guests pin all their memory: the launcher's RLIMIT_MEMLOCK is raised to guest
+    /// memory + 256 MiB before QEMU starts (off only for tests whose QEMU pins nothing).
+    pub lock_guest_memory: bool,
 }
 
 impl QemuOptions {
@@ -79,6 +85,8 @@ impl QemuOptions {
             stop_timeout: Duration::from_secs(10),
             agent_port: cvm_host::agent_proto::DEFAULT_VSOCK_PORT,
             agent_timeout: Duration::from_secs(10),
+            launcher_dir_in_pod: PathBuf::from(cvm_crds::wellknown::LAUNCHER_DIR),
+            lock_guest_memory: true,
         }
     }
 }
@@ -133,6 +141,77 @@ struct QemuGuest {
     /// vsock context ID of the guest agent (SEV-SNP and TDX).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vsock_cid: Option<u32>,
+    /// The launcher pod running this QEMU (its socket dir on the host); `None`: QEMU is
+    /// this plugin's child. `pid` is then in the pod's PID namespace, for logs only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    launcher: Option<PathBuf>,
+}
+
+/// Memory QEMU locks beyond the guest's own (SEV pins all guest memory).
+const MEMLOCK_OVERHEAD_MIB: u64 = 256;
+/// The QMP socket's name in a launcher's directory.
+const LAUNCHER_QMP: &str = "qmp.sock";
+
+/// Connects to QMP at a path of any length (kubelet's pod-volume paths are long).
+async fn qmp_connect(
+    path: &Path,
+    timeout: Duration,
+) -> Result<QmpClient, cvm_host::qemu::QmpError> {
+    let (short, _dir) =
+        crate::launcher::short_path(path).map_err(|source| cvm_host::qemu::QmpError::Connect {
+            path: path.display().to_string(),
+            source,
+        })?;
+    QmpClient::connect_with_timeout(&short, timeout).await
+}
+
+/// The QEMU of a launch: this plugin's child, or a launcher pod's.
+enum Proc<'a> {
+    Own(&'a mut QemuProcess),
+    Pod {
+        client: crate::launcher::LauncherClient,
+        launch_id: String,
+        tail: Vec<String>,
+    },
+}
+
+impl Proc<'_> {
+    fn stderr_tail(&self) -> Vec<String> {
+        match self {
+            Proc::Own(p) => p.stderr_tail(),
+            Proc::Pod { tail, .. } => tail.clone(),
+        }
+    }
+
+    /// `at_start`: an exit is QEMU refusing to start (its own words).
+    async fn check_running(&mut self, tee: TeeType, at_start: bool) -> Result<(), PlatformError> {
+        match self {
+            Proc::Own(p) => p.check_running().await.map_err(|e| qemu_error(&e, tee)),
+            Proc::Pod {
+                client,
+                launch_id,
+                tail,
+            } => {
+                let p = client.status().await.map_err(|e| {
+                    PlatformError::Launch(format!("the launcher pod does not answer: {e}"))
+                })?;
+                *tail = p.stderr_tail.clone();
+                if crate::launcher::ended(&p, launch_id).is_none() {
+                    return Ok(());
+                }
+                let status = p.exit.unwrap_or_else(|| "not running".into());
+                let stderr = p.stderr_tail;
+                Err(qemu_error(
+                    &if at_start {
+                        QemuError::ExitedEarly { status, stderr }
+                    } else {
+                        QemuError::Exited { status, stderr }
+                    },
+                    tee,
+                ))
+            }
+        }
+    }
 }
 
 /// The capabilities a detection report gives. Pools whose size the host does not publish
@@ -452,7 +531,10 @@ impl QemuPlatform {
         req: &GuestRequest,
     ) -> Result<Result<GuestInfo, QemuGuest>, PlatformError> {
         check_uid(&req.uid)?;
-        let qmp_socket = self.socket_for(&req.uid)?;
+        let qmp_socket = match &req.launcher {
+            Some(dir) => dir.join(LAUNCHER_QMP),
+            None => self.socket_for(&req.uid)?,
+        };
         let mut file = self.lock();
         if let Some(g) = file.guests.get(&req.uid) {
             return Ok(Ok(g.info.clone()));
@@ -504,6 +586,7 @@ impl QemuPlatform {
             pid: None,
             qmp_socket,
             vsock_cid,
+            launcher: req.launcher.clone(),
         };
         file.guests.insert(req.uid.clone(), g.clone());
         let snapshot = file.clone();
@@ -522,14 +605,19 @@ impl QemuPlatform {
         g: &QemuGuest,
     ) -> Result<Vec<String>, PlatformError> {
         let dir = &self.opts.artifacts_dir;
-        let firmware = self.artifact(dir, "firmware", &req.firmware).await?;
+        let pod = g.launcher.as_deref();
+        let firmware = self.artifact(dir, "firmware", &req.firmware, pod).await?;
         let kernel = match &req.kernel {
-            Some(k) => Some(self.artifact(dir, "kernel", k).await?),
+            Some(k) => Some(self.artifact(dir, "kernel", k, pod).await?),
             None => None,
         };
         let initrd = match &req.initrd {
-            Some(i) => Some(self.artifact(dir, "initrd", i).await?),
+            Some(i) => Some(self.artifact(dir, "initrd", i, pod).await?),
             None => None,
+        };
+        let qmp_socket = match pod {
+            Some(_) => self.opts.launcher_dir_in_pod.join(LAUNCHER_QMP),
+            None => g.qmp_socket.clone(),
         };
         let spec = QemuGuestSpec {
             name: format!("{}/{}", req.namespace, req.name),
@@ -545,7 +633,7 @@ impl QemuPlatform {
             policy: req.launch_policy,
             host_data: req.host_data.clone(),
             quote_generation_socket: None,
-            qmp_socket: g.qmp_socket.clone(),
+            qmp_socket,
         };
         let mut args = command_line(&spec, &self.host_caps).map_err(|e| qemu_error(&e, req.tee))?;
         if let Some(cid) = g.vsock_cid {
@@ -558,17 +646,23 @@ impl QemuPlatform {
         Ok(args)
     }
 
-    /// Resolves an artifact and checks its digest when the spec gives one.
+    /// Resolves an artifact and checks its digest when the spec gives one. With a launcher
+    /// pod (`pod`: its directory on the host) the checked bytes are copied into the pod's
+    /// directory, and the path returned is QEMU's view of the copy: QEMU reads exactly
+    /// what was checked, and the pod needs no hostPath.
     async fn artifact(
         &self,
         dir: &Path,
         what: &str,
         a: &ArtifactRef,
+        pod: Option<&Path>,
     ) -> Result<PathBuf, PlatformError> {
         let path = artifact_path(dir, what, a).map_err(PlatformError::Launch)?;
         let p = path.clone();
         let want = a.sha256.clone();
         let what = what.to_string();
+        let staged = pod.map(|_| self.opts.launcher_dir_in_pod.join("artifacts").join(&what));
+        let stage_to = pod.map(|d| d.join("artifacts").join(&what));
         // Hashing a kernel or initrd is disk and CPU work: keep it off the async workers.
         tokio::task::spawn_blocking(move || -> Result<(), PlatformError> {
             let bytes = std::fs::read(&p).map_err(|e| {
@@ -586,17 +680,34 @@ impl QemuPlatform {
                     )));
                 }
             }
+            if let Some(to) = stage_to {
+                let write = |r: std::io::Result<()>| {
+                    r.map_err(|e| {
+                        PlatformError::Launch(format!(
+                            "cannot copy the {what} into the launcher pod ({}): {e}",
+                            to.display()
+                        ))
+                    })
+                };
+                if let Some(parent) = to.parent() {
+                    write(std::fs::create_dir_all(parent))?;
+                }
+                write(std::fs::write(&to, &bytes))?;
+            }
             Ok(())
         })
         .await
         .map_err(|e| PlatformError::Launch(format!("checking the {}: {e}", path.display())))??;
-        Ok(path)
+        Ok(staged.unwrap_or(path))
     }
 
     /// Starts QEMU paused, checks it, records its pid, reads the SEV measurement, lets it
     /// run. On error the caller forgets the record; QEMU is gone by then.
     async fn start(&self, req: &GuestRequest, g: &QemuGuest) -> Result<GuestInfo, PlatformError> {
         let args = self.arguments(req, g).await?;
+        if let Some(dir) = &g.launcher {
+            return self.start_in_pod(req, g, dir, args).await;
+        }
         if let Some(dir) = g.qmp_socket.parent() {
             std::fs::create_dir_all(dir).map_err(|e| PlatformError::State {
                 path: dir.display().to_string(),
@@ -612,7 +723,12 @@ impl QemuPlatform {
         let (mut proc, mut qmp) = QemuProcess::start(&start)
             .await
             .map_err(|e| qemu_error(&e, req.tee))?;
-        match self.bring_up(req, &mut proc, &mut qmp).await {
+        let pid = proc.id();
+        self.update(&req.uid, |g| g.pid = pid)?;
+        match self
+            .bring_up(req, &mut Proc::Own(&mut proc), &mut qmp)
+            .await
+        {
             Ok(info) => {
                 self.procs.lock().await.insert(req.uid.clone(), proc);
                 Ok(info)
@@ -624,19 +740,85 @@ impl QemuPlatform {
         }
     }
 
+    /// QEMU in the CVM's launcher pod: the launcher starts it (paused, as here), the
+    /// plugin checks and resumes it over QMP in the pod's directory.
+    async fn start_in_pod(
+        &self,
+        req: &GuestRequest,
+        g: &QemuGuest,
+        dir: &Path,
+        args: Vec<String>,
+    ) -> Result<GuestInfo, PlatformError> {
+        let client = crate::launcher::LauncherClient::new(dir);
+        let _ = std::fs::remove_file(&g.qmp_socket);
+        let mut argv = vec![self.opts.binary.display().to_string()];
+        argv.extend(args);
+        let memlock = (self.opts.lock_guest_memory && req.tee.is_amd())
+            .then(|| (u64::from(req.memory_mib) + MEMLOCK_OVERHEAD_MIB) << 20);
+        let launch_id = g.info.launch_id.clone();
+        let started = client
+            .launch(&launch_id, crate::launcher::Program::Exec { argv }, memlock)
+            .await
+            .map_err(|e| {
+                PlatformError::Launch(format!("the launcher pod did not start QEMU: {e}"))
+            })?;
+        self.update(&req.uid, |r| r.pid = started.pid)?;
+        let mut proc = Proc::Pod {
+            client: client.clone(),
+            launch_id,
+            tail: Vec::new(),
+        };
+        let result = async {
+            let mut qmp = self.wait_qmp(&mut proc, &g.qmp_socket, req.tee).await?;
+            self.bring_up(req, &mut proc, &mut qmp).await
+        }
+        .await;
+        if result.is_err() {
+            let _ = client.stop(self.opts.stop_timeout).await;
+        }
+        result
+    }
+
+    /// Waits for the pod's QEMU to open QMP, or to exit (with its words), or the timeout.
+    async fn wait_qmp(
+        &self,
+        proc: &mut Proc<'_>,
+        sock: &Path,
+        tee: TeeType,
+    ) -> Result<QmpClient, PlatformError> {
+        let deadline = Instant::now() + self.opts.start_timeout;
+        loop {
+            proc.check_running(tee, true).await?;
+            if sock.exists() {
+                if let Ok(q) = qmp_connect(sock, Duration::from_secs(2)).await {
+                    return Ok(q);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(qemu_error(
+                    &QemuError::StartTimeout {
+                        socket: sock.display().to_string(),
+                        seconds: self.opts.start_timeout.as_secs(),
+                        stderr: proc.stderr_tail(),
+                    },
+                    tee,
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn bring_up(
         &self,
         req: &GuestRequest,
-        proc: &mut QemuProcess,
+        proc: &mut Proc<'_>,
         qmp: &mut QmpClient,
     ) -> Result<GuestInfo, PlatformError> {
         let tee = req.tee;
-        let lost = |e: cvm_host::qemu::QmpError, proc: &QemuProcess| PlatformError::Qemu {
+        let lost = |e: cvm_host::qemu::QmpError, proc: &Proc<'_>| PlatformError::Qemu {
             reason: "QmpError",
             message: format!("QMP: {e}{}", stderr_suffix(&proc.stderr_tail())),
         };
-        let pid = proc.id();
-        self.update(&req.uid, |g| g.pid = pid)?;
         let status = qmp.query_status().await.map_err(|e| lost(e, proc))?;
         if status.running {
             return Err(PlatformError::Launch(format!(
@@ -656,9 +838,7 @@ impl QemuPlatform {
             TeeType::SevSnp | TeeType::Tdx => Vec::new(),
         };
         qmp.cont().await.map_err(|e| lost(e, proc))?;
-        if let Err(e) = proc.check_running().await {
-            return Err(qemu_error(&e, tee));
-        }
+        proc.check_running(tee, false).await?;
         let mut info = None;
         self.update(&req.uid, |g| {
             g.info.state = GuestState::Running;
@@ -674,6 +854,13 @@ impl QemuPlatform {
     /// Whether the guest's QEMU still runs; `Err` holds why not (with its stderr when this
     /// instance started it).
     async fn check(&self, g: &QemuGuest) -> Result<(), String> {
+        if let Some(dir) = &g.launcher {
+            return match crate::launcher::LauncherClient::new(dir).status().await {
+                Ok(p) => crate::launcher::ended(&p, &g.info.launch_id).map_or(Ok(()), Err),
+                // An unreachable launcher is the plugin loop's to judge (its pod's state).
+                Err(_) => Ok(()),
+            };
+        }
         let mut procs = self.procs.lock().await;
         if let Some(p) = procs.get_mut(&g.info.uid) {
             return match p.check_running().await {
@@ -695,7 +882,7 @@ impl QemuPlatform {
     }
 
     async fn qmp(&self, g: &QemuGuest) -> Result<QmpClient, PlatformError> {
-        QmpClient::connect_with_timeout(&g.qmp_socket, Duration::from_secs(5))
+        qmp_connect(&g.qmp_socket, Duration::from_secs(5))
             .await
             .map_err(|e| {
                 PlatformError::Evidence(format!(
@@ -799,9 +986,20 @@ pub fn decode_launch_measure(b64: &str) -> Result<(Vec<u8>, Vec<u8>), PlatformEr
 
 /// Stops a QEMU this instance did not start: `quit` over QMP, then SIGKILL if it lingers.
 async fn stop_external(g: &QemuGuest, timeout: Duration) {
-    if let Ok(mut q) = QmpClient::connect_with_timeout(&g.qmp_socket, Duration::from_secs(2)).await
-    {
+    if let Ok(mut q) = qmp_connect(&g.qmp_socket, Duration::from_secs(2)).await {
         let _ = q.quit().await;
+    }
+    if let Some(dir) = &g.launcher {
+        // The launcher waits for its QEMU (and kills it after `timeout`); a launcher that
+        // is gone took its QEMU with it.
+        if let Err(e) = crate::launcher::LauncherClient::new(dir)
+            .stop(timeout)
+            .await
+        {
+            tracing::debug!(uid = %g.info.uid, error = %e, "stopping QEMU through its launcher");
+        }
+        let _ = std::fs::remove_file(&g.qmp_socket);
+        return;
     }
     if let Some(pid) = g.pid {
         let deadline = Instant::now() + timeout;

@@ -118,11 +118,10 @@ pub struct NodePlugin<P: Platform> {
     answered: Mutex<BTreeMap<String, EvidenceKey>>,
 }
 
-/// Whether the CVM's launcher pod runs here and its launcher answers for the CVM.
-async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> bool {
-    let Some((ns, name)) = b.key.split_once('/') else {
-        return false;
-    };
+/// The socket directory of the CVM's launcher, if its pod runs here and the launcher
+/// answers for the CVM.
+async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> Option<PathBuf> {
+    let (ns, name) = b.key.split_once('/')?;
     let pod = pods.iter().find(|p| {
         p.metadata.namespace.as_deref() == Some(ns)
             && p.metadata.deletion_timestamp.is_none()
@@ -131,15 +130,16 @@ async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> bo
                 .any(|o| o.controller == Some(true) && o.uid == b.uid)
             && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
     });
-    let Some(uid) = pod.and_then(|p| p.metadata.uid.as_deref()) else {
-        return false;
-    };
-    let socket = crate::launcher::host_socket(kubelet_pods, uid, LAUNCHER_SOCKET_VOLUME);
-    match crate::launcher::ping(&socket, &format!("{ns}/{name}")).await {
-        Ok(()) => true,
+    let uid = pod.and_then(|p| p.metadata.uid.as_deref())?;
+    let dir = crate::launcher::host_dir(kubelet_pods, uid, LAUNCHER_SOCKET_VOLUME);
+    match crate::launcher::LauncherClient::new(&dir)
+        .ping(&format!("{ns}/{name}"))
+        .await
+    {
+        Ok(()) => Some(dir),
         Err(e) => {
             debug!(cvm = %b.key, error = %e, "launcher pod runs, its launcher does not answer yet");
-            false
+            None
         }
     }
 }
@@ -341,7 +341,8 @@ impl<P: Platform> NodePlugin<P> {
             let up =
                 futures::future::join_all(bound.iter().map(|b| launcher_up(dir, &pods, b))).await;
             for (b, up) in bound.iter_mut().zip(up) {
-                b.launcher_down = !up;
+                b.launcher_down = up.is_none();
+                b.launcher_dir = up;
             }
         }
         let answered = self.lock_answered().clone();
@@ -483,7 +484,10 @@ impl<P: Platform> NodePlugin<P> {
     async fn launch(&self, cvm: &ConfidentialVM, bound: &BoundCvm) -> Result<(), ActionError> {
         let caps = self.platform.capabilities();
         let req = match GuestRequest::from_cvm(cvm) {
-            Ok(r) => r,
+            Ok(r) => GuestRequest {
+                launcher: bound.launcher_dir.clone(),
+                ..r
+            },
             Err(e) => {
                 let msg = e.to_string();
                 self.report_failed(cvm, "InvalidSpec", msg).await?;

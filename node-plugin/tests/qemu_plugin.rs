@@ -573,3 +573,244 @@ async fn guest_whose_qemu_dies_after_launch_is_reported_failed_with_how() {
     let _ = stop_tx.send(());
     task.await.unwrap().unwrap();
 }
+
+// ---- QEMU in a launcher pod ----
+
+/// A launcher as its pod runs it, serving in a directory as long as kubelet's pod-volume
+/// paths (longer than a socket address holds). Here launcher and QEMU run on this host;
+/// a short symlink stands for the pod's mount of that directory (`in_pod`).
+struct Pod {
+    _root: tempfile::TempDir,
+    dir: PathBuf,
+    in_pod: PathBuf,
+    launcher: std::process::Child,
+}
+
+impl Pod {
+    async fn start(cvm: &str) -> Pod {
+        let root = tempfile::tempdir().unwrap();
+        let dir = cvm_node_plugin::launcher::host_dir(
+            &root.path().join("var/lib/kubelet/pods"),
+            "0d9f3a5e-7c1b-4f6e-9a2d-5b8c7e6f1a23",
+            cvm_crds::wellknown::LAUNCHER_SOCKET_VOLUME,
+        );
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(
+            dir.join(cvm_node_plugin::launcher::SOCKET)
+                .as_os_str()
+                .len()
+                > 108
+        );
+        let in_pod = root.path().join("pod");
+        std::os::unix::fs::symlink(&dir, &in_pod).unwrap();
+        let launcher = std::process::Command::new(env!("CARGO_BIN_EXE_cvm-launcher"))
+            .arg(format!("--socket-dir={}", dir.display()))
+            .arg(format!("--cvm={cvm}"))
+            .arg("--stop-grace-seconds=5")
+            .spawn()
+            .unwrap();
+        let sock = dir.join(cvm_node_plugin::launcher::SOCKET);
+        wait_until("the launcher's socket", || sock.exists()).await;
+        Pod {
+            _root: root,
+            dir,
+            in_pod,
+            launcher,
+        }
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.launcher.kill();
+        let _ = self.launcher.wait();
+    }
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": comm may hold spaces, so read after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"))
+        .unwrap_or(false)
+}
+
+#[tokio::test]
+async fn qemu_runs_in_its_launcher_pod_and_lives_as_long_as_the_pod() {
+    use cvm_node_plugin::launcher::{LauncherClient, ProcState};
+    let Some(bin) = qemu() else { return };
+    let wrap_dir = tempfile::tempdir().unwrap();
+    let mut h = host(tcg_wrapper(wrap_dir.path(), &bin));
+    let pod = Pod::start("ns/a").await;
+    h.opts.launcher_dir_in_pod = pod.in_pod.clone();
+    // TCG pins no guest memory (the locked-memory path has its own test below).
+    h.opts.lock_guest_memory = false;
+    let uid = "cccccccc-0000-0000-0000-000000000003";
+    let req = GuestRequest {
+        launcher: Some(pod.dir.clone()),
+        ..snp_request(uid, "a")
+    };
+
+    let p = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    let g = p.launch(&req).await.unwrap();
+    assert_eq!(g.state, GuestState::Running);
+    // QEMU is the launcher's child, not the plugin's; it reads the checked copy of the
+    // firmware in the pod's directory and answers QMP there.
+    let client = LauncherClient::new(&pod.dir);
+    let proc = client.status().await.unwrap();
+    assert_eq!(proc.state, ProcState::Running);
+    let qemu_pid = proc.pid.unwrap();
+    let _guard = KillOnDrop(vec![qemu_pid]);
+    assert_eq!(parent_of(qemu_pid), Some(pod.launcher.id()));
+    assert_eq!(
+        std::fs::read(pod.dir.join("artifacts/firmware")).unwrap(),
+        vec![0u8; 64 * 1024]
+    );
+    let cmdline = std::fs::read_to_string(format!("/proc/{qemu_pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.contains(&format!("{}/artifacts/firmware", pod.in_pod.display())),
+        "{cmdline}"
+    );
+    assert!(pod.dir.join("qmp.sock").exists());
+
+    // The plugin restarts: the guest is held, nothing is launched again.
+    drop(p);
+    assert!(running(qemu_pid), "QEMU must outlive the plugin");
+    let p = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    let held = p.list().await.unwrap();
+    assert_eq!(
+        held.iter()
+            .map(|g| (g.uid.as_str(), g.state))
+            .collect::<Vec<_>>(),
+        vec![(uid, GuestState::Running)]
+    );
+    assert_eq!(p.launch(&req).await.unwrap().launch_id, g.launch_id);
+    assert_eq!(client.status().await.unwrap().pid, Some(qemu_pid));
+
+    // QEMU dies in the pod: the guest is Failed, with how.
+    std::process::Command::new("kill")
+        .args(["-9", &qemu_pid.to_string()])
+        .status()
+        .unwrap();
+    let start = Instant::now();
+    let failed = loop {
+        let l = p.list().await.unwrap();
+        if let Some(g) = l.iter().find(|g| g.state == GuestState::Failed) {
+            break g.clone();
+        }
+        assert!(start.elapsed() < TIMEOUT, "{l:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let why = failed.message.unwrap();
+    assert!(why.contains("killed by signal 9"), "{why}");
+
+    // Stop and launch again in the same pod: a new QEMU; stop goes through the launcher.
+    assert_eq!(
+        p.stop(uid).await.unwrap().unwrap().state,
+        GuestState::Stopped
+    );
+    let again = p.launch(&req).await.unwrap();
+    assert_ne!(again.launch_id, g.launch_id);
+    let second = client.status().await.unwrap().pid.unwrap();
+    let _guard2 = KillOnDrop(vec![second]);
+    assert_ne!(second, qemu_pid);
+    let stopped = p.stop(uid).await.unwrap().unwrap();
+    assert_eq!(stopped.state, GuestState::Stopped);
+    assert_eq!(client.status().await.unwrap().state, ProcState::Exited);
+    assert!(!running(second));
+    assert_eq!(recorded_guests(&h.opts.state_dir), 0);
+
+    // The pod ends (kubelet's SIGTERM to the launcher): its QEMU ends with it.
+    p.launch(&req).await.unwrap();
+    let third = client.status().await.unwrap().pid.unwrap();
+    let _guard3 = KillOnDrop(vec![third]);
+    let mut pod = pod;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pod.launcher.id().to_string()])
+        .status()
+        .unwrap();
+    let _ = pod.launcher.wait();
+    assert!(!running(third), "QEMU outlived its launcher pod");
+}
+
+#[tokio::test]
+async fn snp_refused_by_the_pods_qemu_reaches_the_caller_in_qemus_words() {
+    let Some(bin) = qemu() else { return };
+    let mut h = host(bin);
+    let pod = Pod::start("ns/snp").await;
+    h.opts.launcher_dir_in_pod = pod.in_pod.clone();
+    h.opts.lock_guest_memory = false;
+    let uid = "dddddddd-0000-0000-0000-000000000004";
+    let req = GuestRequest {
+        launcher: Some(pod.dir.clone()),
+        ..snp_request(uid, "snp")
+    };
+    let p = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    let e = p.launch(&req).await.expect_err("SNP started without SNP");
+    let msg = e.to_string();
+    assert_eq!(e.reason(), "QemuExitedAtStart", "{msg}");
+    assert!(
+        msg.split(" | ").any(|l| l.contains("sev-snp-guest")),
+        "no QEMU line about sev-snp-guest in {msg}"
+    );
+    assert!(p.list().await.unwrap().is_empty());
+    assert_eq!(recorded_guests(&h.opts.state_dir), 0);
+}
+
+/// SEV guests pin their memory: before QEMU starts, the plugin sets the launcher's
+/// RLIMIT_MEMLOCK (by its pid, read from the socket's peer credentials), and a launcher
+/// whose limit is still too low refuses, naming both numbers, instead of letting QEMU fail
+/// later. (Raising a limit needs CAP_SYS_RESOURCE, which this sandbox lacks; lowering one
+/// does not, so the mechanism is checked by lowering it.)
+#[tokio::test]
+async fn the_launchers_locked_memory_limit_is_set_by_the_plugin_or_the_launch_refused() {
+    use cvm_node_plugin::launcher::{LauncherClient, ProcState, Program};
+    let Some(bin) = qemu() else { return };
+    let pod = Pod::start("ns/mem").await;
+    let client = LauncherClient::new(&pod.dir);
+    let want = 4u64 << 20;
+    let p = client
+        .launch("l1", Program::StandIn, Some(want))
+        .await
+        .unwrap();
+    assert_eq!(p.state, ProcState::Running);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", pod.launcher.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .unwrap();
+    assert_eq!(
+        line.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        vec!["4194304", "4194304"],
+        "{line}"
+    );
+    client.stop(Duration::from_secs(2)).await.unwrap();
+
+    // A guest needing more than the plugin could grant: refused before QEMU runs.
+    let mut h = host(bin);
+    h.opts.launcher_dir_in_pod = pod.in_pod.clone();
+    let req = GuestRequest {
+        launcher: Some(pod.dir.clone()),
+        ..snp_request("eeeeeeee-0000-0000-0000-000000000005", "mem")
+    };
+    let p = QemuPlatform::open(h.opts.clone()).await.unwrap();
+    match p.launch(&req).await {
+        Err(e) => {
+            let msg = e.to_string();
+            assert_eq!(e.reason(), "LaunchFailed", "{msg}");
+            assert!(
+                msg.contains(
+                    "the guest pins 536870912 bytes of memory, RLIMIT_MEMLOCK here is 4194304"
+                ),
+                "{msg}"
+            );
+        }
+        // Where the plugin may raise limits (CAP_SYS_RESOURCE), it did: QEMU then refuses SNP.
+        Ok(g) => panic!("an SNP guest started without SNP: {g:?}"),
+    }
+}

@@ -17,8 +17,7 @@ use serde_json::json;
 
 /// Label naming a launcher pod's CVM (in the CVM's namespace).
 pub const LABEL_CVM: &str = "cvmp.io/cvm";
-/// Where the launcher's command socket lives in its pod (an emptyDir).
-pub const SOCKET_DIR: &str = "/var/run/cvm-launcher";
+use cvm_crds::wellknown::LAUNCHER_DIR as SOCKET_DIR;
 
 /// How launcher pods are made (operator flags).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,27 +1,42 @@
 //! `cvm-launcher --socket-dir DIR --cvm NAMESPACE/NAME`: the process of a CVM's launcher
-//! pod (see `cvm_node_plugin::launcher`). Runs until SIGTERM.
+//! pod (see `cvm_node_plugin::launcher`). Runs until SIGTERM, then stops its guest.
+//! `cvm-launcher --stand-in`: the stand-in guest it runs on simulated hosts.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str =
+    "usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME [--stop-grace-seconds=N]";
 
 fn main() -> ExitCode {
     let mut socket_dir: Option<PathBuf> = None;
     let mut cvm: Option<String> = None;
+    let mut stand_in = false;
+    // kubelet's default grace is 30 s: QEMU gets most of it to shut the guest down.
+    let mut grace = Duration::from_secs(20);
     for arg in std::env::args().skip(1) {
         if let Some(v) = arg.strip_prefix("--socket-dir=") {
             socket_dir = Some(PathBuf::from(v));
         } else if let Some(v) = arg.strip_prefix("--cvm=") {
             cvm = Some(v.to_string());
+        } else if let Some(v) = arg.strip_prefix("--stop-grace-seconds=") {
+            match v.parse() {
+                Ok(s) => grace = Duration::from_secs(s),
+                Err(_) => {
+                    eprintln!(
+                        "cvm-launcher: --stop-grace-seconds={v:?} is not a number of seconds"
+                    );
+                    return ExitCode::from(2);
+                }
+            }
+        } else if arg == "--stand-in" {
+            stand_in = true;
         } else {
-            eprintln!("cvm-launcher: unknown argument {arg:?}; usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME");
+            eprintln!("cvm-launcher: unknown argument {arg:?}; {USAGE}");
             return ExitCode::from(2);
         }
     }
-    let (Some(dir), Some(cvm)) = (socket_dir, cvm) else {
-        eprintln!("cvm-launcher: --socket-dir=DIR and --cvm=NAMESPACE/NAME are required");
-        return ExitCode::from(2);
-    };
-    tracing_subscriber::fmt().json().init();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -32,6 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if stand_in {
+        rt.block_on(cvm_node_plugin::launcher::stand_in(
+            cvm.as_deref().unwrap_or("its CVM"),
+        ));
+        return ExitCode::SUCCESS;
+    }
+    let (Some(dir), Some(cvm)) = (socket_dir, cvm) else {
+        eprintln!("cvm-launcher: --socket-dir=DIR and --cvm=NAMESPACE/NAME are required; {USAGE}");
+        return ExitCode::from(2);
+    };
+    tracing_subscriber::fmt().json().init();
     let result = rt.block_on(async {
         let stop = async {
             use tokio::signal::unix::{signal, SignalKind};
@@ -45,7 +71,7 @@ fn main() -> ExitCode {
                 _ => std::future::pending::<()>().await,
             }
         };
-        cvm_node_plugin::launcher::serve(&dir, &cvm, stop).await
+        cvm_node_plugin::launcher::serve(&dir, &cvm, grace, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,6 +59,9 @@ struct SimGuest {
     /// The SEV-SNP REPORT_ID the "firmware" chose at launch (hex).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     report_id: String,
+    /// The launcher pod running the stand-in guest process (its socket dir on the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    launcher: Option<PathBuf>,
 }
 
 impl SimGuest {
@@ -269,7 +272,63 @@ impl SimPlatform {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
+        if let Some(dir) = &req.launcher {
+            // The guest's process runs in its launcher pod: a stand-in, as there is no VM.
+            let launch_id = self
+                .lock()
+                .guests
+                .get(&req.uid)
+                .map(|g| g.info.launch_id.clone())
+                .unwrap_or_default();
+            let started = crate::launcher::LauncherClient::new(dir)
+                .launch(&launch_id, crate::launcher::Program::StandIn, None)
+                .await;
+            if let Err(e) = started {
+                let mut file = self.lock();
+                file.guests.remove(&req.uid);
+                let _ = self.persist(&file);
+                return Err(PlatformError::Launch(format!(
+                    "the launcher pod did not start the guest: {e}"
+                )));
+            }
+        }
         self.finish_launch(&req.uid)
+    }
+
+    /// Marks Failed the running guests whose process in their launcher pod ended (or is
+    /// not the one launched: the pod was replaced while nobody watched).
+    async fn check_launchers(&self) -> Result<(), PlatformError> {
+        let watched: Vec<(String, String, PathBuf)> = self
+            .lock()
+            .guests
+            .values()
+            .filter(|g| g.info.state == GuestState::Running)
+            .filter_map(|g| {
+                let dir = g.launcher.clone()?;
+                Some((g.info.uid.clone(), g.info.launch_id.clone(), dir))
+            })
+            .collect();
+        let mut ended = Vec::new();
+        for (uid, launch_id, dir) in watched {
+            // An unreachable launcher is the plugin loop's to judge (its pod's state).
+            let Ok(p) = crate::launcher::LauncherClient::new(&dir).status().await else {
+                continue;
+            };
+            if let Some(why) = crate::launcher::ended(&p, &launch_id) {
+                ended.push((uid, why));
+            }
+        }
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let mut file = self.lock();
+        for (uid, why) in ended {
+            if let Some(g) = file.guests.get_mut(&uid) {
+                g.info.state = GuestState::Failed;
+                g.info.message = Some(why);
+            }
+        }
+        self.persist(&file)
     }
 
     fn begin_launch(
@@ -324,6 +383,7 @@ impl SimPlatform {
                 sent_to: None,
                 instance_key: hex::encode(key.pkcs8()),
                 report_id: hex::encode(report_id),
+                launcher: req.launcher.clone(),
             },
         );
         if let Err(e) = self.persist(&file) {
@@ -442,6 +502,19 @@ impl Platform for SimPlatform {
     }
 
     async fn stop(&self, uid: &str) -> Result<Option<GuestInfo>, PlatformError> {
+        let launcher = match self.lock().guests.get(uid) {
+            None => return Ok(None),
+            Some(g) => g.launcher.clone(),
+        };
+        if let Some(dir) = launcher {
+            // A launcher that is gone took its guest process with it.
+            if let Err(e) = crate::launcher::LauncherClient::new(&dir)
+                .stop(std::time::Duration::from_secs(5))
+                .await
+            {
+                tracing::debug!(uid, error = %e, "stopping the stand-in guest through its launcher");
+            }
+        }
         let mut file = self.lock();
         let Some(mut g) = file.guests.remove(uid) else {
             return Ok(None);
@@ -455,6 +528,7 @@ impl Platform for SimPlatform {
     }
 
     async fn list(&self) -> Result<Vec<GuestInfo>, PlatformError> {
+        self.check_launchers().await?;
         Ok(self
             .lock()
             .guests
