@@ -365,3 +365,253 @@ async fn attest_gives_up_after_its_timeout_when_no_guest_answers() {
         "{took:?}"
     );
 }
+
+/// `launchId` and `launchedAt` of the guest the status describes.
+fn launch_of(c: &cvm_crds::ConfidentialVM) -> (Option<String>, Option<String>) {
+    kubectl_cvm::power::launch_mark(c)
+}
+
+fn before_stop(c: &cvm_crds::ConfidentialVM) -> Option<String> {
+    c.metadata
+        .annotations
+        .as_ref()?
+        .get(kubectl_cvm::power::ANNOTATION_BEFORE_STOP)
+        .cloned()
+}
+
+fn stopped_as_halted(c: &cvm_crds::ConfidentialVM) -> bool {
+    c.phase() == cvm_crds::CvmPhase::Stopped
+        && condition(c, "Ready").is_some_and(|r| r.status == "True" && r.reason == "Halted")
+}
+
+#[tokio::test]
+async fn stop_start_and_restart_drive_the_run_strategy() {
+    use cvm_crds::cvm::RunStrategy;
+    use cvm_crds::CvmPhase;
+
+    let sys = system();
+    let ns = "e2e-kcvm-power";
+    let name = "power";
+    let (admin, cvms) = api(&sys, ns).await;
+    // Not the default strategy, so that restoring it is seen.
+    let mut m = cvm(name, ns, "SEV-SNP");
+    m["spec"]["runStrategy"] = serde_json::json!("RerunOnFailure");
+    apply_json(&sys, &m).unwrap();
+    let first = wait::until(&cvms, name, WAIT, "Verified", |c| {
+        cond_is(c, "Verified", "True")
+    })
+    .await
+    .unwrap();
+    let node = first.node_name().unwrap().to_string();
+    let uid = first.metadata.uid.clone().unwrap();
+    let launch1 = launch_of(&first);
+    assert!(launch1.0.is_some(), "the simulator reports a launch id");
+    wait_guest(&sys, &node, &uid, true).await;
+
+    // stop: Halted, the old strategy remembered; the command does not wait by default.
+    let o = run(&sys, &["stop", name, "-n", ns]);
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}\n{}", err(&o));
+    assert!(
+        text.contains("spec.runStrategy RerunOnFailure -> Halted"),
+        "{text}"
+    );
+    let c = cvms.get(name).await.unwrap();
+    assert_eq!(c.spec.run_strategy, RunStrategy::Halted);
+    assert_eq!(before_stop(&c).as_deref(), Some("RerunOnFailure"));
+    // The guest stops: the operator says so, and the simulated host no longer holds it.
+    // (This harness's operator runs without --launcher-image, so there is no launcher pod
+    // whose deletion could be checked here.)
+    wait::until(&cvms, name, WAIT, "Stopped, Ready=True Halted", |c| {
+        stopped_as_halted(c)
+    })
+    .await
+    .unwrap();
+    wait_guest(&sys, &node, &uid, false).await;
+
+    // stop again: already stopped, nothing changes.
+    let generation = cvms.get(name).await.unwrap().metadata.generation;
+    let o = run(&sys, &["stop", name, "-n", ns]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(out(&o).contains("already stopped"), "{}", out(&o));
+    let c = cvms.get(name).await.unwrap();
+    assert_eq!(before_stop(&c).as_deref(), Some("RerunOnFailure"));
+    assert_eq!(c.metadata.generation, generation, "the spec is left alone");
+
+    // restart of a stopped CVM is refused, pointing at start.
+    let o = run(&sys, &["restart", name, "-n", ns]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(
+        err(&o).contains("is stopped") && err(&o).contains("use kubectl cvm start"),
+        "{}",
+        err(&o)
+    );
+
+    // start --wait: the remembered strategy back, the annotation gone, a new guest verified.
+    let o = run(
+        &sys,
+        &["start", name, "-n", ns, "--wait", "--timeout", "90s"],
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}\n{}", err(&o));
+    assert!(
+        text.contains("spec.runStrategy Halted -> RerunOnFailure"),
+        "{text}"
+    );
+    assert!(text.contains("Verified on node"), "{text}");
+    let c = cvms.get(name).await.unwrap();
+    assert_eq!(c.spec.run_strategy, RunStrategy::RerunOnFailure);
+    assert_eq!(before_stop(&c), None);
+    assert_eq!(
+        c.phase(),
+        CvmPhase::Verified,
+        "--wait returned before Verified"
+    );
+    let launch2 = launch_of(&c);
+    assert!(launch2.0.is_some());
+    assert_ne!(launch2, launch1, "start launches a new guest");
+    wait_guest(&sys, &node, &uid, true).await;
+
+    // start again: already running.
+    let o = run(&sys, &["start", name, "-n", ns]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    assert!(
+        out(&o).contains("already running (runStrategy RerunOnFailure"),
+        "{}",
+        out(&o)
+    );
+
+    // restart --wait of the running CVM: stopped, started, a new launch verified, and
+    // the strategy as it was.
+    let o = run(
+        &sys,
+        &["restart", name, "-n", ns, "--wait", "--timeout", "90s"],
+    );
+    let text = out(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}\n{}", err(&o));
+    for want in [
+        "spec.runStrategy RerunOnFailure -> Halted",
+        "guest stopped (phase Stopped",
+        "spec.runStrategy Halted -> RerunOnFailure",
+        "Verified on node",
+    ] {
+        assert!(text.contains(want), "{want}: {text}");
+    }
+    let c = cvms.get(name).await.unwrap();
+    assert_eq!(c.spec.run_strategy, RunStrategy::RerunOnFailure);
+    assert_eq!(before_stop(&c), None);
+    assert_eq!(c.phase(), CvmPhase::Verified);
+    let launch3 = launch_of(&c);
+    assert!(launch3.0.is_some());
+    assert_ne!(launch3, launch2, "restart launches a new guest");
+    assert!(
+        c.status
+            .as_ref()
+            .and_then(|s| s.guest_instance.as_ref())
+            .is_some_and(|g| g.relaunches >= 2),
+        "the operator pinned each new instance: {:?}",
+        c.status.as_ref().map(|s| &s.guest_instance)
+    );
+
+    // stop --wait returns once the status shows the guest stopped.
+    let o = run(
+        &sys,
+        &["stop", name, "-n", ns, "--wait", "--timeout", "90s"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    assert!(out(&o).contains("guest stopped"), "{}", out(&o));
+    let c = cvms.get(name).await.unwrap();
+    assert!(stopped_as_halted(&c), "{:?}", c.status);
+
+    // A CVM no node can host: stopped at once (there is no guest), and a start --wait
+    // gives up after its timeout, saying where the CVM was left.
+    let mut m = cvm("unplaced", ns, "SEV-SNP");
+    m["spec"]["nodeSelector"] = serde_json::json!({"cvmp.io/pool": "absent"});
+    apply_json(&sys, &m).unwrap();
+    wait::until(&cvms, "unplaced", WAIT, "Scheduled=False", |c| {
+        cond_is(c, "Scheduled", "False")
+    })
+    .await
+    .unwrap();
+    let o = run(
+        &sys,
+        &["stop", "unplaced", "-n", ns, "--wait", "--timeout", "60s"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", out(&o), err(&o));
+    assert!(
+        out(&o).contains("guest stopped (phase Pending"),
+        "{}",
+        out(&o)
+    );
+    let o = run(
+        &sys,
+        &["start", "unplaced", "-n", ns, "--wait", "--timeout", "3s"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    for want in [
+        "timed out after 3s waiting for ConfidentialVM",
+        "to be Verified",
+        "phase Pending, Ready False (",
+    ] {
+        assert!(err(&o).contains(want), "{want}: {}", err(&o));
+    }
+
+    // A missing CVM is named, with the namespace looked in.
+    let o = run(&sys, &["stop", "no-such-vm", "-n", ns]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(
+        err(&o).contains(&format!(
+            "ConfidentialVM no-such-vm not found in namespace {ns}"
+        )),
+        "{}",
+        err(&o)
+    );
+
+    // A user who may read but not patch CVMs is told which verb is missing.
+    let dir = tempfile::tempdir().unwrap();
+    let kc = cvm_e2e::identity::user_kubeconfig(
+        &admin,
+        sys.cp.kubeconfig(),
+        "power-reader",
+        None,
+        &dir.path().join("reader.kubeconfig"),
+    )
+    .await
+    .unwrap();
+    apply_json(
+        &sys,
+        &serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "cvm-reader", "namespace": ns},
+            "rules": [{"apiGroups": ["cvmp.io"], "resources": ["confidentialvms"],
+                       "verbs": ["get"]}],
+        }),
+    )
+    .unwrap();
+    apply_json(
+        &sys,
+        &serde_json::json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "cvm-reader", "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": "cvm-reader"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                          "name": "power-reader"}],
+        }),
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_cvm-dev"))
+        .args(["kubectl-cvm", "start", name, "-n", ns, "--kubeconfig"])
+        .arg(&kc)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(
+        err(&o).contains("may not patch confidentialvms.cvmp.io in namespace"),
+        "{}",
+        err(&o)
+    );
+    let c = cvms.get(name).await.unwrap();
+    assert_eq!(c.spec.run_strategy, RunStrategy::Halted, "nothing changed");
+}

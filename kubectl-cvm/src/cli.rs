@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::{attest, evidence, measure_cmd, migrate, report, status};
+use crate::{attest, evidence, measure_cmd, migrate, power, report, status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,7 +17,7 @@ use crate::{attest, evidence, measure_cmd, migrate, report, status};
     bin_name = "kubectl cvm",
     version,
     about = "Confidential VM client: measure, attest, inspect and verify, trusting only your own anchors",
-    after_help = "Examples:\n  kubectl cvm measure --ovmf OVMF.fd --vcpus 4 --vcpu-type EPYC-Milan\n  kubectl cvm attest my-vm --random --trust-root amd\n  kubectl cvm status my-vm -n prod\n  kubectl cvm report my-vm"
+    after_help = "Examples:\n  kubectl cvm measure --ovmf OVMF.fd --vcpus 4 --vcpu-type EPYC-Milan\n  kubectl cvm attest my-vm --random --trust-root amd\n  kubectl cvm status my-vm -n prod\n  kubectl cvm report my-vm\n  kubectl cvm restart my-vm --wait"
 )]
 struct Cli {
     #[command(flatten)]
@@ -57,6 +57,15 @@ enum Command {
     /// Live-migrate a CVM to another node (the target must pass attestation first).
     #[command(after_help = migrate::EXAMPLES)]
     Migrate(migrate::MigrateArgs),
+    /// Start a stopped CVM: restore the runStrategy `stop` replaced (else Always).
+    #[command(after_help = power::START_EXAMPLES)]
+    Start(power::StartArgs),
+    /// Stop a CVM's guest: set spec.runStrategy to Halted, remembering the strategy it had.
+    #[command(after_help = power::STOP_EXAMPLES)]
+    Stop(power::StopArgs),
+    /// Stop a CVM's guest, wait until it is stopped, and start a new one.
+    #[command(after_help = power::RESTART_EXAMPLES)]
+    Restart(power::RestartArgs),
     /// Work with attestation evidence files.
     Evidence {
         #[command(subcommand)]
@@ -112,6 +121,9 @@ where
         Command::Report(a) => report::run(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Status(a) => status::run(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Migrate(a) => migrate::run(&cli.kube, &a).map_err(|e| e.to_string()),
+        Command::Start(a) => power::run_start(&cli.kube, &a).map_err(|e| e.to_string()),
+        Command::Stop(a) => power::run_stop(&cli.kube, &a).map_err(|e| e.to_string()),
+        Command::Restart(a) => power::run_restart(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Evidence {
             command: EvidenceCommand::Verify(a),
         } => evidence::run(&a)

@@ -12,5 +12,6 @@ pub mod evidence;
 pub mod measure;
 pub mod measure_cmd;
 pub mod migrate;
+pub mod power;
 pub mod report;
 pub mod status;
