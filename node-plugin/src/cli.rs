@@ -518,7 +518,7 @@ async fn serve<P: Platform>(
             dir.clone(),
             node_name.clone(),
             resources,
-            host,
+            cli.host_root.clone(),
             shutdown_signal(),
         ));
     }

@@ -81,18 +81,35 @@ pub fn resources(caps: &HostCapabilities) -> Vec<Resource> {
     out
 }
 
-/// The devices of `r`, all healthy: `<short name>-<index>`, e.g. `esid-0`.
-pub fn devices(r: &Resource) -> Vec<api::Device> {
+/// The devices of `r`: `<short name>-<index>`, e.g. `esid-0`, each `Healthy` or
+/// `Unhealthy` (kubelet then admits no new pod for them).
+pub fn devices(r: &Resource, healthy: bool) -> Vec<api::Device> {
     let short = r.name.rsplit('/').next().unwrap_or(&r.name);
     let short = short.strip_suffix('s').unwrap_or(short);
+    let health = if healthy { "Healthy" } else { "Unhealthy" };
     (0..r.count)
         .map(|i| api::Device {
             id: format!("{short}-{i}"),
-            health: "Healthy".into(),
+            health: health.into(),
             topology: None,
         })
         .collect()
 }
+
+/// Whether `resource` is still usable: the device node it needs, if the host had it at
+/// start (`at_start`), is still there `now` (a driver unloaded, a device reset). TEE keys
+/// need `/dev/sev` (AMD) or `/dev/kvm` (TDX); KVM shares need `/dev/kvm`.
+pub fn healthy(resource: &str, at_start: HostDevices, now: HostDevices) -> bool {
+    let kept = |had: bool, has: bool| !had || has;
+    match resource {
+        RESOURCE_SNP_ESIDS | RESOURCE_SEV_ASIDS => kept(at_start.sev, now.sev),
+        RESOURCE_TDX_KEYS | RESOURCE_KVM => kept(at_start.kvm, now.kvm),
+        _ => true,
+    }
+}
+
+/// How often the host's devices are looked at again for health.
+const HEALTH_CHECK: Duration = Duration::from_secs(5);
 
 /// The socket file of `resource` in kubelet's directory (no '/' in a file name).
 pub fn socket_name(resource: &str) -> String {
@@ -176,6 +193,8 @@ pub fn container_response(
 struct Service {
     resource: Resource,
     host: HostDevices,
+    /// The resource's health; ListAndWatch sends the devices again when it changes.
+    health: tokio::sync::watch::Receiver<bool>,
     /// Ends open ListAndWatch streams when the server is replaced or stops.
     stop: tokio::sync::watch::Receiver<bool>,
 }
@@ -199,17 +218,26 @@ impl api::device_plugin_server::DevicePlugin for Service {
         &self,
         _: tonic::Request<api::Empty>,
     ) -> Result<tonic::Response<Self::ListAndWatchStream>, tonic::Status> {
-        // The devices once; the stream stays open (kubelet reads an ended stream as the
-        // plugin gone) until this server stops.
-        let first = api::ListAndWatchResponse {
-            devices: devices(&self.resource),
-        };
-        let mut stop = self.stop.clone();
-        let rest = futures::stream::once(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .filter_map(|_| async { None });
-        let stream = futures::stream::once(async move { Ok(first) }).chain(rest);
+        // The devices now and again whenever their health changes; the stream stays open
+        // (kubelet reads an ended stream as the plugin gone) until this server stops.
+        let resource = self.resource.clone();
+        let state = (self.health.clone(), self.stop.clone(), true);
+        let stream = futures::stream::unfold(state, move |(mut health, mut stop, first)| {
+            let resource = resource.clone();
+            async move {
+                if !first {
+                    tokio::select! {
+                        changed = health.changed() => changed.ok()?,
+                        _ = stop.wait_for(|s| *s) => return None,
+                    }
+                }
+                let ok = *health.borrow_and_update();
+                let reply = api::ListAndWatchResponse {
+                    devices: devices(&resource, ok),
+                };
+                Some((Ok(reply), (health, stop, false)))
+            }
+        });
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 
@@ -245,24 +273,45 @@ impl api::device_plugin_server::DevicePlugin for Service {
     }
 }
 
-use futures::StreamExt as _;
-
 /// Serves every resource in `dir` and keeps each registered with kubelet until
 /// `shutdown` resolves. Errors are logged and retried (kubelet may start after us).
+/// `host_root`'s devices are looked at again every few seconds: a resource whose device
+/// went away is reported Unhealthy, and Healthy again when it is back.
 pub async fn run(
     dir: PathBuf,
     node: String,
     resources: Vec<Resource>,
-    host: HostDevices,
+    host_root: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
+    let host = HostDevices::detect(&host_root);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let loops = resources.into_iter().map(|r| {
-        let (dir, node, stop) = (dir.clone(), node.clone(), stop_rx.clone());
-        async move { keep_registered(&dir, &node, r, host, stop).await }
-    });
+    let mut health_tx = Vec::new();
+    let loops: Vec<_> = resources
+        .into_iter()
+        .map(|r| {
+            let (tx, health) = tokio::sync::watch::channel(true);
+            health_tx.push((r.name.clone(), tx));
+            let (dir, node, stop) = (dir.clone(), node.clone(), stop_rx.clone());
+            async move { keep_registered(&dir, &node, r, host, health, stop).await }
+        })
+        .collect();
+    let watch_health = async {
+        loop {
+            tokio::time::sleep(HEALTH_CHECK).await;
+            let now = HostDevices::detect(&host_root);
+            for (name, tx) in &health_tx {
+                let ok = healthy(name, host, now);
+                if *tx.borrow() != ok {
+                    warn!(node = %node, resource = %name, healthy = ok, devices = ?now, "device health changed");
+                    let _ = tx.send(ok);
+                }
+            }
+        }
+    };
     tokio::select! {
         _ = futures::future::join_all(loops) => {}
+        _ = watch_health => {}
         _ = shutdown => {}
     }
     let _ = stop_tx.send(true);
@@ -274,6 +323,7 @@ async fn keep_registered(
     node: &str,
     resource: Resource,
     host: HostDevices,
+    health: tokio::sync::watch::Receiver<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut delay = Duration::from_millis(500);
@@ -281,7 +331,7 @@ async fn keep_registered(
         if *stop.borrow() {
             return;
         }
-        match serve_once(dir, node, &resource, host, stop.clone()).await {
+        match serve_once(dir, node, &resource, host, health.clone(), stop.clone()).await {
             Ok(()) => delay = Duration::from_millis(500),
             Err(e) => {
                 warn!(node = %node, resource = %resource.name, error = %e, retry_in = ?delay, "device plugin");
@@ -302,6 +352,7 @@ async fn serve_once(
     node: &str,
     resource: &Resource,
     host: HostDevices,
+    health: tokio::sync::watch::Receiver<bool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), DevicePluginError> {
     let name = socket_name(&resource.name);
@@ -321,6 +372,7 @@ async fn serve_once(
     let svc = Service {
         resource: resource.clone(),
         host,
+        health,
         stop: done_rx,
     };
     let mut server_stop = stop.clone();
@@ -401,6 +453,7 @@ mod tests {
     use super::*;
     use crate::config::SimConfig;
     use cvm_crds::TeeType;
+    use futures::StreamExt as _;
 
     #[test]
     fn a_simulated_snp_host_advertises_its_configured_keys_and_kvm() {
@@ -429,13 +482,81 @@ mod tests {
                 },
             ]
         );
-        let d = devices(&r[0]);
+        let d = devices(&r[0], true);
         assert_eq!(d.len(), 9);
         assert_eq!(d[0].id, "esid-0");
         assert!(d.iter().all(|d| d.health == "Healthy"));
+        assert!(devices(&r[0], false)
+            .iter()
+            .all(|d| d.health == "Unhealthy"));
         assert_eq!(
             socket_name(RESOURCE_SNP_ESIDS),
             "cvm-sev-snp.amd.com_esids.sock"
+        );
+    }
+
+    #[test]
+    fn a_resource_is_unhealthy_while_the_device_it_had_is_gone() {
+        let all = HostDevices {
+            sev: true,
+            kvm: true,
+            vhost_vsock: true,
+        };
+        let no_sev = HostDevices { sev: false, ..all };
+        let none = HostDevices::default();
+        assert!(healthy(RESOURCE_SNP_ESIDS, all, all));
+        assert!(!healthy(RESOURCE_SNP_ESIDS, all, no_sev));
+        assert!(!healthy(RESOURCE_SEV_ASIDS, all, no_sev));
+        assert!(healthy(RESOURCE_KVM, all, no_sev));
+        assert!(!healthy(RESOURCE_KVM, all, none));
+        assert!(!healthy(RESOURCE_TDX_KEYS, all, none));
+        // A host that never had the device (a simulated one) does not lose it.
+        assert!(healthy(RESOURCE_SNP_ESIDS, none, none));
+        assert!(healthy(RESOURCE_KVM, none, none));
+    }
+
+    #[tokio::test]
+    async fn list_and_watch_sends_the_devices_again_when_their_health_changes() {
+        use api::device_plugin_server::DevicePlugin as _;
+        let (health_tx, health) = tokio::sync::watch::channel(true);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let svc = Service {
+            resource: Resource {
+                name: RESOURCE_KVM.into(),
+                count: 2,
+            },
+            host: HostDevices::default(),
+            health,
+            stop,
+        };
+        let mut stream = svc
+            .list_and_watch(tonic::Request::new(api::Empty {}))
+            .await
+            .unwrap()
+            .into_inner();
+        async fn next(s: &mut ListStream) -> Option<Vec<String>> {
+            let r = s.next().await?.ok()?;
+            Some(r.devices.iter().map(|d| d.health.clone()).collect())
+        }
+        assert_eq!(
+            next(&mut stream).await,
+            Some(vec!["Healthy".to_string(); 2])
+        );
+        health_tx.send(false).unwrap();
+        assert_eq!(
+            next(&mut stream).await,
+            Some(vec!["Unhealthy".to_string(); 2])
+        );
+        health_tx.send(true).unwrap();
+        assert_eq!(
+            next(&mut stream).await,
+            Some(vec!["Healthy".to_string(); 2])
+        );
+        stop_tx.send(true).unwrap();
+        assert_eq!(
+            next(&mut stream).await,
+            None,
+            "the stream ends with the server"
         );
     }
 
