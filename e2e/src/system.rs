@@ -45,6 +45,8 @@ pub struct System {
     procs: Supervisor,
     /// Metrics ports of the running components, by process name.
     ports: std::sync::Mutex<std::collections::HashMap<String, u16>>,
+    /// Process ids of the operator replicas, by process name (the latest start).
+    pids: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     exe: PathBuf,
     launch_delay_ms: u64,
     pub cp: ControlPlane,
@@ -79,6 +81,7 @@ impl System {
         let sys = System {
             procs: Supervisor::new()?,
             ports: Default::default(),
+            pids: Default::default(),
             exe: opts.exe.clone(),
             launch_delay_ms: opts.launch_delay_ms,
             cp,
@@ -127,12 +130,26 @@ impl System {
             "--lease-namespace=default".into(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
-        self.procs.spawn(name, &self.exe, &args, &self.log(name))?;
+        let pid = self.procs.spawn(name, &self.exe, &args, &self.log(name))?;
         self.ports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string(), port);
+        self.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), pid);
         Ok(())
+    }
+
+    /// Process id of the operator replica `name` as last started (e.g. to read its
+    /// `/proc/PID/status`); `None` if none was started under that name.
+    pub fn operator_pid(&self, name: &str) -> Option<u32> {
+        self.pids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
     }
 
     /// `127.0.0.1:PORT` of a component's metrics/health endpoint.
