@@ -500,6 +500,31 @@ pub struct ConfidentialVMStatus {
     /// here as a new pin with `relaunches` counted up, and as an event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_instance: Option<GuestInstancePin>,
+
+    /// Nodes that refused this CVM's launcher pod recently (operator): kube-scheduler
+    /// kept it Unschedulable, kubelet rejected or evicted it, or the node was cordoned
+    /// under it. The CVM is placed again without them for a while (10 minutes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub refused_nodes: Vec<RefusedNode>,
+}
+
+/// A node that refused a CVM's launcher pod.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedNode {
+    /// The node's name.
+    #[schemars(length(max = 253))]
+    pub node: String,
+    /// kube-scheduler's or kubelet's reason (`Unschedulable`, `Evicted`, `OutOfmemory`,
+    /// `ErrImageNeverPull`…), or `NodeCordoned`.
+    #[schemars(length(max = 128))]
+    pub reason: String,
+    /// Their words.
+    #[schemars(length(max = 1024))]
+    pub message: String,
+    /// When the operator moved the CVM off the node.
+    pub at: Time,
 }
 
 /// The identity of the guest instance whose evidence counts for a CVM.

@@ -51,6 +51,11 @@ pub const LAUNCHER_SOCKET_VOLUME: &str = "launcher";
 /// both reach.
 pub const LAUNCHER_DIR: &str = "/var/run/cvm-launcher";
 
+/// The `Launched=False` reason a node plugin gives when a guest stopped because its
+/// launcher pod went away (deleted, evicted, drained): the operator does not replace the
+/// pod of a `runStrategy: Manual` CVM that stopped so.
+pub const REASON_LAUNCHER_GONE: &str = "LauncherPodGone";
+
 /// Node Feature Discovery label that marks a TEE enabled on a host.
 pub fn nfd_label(tee: TeeType) -> &'static str {
     match tee {

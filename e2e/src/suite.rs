@@ -224,7 +224,7 @@ type Check = fn(&Cluster) -> Result<Outcome>;
 
 /// The checks in the order they run (later ones rely on the examples and leave the
 /// release uninstalled last).
-pub const CHECKS: [(&str, Check); 11] = [
+pub const CHECKS: [(&str, Check); 12] = [
     ("install", check_install),
     ("examples", check_examples),
     ("gitops-health", check_gitops_health),
@@ -233,6 +233,7 @@ pub const CHECKS: [(&str, Check); 11] = [
     ("node-restriction-projected-token", check_projected_token),
     ("plugin-pod-recreated", check_plugin_pod_recreated),
     ("kubelet-restart", check_kubelet_restart),
+    ("evict-and-drain", check_evict_and_drain),
     ("leader-failover", check_leader_failover),
     ("helm-upgrade", check_upgrade),
     ("helm-uninstall", check_uninstall),
@@ -1198,6 +1199,153 @@ fn t0_stamp() -> String {
         .unwrap_or_default()
 }
 
+fn status_field(c: &Cluster, name: &str, path: &str) -> String {
+    c.jsonpath(&["get", "cvm", name, "-n", SUITE_NAMESPACE], path)
+        .unwrap_or_default()
+}
+
+fn launch_id(c: &Cluster, name: &str) -> String {
+    status_field(c, name, "{.status.platform.launchId}")
+}
+
+/// Evicts a pod through the Eviction API, as `kubectl drain` does.
+fn evict(c: &Cluster, ns: &str, pod: &str) -> Result<()> {
+    use std::io::Write;
+    let body = format!(
+        r#"{{"apiVersion":"policy/v1","kind":"Eviction","metadata":{{"name":"{pod}","namespace":"{ns}"}}}}"#
+    );
+    let mut f = tempfile::NamedTempFile::new()
+        .map_err(|e| SuiteError::Harness(format!("a temporary file: {e}")))?;
+    f.write_all(body.as_bytes())
+        .map_err(|e| SuiteError::Harness(format!("writing the eviction: {e}")))?;
+    let path = f.path().display().to_string();
+    c.get(&[
+        "create",
+        "--raw",
+        &format!("/api/v1/namespaces/{ns}/pods/{pod}/eviction"),
+        "-f",
+        &path,
+    ])?;
+    Ok(())
+}
+
+/// A launcher pod evicted, and a node drained: with `runStrategy: Always` the guest comes
+/// back (a new launch, Verified; off the drained node, which the status names), with
+/// `Manual` the CVM says its pod went and nothing replaces it.
+fn check_evict_and_drain(c: &Cluster) -> Result<Outcome> {
+    let always = "evict-always";
+    let manual = "evict-manual";
+    c.apply(&snp_cvm(always, |_| {})?)?;
+    c.apply(&snp_cvm(manual, |v| {
+        v.spec.run_strategy = cvm_crds::cvm::RunStrategy::Manual;
+    })?)?;
+    for n in [always, manual] {
+        until(Duration::from_secs(120), &format!("{n} Verified"), || {
+            verified(c, SUITE_NAMESPACE, n)
+        })?;
+    }
+    let pod = |n: &str| cvm_operator::launcher::pod_name(n);
+
+    // Evicted (no drain): Always relaunches in a new pod on the same node.
+    let (first, node) = (
+        launch_id(c, always),
+        status_field(c, always, "{.status.nodeName}"),
+    );
+    let t = Instant::now();
+    evict(c, SUITE_NAMESPACE, &pod(always))?;
+    until(
+        Duration::from_secs(120),
+        "the evicted Always CVM Verified on a new launch",
+        || {
+            let id = launch_id(c, always);
+            !id.is_empty() && id != first && verified(c, SUITE_NAMESPACE, always)
+        },
+    )?;
+    figure(
+        "launcher pod evicted -> Verified again (runStrategy Always)",
+        format!("{:.1} s", t.elapsed().as_secs_f64()),
+    );
+
+    // Evicted under Manual: the CVM says so, and no pod comes back.
+    evict(c, SUITE_NAMESPACE, &pod(manual))?;
+    until(
+        Duration::from_secs(120),
+        "the Manual CVM saying its launcher pod went",
+        || {
+            condition(c, SUITE_NAMESPACE, manual, "Ready")
+                == (
+                    "False".into(),
+                    cvm_crds::wellknown::REASON_LAUNCHER_GONE.into(),
+                )
+                && condition(c, SUITE_NAMESPACE, manual, "Launched").1
+                    == cvm_crds::wellknown::REASON_LAUNCHER_GONE
+        },
+    )?;
+    // The operator has read the plugin's report (Ready says so): had it made a pod, the
+    // pod would exist by now.
+    let left = c.get(&[
+        "get",
+        "pod",
+        "-n",
+        SUITE_NAMESPACE,
+        &pod(manual),
+        "--ignore-not-found",
+        "-o",
+        "name",
+    ])?;
+    check(left.trim().is_empty(), || {
+        format!("runStrategy Manual got a new launcher pod after an eviction: {left}")
+    })?;
+
+    // Drained: the Always CVM moves off the node and says which node refused it.
+    let node = {
+        let now = status_field(c, always, "{.status.nodeName}");
+        if now.is_empty() {
+            node
+        } else {
+            now
+        }
+    };
+    let t = Instant::now();
+    let drained = c.get(&[
+        "drain",
+        &node,
+        "--pod-selector",
+        &format!("cvmp.io/cvm={always}"),
+        "--ignore-daemonsets",
+        "--delete-emptydir-data",
+        "--timeout=120s",
+    ]);
+    let moved = drained.and_then(|_| {
+        until(
+            Duration::from_secs(120),
+            "the drained CVM Verified on another node",
+            || {
+                let on = status_field(c, always, "{.status.nodeName}");
+                !on.is_empty() && on != node && verified(c, SUITE_NAMESPACE, always)
+            },
+        )
+    });
+    let _ = c.get(&["uncordon", &node]);
+    moved?;
+    figure(
+        "node drained -> Verified on another node",
+        format!("{:.1} s", t.elapsed().as_secs_f64()),
+    );
+    let refused = status_field(
+        c,
+        always,
+        "{.status.refusedNodes[*].node} {.status.refusedNodes[*].reason}",
+    );
+    check(refused == format!("{node} NodeCordoned"), || {
+        format!("status.refusedNodes after the drain: {refused:?}, wanted {node} NodeCordoned")
+    })?;
+    for n in [always, manual] {
+        delete_cvm(c, n)?;
+    }
+    Ok(Outcome::Passed)
+}
+
 /// Delete the leader's pod: a standby takes the Lease and CVMs keep reconciling.
 fn check_leader_failover(c: &Cluster) -> Result<Outcome> {
     let first = c.leader();
@@ -1247,6 +1395,17 @@ fn check_upgrade(c: &Cluster) -> Result<Outcome> {
         return Ok(Outcome::Skipped("no kind harness".into()));
     };
     let before = verified_examples(c)?;
+    // Ten more Verified guests: none may be relaunched by the upgrade.
+    let ten: Vec<String> = (0..10).map(|i| format!("upg-{i}")).collect();
+    for n in &ten {
+        c.apply(&snp_cvm(n, |_| {})?)?;
+    }
+    for n in &ten {
+        until(Duration::from_secs(180), &format!("{n} Verified"), || {
+            verified(c, SUITE_NAMESPACE, n)
+        })?;
+    }
+    let launches: Vec<String> = ten.iter().map(|n| launch_id(c, n)).collect();
     let tag = format!("{}-next", kind.image_tag);
     let mut images = Vec::new();
     for image in ["cvm-operator", "cvm-node-plugin", "cvm-launcher"] {
@@ -1296,6 +1455,23 @@ fn check_upgrade(c: &Cluster) -> Result<Outcome> {
     check(verified(c, SUITE_NAMESPACE, "after-failover"), || {
         "after-failover stays Verified across the upgrade".into()
     })?;
+    let still: Vec<String> = ten.iter().map(|n| launch_id(c, n)).collect();
+    check(still == launches, || {
+        format!("the upgrade relaunched guests: launch IDs before {launches:?}, after {still:?}")
+    })?;
+    check(ten.iter().all(|n| verified(c, SUITE_NAMESPACE, n)), || {
+        "the ten CVMs stay Verified across the upgrade".into()
+    })?;
+    figure(
+        "guests relaunched by the upgrade",
+        format!("0 of {} (launch IDs unchanged)", ten.len()),
+    );
+    let t = Instant::now();
+    reattest(c, SUITE_NAMESPACE, &ten)?;
+    figure(
+        "after the upgrade, fresh evidence (cvmp.io/reattest) verified",
+        format!("{:.1} s ({} CVMs)", t.elapsed().as_secs_f64(), ten.len()),
+    );
     // And the new pods answer: fresh evidence for each, verified again.
     let t = Instant::now();
     let names: Vec<String> = after.into_iter().map(|(n, _)| n).collect();

@@ -388,6 +388,7 @@ mod tests {
             reported: plan::Reported {
                 guest_state: Some(GuestState::Running),
                 launched: Some(true),
+                launched_reason: None,
                 has_evidence: true,
                 evidence_nonce: Some("aa".into()),
                 reattest_due: false,

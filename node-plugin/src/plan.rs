@@ -31,6 +31,8 @@ pub struct Reported {
     pub guest_state: Option<GuestState>,
     /// `Launched` condition: `Some(true)` for True, `Some(false)` for False/Unknown.
     pub launched: Option<bool>,
+    /// The `Launched` condition's reason.
+    pub launched_reason: Option<String>,
     pub has_evidence: bool,
     pub evidence_nonce: Option<String>,
     /// The evidence is older than `spec.attestation.reattestEvery` (judged by the caller's
@@ -100,6 +102,9 @@ impl BoundCvm {
                 launched: cvm
                     .condition(ConditionType::Launched)
                     .map(|c| c.status == cvm_crds::conditions::STATUS_TRUE),
+                launched_reason: cvm
+                    .condition(ConditionType::Launched)
+                    .map(|c| c.reason.clone()),
                 has_evidence: evidence.is_some(),
                 evidence_nonce: evidence.and_then(|e| e.nonce.clone()),
                 reattest_due: reattest_due(cvm, now_unix),
@@ -177,6 +182,16 @@ pub enum StopCause {
     LauncherDown,
 }
 
+impl StopCause {
+    /// The `Launched=False` reason that reports a stop for this cause.
+    pub fn reason(self) -> &'static str {
+        match self {
+            StopCause::Deleted | StopCause::Halted => crate::status::REASON_STOPPED,
+            StopCause::LauncherDown => cvm_crds::wellknown::REASON_LAUNCHER_GONE,
+        }
+    }
+}
+
 /// What to do for one CVM or held guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -234,8 +249,13 @@ pub fn decide(
         return match held {
             Some(_) => Some(Action::Stop(cause)),
             None => {
+                // Reported stopped, and for this cause: the operator reads the reason (it
+                // does not replace a Manual CVM's pod that went under a running guest). A
+                // guest already stopped did not stop because its pod went.
                 let shows_stopped = cvm.reported.guest_state == Some(GuestState::Stopped)
-                    && cvm.reported.launched == Some(false);
+                    && cvm.reported.launched == Some(false)
+                    && (cause == StopCause::LauncherDown
+                        || cvm.reported.launched_reason.as_deref() == Some(cause.reason()));
                 // A guest waiting for its first launcher pod never ran: nothing to report
                 // (it would read as stopped before it ever started).
                 let never_ran =
@@ -332,6 +352,7 @@ mod tests {
         Reported {
             guest_state: Some(GuestState::Running),
             launched: Some(true),
+            launched_reason: None,
             has_evidence: true,
             evidence_nonce: nonce.map(Into::into),
             reattest_due: false,
@@ -505,6 +526,7 @@ mod tests {
         deleted_reported.reported = Reported {
             guest_state: Some(Stopped),
             launched: Some(false),
+            launched_reason: Some(crate::status::REASON_STOPPED.into()),
             ..Default::default()
         };
         let mut halted = current.clone();
@@ -747,7 +769,21 @@ mod tests {
         );
         c.reported.guest_state = Some(GuestState::Stopped);
         c.reported.launched = Some(false);
+        c.reported.launched_reason = Some(cvm_crds::wellknown::REASON_LAUNCHER_GONE.into());
         assert_eq!(run(&c, None), None);
+        // Stopped as Halted asked, then Manual (no pod yet): it did not stop because its
+        // pod went, so that is not reported.
+        c.reported.launched_reason = Some(crate::status::REASON_STOPPED.into());
+        assert_eq!(run(&c, None), None);
+        // Halted after the pod went: the stop is reported as Halted's, so a later Manual
+        // gets its pod again.
+        c.reported.launched_reason = Some(cvm_crds::wellknown::REASON_LAUNCHER_GONE.into());
+        c.halted = true;
+        assert_eq!(
+            run(&c, None),
+            Some(Action::ReportStopped(StopCause::Halted))
+        );
+        c.halted = false;
         // Its pod went while the guest ran: the guest stops with it.
         let g = held("u", GuestState::Running);
         assert_eq!(

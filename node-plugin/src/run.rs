@@ -573,7 +573,7 @@ impl<P: Platform> NodePlugin<P> {
             Some(g) => status::facts(&caps, g, GuestState::Stopped, Some(msg.clone())),
             None => status::facts_without_guest(&caps, GuestState::Stopped, Some(msg.clone())),
         };
-        let cond = status::launched_condition(cvm, false, status::REASON_STOPPED, msg, now());
+        let cond = status::launched_condition(cvm, false, cause.reason(), msg, now());
         self.write_status(cvm, &status::apply_patch(&facts, None, &cond))
             .await
     }

@@ -182,6 +182,7 @@ pub(crate) fn request(cvm: &ConfidentialVM) -> Request {
         vcpus: cvm.spec.resources.vcpus,
         memory_mib: u64::from(cvm.spec.resources.memory_mib),
         node_selector: cvm.spec.node_selector.clone(),
+        avoid: launcher::avoided(cvm, Timestamp::now().as_second()),
     }
 }
 
@@ -244,19 +245,26 @@ pub(crate) fn occupied(ctx: &Context, assumed: &mut Assumed, except: &str) -> Ve
 }
 
 /// Decides where the CVM goes, under the placement lock.
+/// Places an unbound CVM; also returns the refusals the server holds (the cache may lag
+/// the write that recorded the latest one).
 async fn place(
     cvm: &ConfidentialVM,
     api: &Api<ConfidentialVM>,
     ctx: &Context,
-) -> Result<Placement> {
+) -> Result<(Placement, Vec<cvm_crds::cvm::RefusedNode>)> {
     let mut assumed = ctx.assumed.lock().await;
     // The cache may lag our own earlier write: ask the server before deciding.
     let fresh = api
         .get(&cvm.name_any())
         .await
         .map_err(kerr(format!("reading ConfidentialVM {}", cvm.name_any())))?;
+    let refused = fresh
+        .status
+        .as_ref()
+        .map(|s| s.refused_nodes.clone())
+        .unwrap_or_default();
     if let Some(n) = fresh.node_name() {
-        return Ok(Placement::Bound(n.to_string()));
+        return Ok((Placement::Bound(n.to_string()), refused));
     }
     let me = key(cvm);
     let placed = occupied(ctx, &mut assumed, &me);
@@ -266,13 +274,17 @@ async fn place(
         .iter()
         .map(|n| ctx.for_placement(node_info(n)))
         .collect();
-    match schedule::schedule(&request(cvm), &nodes, &placed) {
+    match schedule::schedule(&request(&fresh), &nodes, &placed) {
         Decision::Bind(node) => {
             // Bind now, still under the lock: status first (the source of truth), then
-            // the label the node plugin selects on.
+            // the label the node plugin selects on. The rest of the operator's share goes
+            // along as the server holds it (an apply drops what it leaves out).
             let body = json!({
                 "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-                "status": {"nodeName": node},
+                "status": OperatorStatus {
+                    node_name: Some(node.clone()),
+                    ..state::recorded(&fresh)
+                },
             });
             api.patch_status(
                 &cvm.name_any(),
@@ -291,9 +303,9 @@ async fn place(
                 },
             );
             info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", resource = tee_resource(cvm.tee_type()), "bound");
-            Ok(Placement::Bound(node))
+            Ok((Placement::Bound(node), refused))
         }
-        Decision::Unschedulable(why) => Ok(Placement::Unschedulable(why.to_string())),
+        Decision::Unschedulable(why) => Ok((Placement::Unschedulable(why.to_string()), refused)),
     }
 }
 
@@ -602,6 +614,7 @@ fn current_operator_view(cvm: &ConfidentialVM, derived: &OperatorStatus) -> bool
         && s.observed_generation == derived.observed_generation
         && s.attestation == derived.attestation
         && s.guest_instance == derived.guest_instance
+        && s.refused_nodes == derived.refused_nodes
         && mine == want
 }
 
@@ -742,13 +755,18 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
     // The binding: this reconciler is its only writer. A live migration that switched
     // moves it to the target; otherwise it stays where placement put it.
     let switch = migrate::switched_binding(&cvm, &ctx.migrations.state());
+    let mut refused_nodes = None;
     let placement = match (&switch, cvm.node_name()) {
         (Some(sw), _) => Placement::Bound(sw.node.clone()),
         (None, Some(n)) => Placement::Bound(n.to_string()),
         (None, None) if deleting => {
             Placement::Unschedulable("deleted before it was scheduled".into())
         }
-        (None, None) => place(&cvm, &api, &ctx).await?,
+        (None, None) => {
+            let (p, refused) = place(&cvm, &api, &ctx).await?;
+            refused_nodes = Some(refused);
+            p
+        }
     };
     match (&switch, &placement) {
         (Some(sw), _) => bind_after_switch(&cvm, &api, sw).await?,
@@ -765,6 +783,47 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         }
         _ => None,
     };
+    // A node that refused the launcher pod (or was drained under it) lets the CVM go: it
+    // is placed again without that node, once its pod there is gone.
+    let (mut placement, mut launcher) = (placement, launcher);
+    if let (Some((reading, pod)), Placement::Bound(n)) = (&launcher, &placement) {
+        let cordoned = ctx
+            .nodes
+            .get(&ObjectRef::new(n))
+            .is_some_and(|node| node_info(&node).unschedulable);
+        let refusal = switch.is_none().then(|| {
+            launcher::refusal(
+                pod.as_ref(),
+                reading,
+                cvm.spec.run_strategy,
+                n,
+                cordoned,
+                now.as_second(),
+            )
+        });
+        if let Some(Some((reason, message))) = refusal {
+            let gone = delete_launcher(&cvm, &ctx).await?;
+            warn!(cvm = %cvm.name_any(), node = %n, phase = "Scheduled", %reason, %message, pod_gone = gone, "the node refused the launcher pod: placing the CVM again without it");
+            let existing = refused_nodes.clone().unwrap_or_else(|| {
+                cvm.status
+                    .as_ref()
+                    .map(|s| s.refused_nodes.clone())
+                    .unwrap_or_default()
+            });
+            refused_nodes = Some(launcher::refused_after(
+                &existing,
+                n,
+                &reason,
+                &message,
+                &Time(now),
+            ));
+            placement = Placement::Unschedulable(format!(
+                "placing it again: node {n} refused its launcher pod ({reason}: {message})"
+            ));
+            launcher = None;
+        }
+    }
+    let launcher = launcher.map(|(reading, _)| reading);
     let verdict = verification(&cvm, &ctx, now).await?;
     if let Some(a) = &verdict.appraised {
         record_appraisal(&ctx, &cvm, a).await;
@@ -778,6 +837,13 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         launcher,
         now: Time(now),
     });
+    let st = match refused_nodes {
+        Some(list) => OperatorStatus {
+            refused_nodes: list,
+            ..st
+        },
+        None => st,
+    };
     on_transitions(&ctx, &cvm, &st, now).await;
     write_status(&cvm, &api, &st).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
@@ -797,7 +863,7 @@ async fn ensure_launcher(
     node: &str,
     o: &launcher::LauncherOptions,
     ctx: &Context,
-) -> Result<launcher::PodReading> {
+) -> Result<(launcher::PodReading, Option<Pod>)> {
     let ns = cvm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let name = launcher::pod_name(&cvm.name_any());
@@ -805,7 +871,12 @@ async fn ensure_launcher(
         .get_opt(&name)
         .await
         .map_err(kerr(format!("reading pod {name}")))?;
-    let (action, reading) = launcher::pod_action(found.as_ref(), node, cvm.spec.run_strategy);
+    let (action, reading) = launcher::pod_action(
+        found.as_ref(),
+        node,
+        cvm.spec.run_strategy,
+        launcher::launcher_gone(cvm),
+    );
     match action {
         launcher::PodAction::Keep => {}
         launcher::PodAction::Delete => {
@@ -816,7 +887,7 @@ async fn ensure_launcher(
         }
         launcher::PodAction::Create => {
             let Some(pod) = launcher::launcher_pod(cvm, node, o) else {
-                return Ok(launcher::PodReading::Absent);
+                return Ok((launcher::PodReading::Absent, found));
             };
             match pods.create(&PostParams::default(), &pod).await {
                 Ok(_) => {
@@ -828,7 +899,7 @@ async fn ensure_launcher(
             }
         }
     }
-    Ok(reading)
+    Ok((reading, found))
 }
 
 /// Deletes the CVM's launcher pod; true once it is gone.

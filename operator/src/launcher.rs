@@ -5,13 +5,14 @@
 //! the accountant of the node's keys. Pure builders and readings; the controller does the
 //! I/O.
 
-use cvm_crds::cvm::RunStrategy;
+use cvm_crds::cvm::{RefusedNode, RunStrategy};
 use cvm_crds::wellknown::{
     tee_resource, LAUNCHER_COMPONENT as COMPONENT, LAUNCHER_SOCKET_VOLUME as SOCKET_VOLUME,
     RESOURCE_KVM,
 };
 use cvm_crds::ConfidentialVM;
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use serde_json::json;
 
@@ -173,10 +174,18 @@ pub enum PodAction {
 /// A pod pinned to another node (the CVM moved) goes, and so does a Halted CVM's, and a
 /// refused one that Always or RerunOnFailure replace; a new pod is created only once the
 /// old is gone, so a CVM never has two. Returns what the status should read too.
-pub fn pod_action(pod: Option<&Pod>, node: &str, strategy: RunStrategy) -> (PodAction, PodReading) {
+///
+/// `gone`: the node plugin reported the guest stopped because its pod went away
+/// ([`cvm_crds::wellknown::REASON_LAUNCHER_GONE`]); `Manual` then does not replace it.
+pub fn pod_action(
+    pod: Option<&Pod>,
+    node: &str,
+    strategy: RunStrategy,
+    gone: bool,
+) -> (PodAction, PodReading) {
     let halted = strategy == RunStrategy::Halted;
     let Some(pod) = pod else {
-        return if halted {
+        return if halted || gone && strategy == RunStrategy::Manual {
             (PodAction::Keep, PodReading::Absent)
         } else {
             (PodAction::Create, PodReading::Pending)
@@ -194,6 +203,99 @@ pub fn pod_action(pod: Option<&Pod>, node: &str, strategy: RunStrategy) -> (PodA
         PodReading::Refused { .. } if replaced => (PodAction::Delete, reading),
         _ => (PodAction::Keep, reading),
     }
+}
+
+/// Whether the CVM's guest ran in a pod that went away: the node plugin reported it
+/// stopped for that reason, or (before it could) still reports it launched, which a guest
+/// with no pod cannot be.
+pub fn launcher_gone(cvm: &ConfidentialVM) -> bool {
+    cvm.condition(cvm_crds::ConditionType::Launched)
+        .is_some_and(|c| {
+            c.status == "True"
+                || c.status == "False" && c.reason == cvm_crds::wellknown::REASON_LAUNCHER_GONE
+        })
+}
+
+/// How long a node that refused a CVM's launcher pod is left out of its placement.
+pub const REFUSAL_TTL_SECS: i64 = 600;
+/// How long kube-scheduler may keep a launcher pod Unschedulable on the chosen node
+/// before the CVM is placed elsewhere.
+pub const UNSCHEDULABLE_GRACE_SECS: i64 = 30;
+/// The most refusals a status keeps.
+const MAX_REFUSED: usize = 8;
+
+/// Why the CVM should leave its node, as `(reason, message)`: kube-scheduler kept its pod
+/// Unschedulable past [`UNSCHEDULABLE_GRACE_SECS`], kubelet refused or ended it and the
+/// run strategy replaces it, or the node is cordoned (drained) while no pod runs there.
+/// `None`: it stays.
+pub fn refusal(
+    pod: Option<&Pod>,
+    reading: &PodReading,
+    strategy: RunStrategy,
+    node: &str,
+    cordoned: bool,
+    now_unix: i64,
+) -> Option<(String, String)> {
+    if strategy == RunStrategy::Halted {
+        return None;
+    }
+    let replaced = matches!(strategy, RunStrategy::Always | RunStrategy::RerunOnFailure);
+    match reading {
+        PodReading::Refused { reason, message } if replaced => {
+            Some((reason.clone(), message.clone()))
+        }
+        PodReading::Unschedulable(m) => {
+            let since = pod
+                .and_then(|p| p.status.as_ref()?.conditions.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.type_ == "PodScheduled"))
+                .and_then(|c| c.last_transition_time.as_ref())
+                .map(|t| t.0.as_second());
+            since
+                .is_some_and(|s| now_unix - s >= UNSCHEDULABLE_GRACE_SECS)
+                .then(|| ("Unschedulable".to_string(), m.clone()))
+        }
+        PodReading::Absent | PodReading::Pending if cordoned => Some((
+            "NodeCordoned".to_string(),
+            format!(
+                "node {node} is cordoned (kubectl cordon or drain) and no launcher pod runs there"
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// The refusals to keep after `node` refused the CVM now: those still in force, without
+/// an older one for the same node, then the new one; at most the last eight.
+pub fn refused_after(
+    existing: &[RefusedNode],
+    node: &str,
+    reason: &str,
+    message: &str,
+    now: &Time,
+) -> Vec<RefusedNode> {
+    let mut out: Vec<RefusedNode> = existing
+        .iter()
+        .filter(|r| r.node != node && now.0.as_second() - r.at.0.as_second() < REFUSAL_TTL_SECS)
+        .cloned()
+        .collect();
+    out.push(RefusedNode {
+        node: node.to_string(),
+        reason: reason.chars().take(128).collect(),
+        message: message.chars().take(1024).collect(),
+        at: now.clone(),
+    });
+    let skip = out.len().saturating_sub(MAX_REFUSED);
+    out.split_off(skip)
+}
+
+/// The nodes placement leaves out for `cvm` at `now_unix`.
+pub fn avoided(cvm: &ConfidentialVM, now_unix: i64) -> std::collections::BTreeSet<String> {
+    cvm.status
+        .iter()
+        .flat_map(|s| s.refused_nodes.iter())
+        .filter(|r| now_unix - r.at.0.as_second() < REFUSAL_TTL_SECS)
+        .map(|r| r.node.clone())
+        .collect()
 }
 
 /// Reads a launcher pod's status.
@@ -329,16 +431,16 @@ mod tests {
     fn a_cvm_has_one_pod_on_its_node_as_its_run_strategy_says() {
         use RunStrategy::*;
         let mine = launcher_pod(&cvm(), "n1", &opts()).unwrap();
-        let act = |p: Option<&Pod>, node: &str, s: RunStrategy| pod_action(p, node, s).0;
+        let act = |p: Option<&Pod>, node: &str, s: RunStrategy| pod_action(p, node, s, false).0;
         assert_eq!(act(None, "n1", Always), PodAction::Create);
         assert_eq!(
-            pod_action(None, "n1", Halted),
+            pod_action(None, "n1", Halted, false),
             (PodAction::Keep, PodReading::Absent)
         );
         assert_eq!(act(Some(&mine), "n1", Always), PodAction::Keep);
         // Moved, or Halted: the pod goes (and only once).
         assert_eq!(
-            pod_action(Some(&mine), "n2", Always),
+            pod_action(Some(&mine), "n2", Always, false),
             (PodAction::Delete, PodReading::Terminating)
         );
         assert_eq!(act(Some(&mine), "n1", Halted), PodAction::Delete);
@@ -348,7 +450,7 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
             ));
         assert_eq!(
-            pod_action(Some(&going), "n2", Always),
+            pod_action(Some(&going), "n2", Always, false),
             (PodAction::Keep, PodReading::Terminating)
         );
         // Refused: replaced by Always and RerunOnFailure, kept by Manual.
@@ -357,10 +459,112 @@ mod tests {
             serde_json::from_value(json!({"phase": "Failed", "reason": "Evicted", "message": "m"}))
                 .unwrap(),
         );
-        let (a, r) = pod_action(Some(&refused), "n1", RerunOnFailure);
+        let (a, r) = pod_action(Some(&refused), "n1", RerunOnFailure, false);
         assert_eq!(a, PodAction::Delete);
         assert!(matches!(r, PodReading::Refused { reason, .. } if reason == "Evicted"));
         assert_eq!(act(Some(&refused), "n1", Manual), PodAction::Keep);
+        // Its pod went under a running guest: Manual does not replace it, the others do.
+        assert_eq!(
+            pod_action(None, "n1", Manual, true),
+            (PodAction::Keep, PodReading::Absent)
+        );
+        assert_eq!(pod_action(None, "n1", Manual, false).0, PodAction::Create);
+        assert_eq!(pod_action(None, "n1", Always, true).0, PodAction::Create);
+    }
+
+    fn at(secs: i64) -> Time {
+        Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap())
+    }
+
+    #[test]
+    fn a_refusing_or_drained_node_lets_the_cvm_go_as_its_run_strategy_says() {
+        use RunStrategy::*;
+        let evicted = PodReading::Refused {
+            reason: "Evicted".into(),
+            message: "The node was low on resource: memory.".into(),
+        };
+        let r = |reading: &PodReading, s: RunStrategy, cordoned: bool| {
+            refusal(None, reading, s, "n1", cordoned, 1000)
+        };
+        assert_eq!(
+            r(&evicted, Always, false),
+            Some((
+                "Evicted".into(),
+                "The node was low on resource: memory.".into()
+            ))
+        );
+        assert!(r(&evicted, RerunOnFailure, false).is_some());
+        assert_eq!(
+            r(&evicted, Manual, false),
+            None,
+            "Manual keeps it where it failed"
+        );
+        assert_eq!(r(&evicted, Halted, true), None);
+        // Drained: the pod went and the node takes no new one.
+        let (reason, msg) = r(&PodReading::Absent, Manual, true).unwrap();
+        assert_eq!(reason, "NodeCordoned");
+        assert!(msg.contains("node n1 is cordoned"), "{msg}");
+        assert!(r(&PodReading::Pending, Always, true).is_some());
+        assert_eq!(
+            r(&PodReading::Running, Always, true),
+            None,
+            "cordon alone moves nothing"
+        );
+        assert_eq!(r(&PodReading::Absent, Always, false), None);
+        // Unschedulable: only once kube-scheduler has said so for the grace period.
+        let mut p = pod(json!({"phase": "Pending", "conditions": [{
+            "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+            "message": "0/3 nodes are available: 1 Insufficient cpu.",
+            "lastTransitionTime": "1970-01-01T00:16:20Z"}]}));
+        let unsched = read_pod(Some(&p));
+        assert_eq!(refusal(Some(&p), &unsched, Manual, "n1", false, 985), None);
+        assert_eq!(
+            refusal(
+                Some(&p),
+                &unsched,
+                Manual,
+                "n1",
+                false,
+                980 + UNSCHEDULABLE_GRACE_SECS
+            ),
+            Some((
+                "Unschedulable".into(),
+                "0/3 nodes are available: 1 Insufficient cpu.".into()
+            ))
+        );
+        p.status = None;
+        assert_eq!(refusal(Some(&p), &unsched, Always, "n1", false, 5000), None);
+    }
+
+    #[test]
+    fn refusals_expire_and_the_newest_eight_are_kept() {
+        let mut list = Vec::new();
+        for i in 0..10 {
+            list = refused_after(&list, &format!("n{i}"), "Evicted", "m", &at(100 + i));
+        }
+        assert_eq!(list.len(), 8);
+        assert_eq!(list[0].node, "n2");
+        // The same node again: one entry, the newest.
+        let again = refused_after(&list, "n5", "Unschedulable", "x", &at(200));
+        assert_eq!(again.iter().filter(|r| r.node == "n5").count(), 1);
+        assert_eq!(
+            again.last().map(|r| r.reason.as_str()),
+            Some("Unschedulable")
+        );
+        // Past the TTL a refusal is dropped, and placement no longer avoids the node.
+        let later = refused_after(&list, "m", "Evicted", "m", &at(100 + REFUSAL_TTL_SECS + 5));
+        assert_eq!(
+            later.iter().map(|r| r.node.as_str()).collect::<Vec<_>>(),
+            vec!["n6", "n7", "n8", "n9", "m"]
+        );
+        let mut c = cvm();
+        c.status = Some(cvm_crds::cvm::ConfidentialVMStatus {
+            refused_nodes: later,
+            ..Default::default()
+        });
+        let now = 100 + REFUSAL_TTL_SECS + 5;
+        assert!(avoided(&c, now).contains("n9") && avoided(&c, now).contains("m"));
+        assert!(!avoided(&c, now + REFUSAL_TTL_SECS).contains("m"));
     }
 
     fn pod(status: serde_json::Value) -> Pod {

@@ -1566,6 +1566,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 2048,
             node_selector: BTreeMap::new(),
+            avoid: Default::default(),
         }
     }
 

@@ -13,6 +13,8 @@ pub struct Request {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub node_selector: BTreeMap<String, String>,
+    /// Nodes that refused its launcher pod recently: not chosen again for now.
+    pub avoid: std::collections::BTreeSet<String>,
 }
 
 /// What a node offers, read from its Node object.
@@ -41,6 +43,7 @@ pub struct Placed {
 /// Why a node cannot take the CVM; ordered so messages list the most basic reason first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Misfit {
+    RefusedLauncher,
     NotReady,
     Unschedulable,
     SelectorMismatch,
@@ -54,6 +57,9 @@ impl Misfit {
     fn phrase(self, n: usize, t: TeeType) -> String {
         let nodes = if n == 1 { "node" } else { "nodes" };
         match self {
+            Misfit::RefusedLauncher => {
+                format!("{n} refused its launcher pod recently (status.refusedNodes)")
+            }
             Misfit::NotReady => format!("{n} {nodes} not ready"),
             Misfit::Unschedulable => format!("{n} {nodes} cordoned"),
             Misfit::SelectorMismatch => format!("{n} {nodes} not matching nodeSelector"),
@@ -128,6 +134,9 @@ fn free_on(node: &NodeInfo, tee: TeeType, placed: &[Placed]) -> Free {
 
 /// The first reason `node` cannot take `req`, or its free capacity when it can.
 fn fit(node: &NodeInfo, req: &Request, placed: &[Placed]) -> Result<Free, Misfit> {
+    if req.avoid.contains(&node.name) {
+        return Err(Misfit::RefusedLauncher);
+    }
     if !node.ready {
         return Err(Misfit::NotReady);
     }
@@ -216,6 +225,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 2048,
             node_selector: BTreeMap::new(),
+            avoid: Default::default(),
         }
     }
 
@@ -241,6 +251,25 @@ mod tests {
         assert_eq!(
             schedule(&req(TeeType::Tdx), &nodes, &[]),
             Decision::Bind("a".into())
+        );
+    }
+
+    #[test]
+    fn a_node_that_refused_the_launcher_pod_is_not_chosen_again() {
+        let nodes = [
+            node("a", Some(TeeType::SevSnp), 4),
+            node("b", Some(TeeType::SevSnp), 1),
+        ];
+        let mut r = req(TeeType::SevSnp);
+        r.avoid.insert("a".into());
+        assert_eq!(schedule(&r, &nodes, &[]), Decision::Bind("b".into()));
+        r.avoid.insert("b".into());
+        let Decision::Unschedulable(why) = schedule(&r, &nodes, &[]) else {
+            panic!("placed on a node that refused it");
+        };
+        assert_eq!(
+            why.to_string(),
+            "0/2 nodes are available: 2 refused its launcher pod recently (status.refusedNodes)"
         );
     }
 

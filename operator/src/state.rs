@@ -69,6 +69,8 @@ pub struct OperatorStatus {
     pub attestation: Option<AttestationResult>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_instance: Option<GuestInstancePin>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused_nodes: Vec<cvm_crds::cvm::RefusedNode>,
 }
 
 /// The conditions the operator owns on a CVM.
@@ -97,6 +99,7 @@ pub fn recorded(cvm: &ConfidentialVM) -> OperatorStatus {
             .collect(),
         attestation: st.attestation,
         guest_instance: st.guest_instance,
+        refused_nodes: st.refused_nodes,
     }
 }
 
@@ -277,6 +280,19 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
                 format!("the launcher pod was refused: {message}"),
             )
         }
+        (_, false, _)
+            if o.cvm.spec.run_strategy == cvm_crds::cvm::RunStrategy::Manual
+                && o.launcher == Some(PodReading::Absent)
+                && crate::launcher::launcher_gone(o.cvm) =>
+        {
+            (
+                false,
+                cvm_crds::wellknown::REASON_LAUNCHER_GONE,
+                "the launcher pod went away (deleted, evicted or drained) and runStrategy \
+                 Manual does not replace it: kubectl cvm restart NAME starts the guest again"
+                    .into(),
+            )
+        }
         (_, false, _) if stopped_as_asked => (
             true,
             "Halted",
@@ -383,6 +399,13 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         conditions: out,
         attestation,
         guest_instance,
+        // Kept as recorded; the controller adds a refusal when a node refuses the pod.
+        refused_nodes: o
+            .cvm
+            .status
+            .as_ref()
+            .map(|s| s.refused_nodes.clone())
+            .unwrap_or_default(),
     }
 }
 
