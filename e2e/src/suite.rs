@@ -224,7 +224,7 @@ type Check = fn(&Cluster) -> Result<Outcome>;
 
 /// The checks in the order they run (later ones rely on the examples and leave the
 /// release uninstalled last).
-pub const CHECKS: [(&str, Check); 12] = [
+pub const CHECKS: [(&str, Check); 13] = [
     ("install", check_install),
     ("examples", check_examples),
     ("gitops-health", check_gitops_health),
@@ -234,6 +234,7 @@ pub const CHECKS: [(&str, Check); 12] = [
     ("plugin-pod-recreated", check_plugin_pod_recreated),
     ("kubelet-restart", check_kubelet_restart),
     ("evict-and-drain", check_evict_and_drain),
+    ("kill-during-launch", check_kill_during_launch),
     ("leader-failover", check_leader_failover),
     ("helm-upgrade", check_upgrade),
     ("helm-uninstall", check_uninstall),
@@ -1227,6 +1228,160 @@ fn evict(c: &Cluster, ns: &str, pod: &str) -> Result<()> {
         &path,
     ])?;
     Ok(())
+}
+
+/// What a CVM's launch shows at one moment: its pod's phase and the guest's state.
+fn launch_view(c: &Cluster, name: &str) -> (String, String, bool) {
+    let pod = c
+        .jsonpath(
+            &[
+                "get",
+                "pods",
+                "-n",
+                SUITE_NAMESPACE,
+                "-l",
+                &format!("cvmp.io/cvm={name}"),
+            ],
+            "{.items[*].status.phase}",
+        )
+        .unwrap_or_default();
+    let guest = status_field(c, name, "{.status.platform.guestState}");
+    (pod, guest, verified(c, SUITE_NAMESPACE, name))
+}
+
+/// Kill -9 of the leading operator and of the CVM's node plugin at each step of a launch
+/// through a launcher pod (the simulated launch slowed to 2 s by a `helm upgrade`, so
+/// each step lasts long enough to be seen): the pod created but not running, the guest
+/// launching in it, the guest running. Each CVM converges to Verified with one pod; a
+/// guest that ran before the kill is not launched again; once they are deleted no
+/// launcher pod and no guest is left.
+fn check_kill_during_launch(c: &Cluster) -> Result<Outcome> {
+    if let Some(skip) = needs_kind(c, "it kills processes inside the nodes") {
+        return Ok(skip);
+    }
+    let Some(kind) = &c.kind else {
+        return Ok(Outcome::Skipped("no kind harness".into()));
+    };
+    let chart = crate::tools::chart_dir().display().to_string();
+    let delay = |ms: u64| {
+        kind.helm_ok(&[
+            "upgrade",
+            &c.release,
+            &chart,
+            "-n",
+            &c.namespace,
+            "--wait",
+            "--timeout",
+            "5m",
+            "--reuse-values",
+            "--set",
+            &format!("nodePlugin.sim.launchDelayMs={ms}"),
+        ])
+        .map_err(SuiteError::from)?;
+        c.get(&[
+            "rollout",
+            "status",
+            &c.plugin_ds(),
+            "-n",
+            &c.namespace,
+            "--timeout=180s",
+        ])
+        .map(|_| ())
+    };
+    type Step = fn(&(String, String, bool)) -> bool;
+    let steps: [(&str, Step); 3] = [
+        ("launcher pod created, not running yet", |v| {
+            v.0 == "Pending"
+        }),
+        ("guest launching in its pod", |v| v.1 == "Launching"),
+        ("guest running", |v| v.1 == "Running"),
+    ];
+    delay(2000)?;
+    let result: Result<()> = (|| {
+        let mut names = Vec::new();
+        for (i, (step, at)) in steps.iter().enumerate() {
+            let name = format!("kill-{i}");
+            c.apply(&snp_cvm(&name, |_| {})?)?;
+            until(Duration::from_secs(90), &format!("{name}: {step}"), || {
+                at(&launch_view(c, &name))
+            })?;
+            let node = status_field(c, &name, "{.status.nodeName}");
+            let before = launch_id(c, &name);
+            let leader_node = c.jsonpath(
+                &["get", "pod", "-n", &c.namespace, &c.leader()],
+                "{.spec.nodeName}",
+            )?;
+            let t = Instant::now();
+            for (n, comm) in [(&leader_node, "cvm-operator"), (&node, "cvm-node-plugin")] {
+                kind.node_exec(n, &["pkill", "-9", "-x", comm])
+                    .map_err(|e| SuiteError::Harness(format!("kill -9 {comm} on {n}: {e}")))?;
+            }
+            until(
+                Duration::from_secs(180),
+                &format!("{name} Verified after the kill at: {step}"),
+                || verified(c, SUITE_NAMESPACE, &name),
+            )?;
+            let pods = c.get(&[
+                "get",
+                "pods",
+                "-n",
+                SUITE_NAMESPACE,
+                "-l",
+                &format!("cvmp.io/cvm={name}"),
+                "-o",
+                "name",
+            ])?;
+            check(pods.lines().count() == 1, || {
+                format!("{name} has these launcher pods after the kill: {pods:?}")
+            })?;
+            if *step == "guest running" {
+                let after = launch_id(c, &name);
+                check(after == before, || {
+                    format!("{name} ran before the kill (launch {before}) and was launched again ({after})")
+                })?;
+            }
+            figure(
+                &format!("kill -9 of operator and plugin at: {step}"),
+                format!(
+                    "Verified {:.1} s after the kill, one pod",
+                    t.elapsed().as_secs_f64()
+                ),
+            );
+            names.push(name);
+        }
+        for n in &names {
+            delete_cvm(c, n)?;
+        }
+        let left = c.get(&[
+            "get",
+            "pods",
+            "-n",
+            SUITE_NAMESPACE,
+            "-l",
+            "cvmp.io/cvm",
+            "-o",
+            "name",
+        ])?;
+        let orphan_pods: Vec<&str> = left
+            .lines()
+            .filter(|l| names.iter().any(|n| l.ends_with(&format!("/{n}-launcher"))))
+            .collect();
+        check(orphan_pods.is_empty(), || {
+            format!("launcher pods left after the CVMs were deleted: {orphan_pods:?}")
+        })?;
+        for node in sim_nodes(c)? {
+            let (pod, _) = plugin_pod(c, &node)?;
+            let orphans = plugin_metric(c, &pod, "cvm_node_plugin_guests_held{owned=\"false\"")?;
+            check(orphans == 0.0, || {
+                format!("{pod} holds {orphans} orphaned guests")
+            })?;
+        }
+        Ok(())
+    })();
+    let restored = delay(0);
+    result?;
+    restored?;
+    Ok(Outcome::Passed)
 }
 
 /// A launcher pod evicted, and a node drained: with `runStrategy: Always` the guest comes

@@ -70,6 +70,7 @@ fn the_suite_runs_on_an_existing_cluster_started_by_cvm_dev_up() {
             "capacity-burst",
             "node-restriction-projected-token",
             "kubelet-restart",
+            "kill-during-launch",
             "helm-upgrade",
             "helm-uninstall"
         ],

@@ -311,9 +311,20 @@ impl SimPlatform {
         let mut ended = Vec::new();
         for (uid, launch_id, dir) in watched {
             // An unreachable launcher is the plugin loop's to judge (its pod's state).
-            let Ok(p) = crate::launcher::LauncherClient::new(&dir).status().await else {
+            let client = crate::launcher::LauncherClient::new(&dir);
+            let Ok(p) = client.status().await else {
                 continue;
             };
+            if p.state == crate::launcher::ProcState::None {
+                // A launch a plugin restart interrupted before the pod ran it: finish it.
+                if let Err(e) = client
+                    .launch(&launch_id, crate::launcher::Program::StandIn, None)
+                    .await
+                {
+                    ended.push((uid, format!("finishing an interrupted launch: {e}")));
+                }
+                continue;
+            }
             if let Some(why) = crate::launcher::ended(&p, &launch_id) {
                 ended.push((uid, why));
             }
