@@ -19,6 +19,10 @@ pub struct SystemOptions {
     pub nodes: Vec<SimNode>,
     /// Start the operator (one replica).
     pub operator: bool,
+    /// Start a simulated node plugin per node. Without them (the operator's component
+    /// tests) the harness publishes each node's TEE labels and key capacity itself, and
+    /// the test writes what a plugin would.
+    pub plugins: bool,
     /// Milliseconds a simulated launch takes.
     pub launch_delay_ms: u64,
     /// Seed the simulator roots from the chart's published demo root (what
@@ -34,6 +38,7 @@ impl SystemOptions {
             api_port: None,
             nodes,
             operator: true,
+            plugins: true,
             launch_delay_ms: 0,
             demo_root: true,
         }
@@ -68,7 +73,7 @@ impl System {
             .iter()
             .cloned()
             .map(|mut n| {
-                n.publish_tee = false;
+                n.publish_tee = !opts.plugins;
                 n
             })
             .collect();
@@ -95,7 +100,7 @@ impl System {
         // Create the shared simulator roots before any plugin starts, so that all agree
         // and the demo policy can name them.
         sim_root_fingerprints(&sys)?;
-        for n in &nodes {
+        for n in nodes.iter().filter(|_| opts.plugins) {
             sys.start_plugin(n)?;
         }
         if opts.operator {

@@ -24,6 +24,8 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::error_boundary::InvalidObject;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -38,7 +40,9 @@ use tracing::{info, warn};
 pub struct Context {
     pub client: Client,
     pub nodes: Store<Node>,
-    pub cvms: Store<ConfidentialVM>,
+    /// Every CVM as watched; one the Rust type cannot read is kept as what it is
+    /// (`Err`), so that it becomes a status instead of breaking the watch.
+    pub cvms: Store<DeserializeGuard<ConfidentialVM>>,
     /// Each node's pinned hardware identity (docs/evidence-binding.md).
     pub host_pins: Store<HostPin>,
     /// Migrations, for the capacity their targets hold.
@@ -79,6 +83,11 @@ pub struct Assumed {
     pub cvms: HashMap<String, Placed>,
     /// Migration targets, by migration key.
     pub targets: HashMap<String, Placed>,
+}
+
+/// The CVMs of the cache that deserialized (the others reconcile into a status only).
+pub(crate) fn readable(all: &[Arc<DeserializeGuard<ConfidentialVM>>]) -> Vec<&ConfidentialVM> {
+    all.iter().filter_map(|g| g.0.as_ref().ok()).collect()
 }
 
 pub(crate) fn key(cvm: &ConfidentialVM) -> String {
@@ -190,7 +199,8 @@ pub(crate) fn request(cvm: &ConfidentialVM) -> Request {
 /// bindings and migration targets decided but not in the cache yet, and the targets that
 /// migrations in progress hold. Leaves out `except` (the CVM or migration deciding).
 pub(crate) fn occupied(ctx: &Context, assumed: &mut Assumed, except: &str) -> Vec<Placed> {
-    let cached = ctx.cvms.state();
+    let all = ctx.cvms.state();
+    let cached = readable(&all);
     let bound_in_cache: HashMap<String, Placed> = cached
         .iter()
         .filter_map(|c| placed_of(c).map(|p| (key(c), p)))
@@ -203,12 +213,7 @@ pub(crate) fn occupied(ctx: &Context, assumed: &mut Assumed, except: &str) -> Ve
 
     let by_name: HashMap<(String, String), &ConfidentialVM> = cached
         .iter()
-        .map(|c| {
-            (
-                (c.namespace().unwrap_or_default(), c.name_any()),
-                c.as_ref(),
-            )
-        })
+        .map(|c| ((c.namespace().unwrap_or_default(), c.name_any()), *c))
         .collect();
     let mut holds: HashMap<String, Placed> = HashMap::new();
     let mut target_unseen: HashSet<String> = HashSet::new();
@@ -307,6 +312,19 @@ async fn place(
         }
         Decision::Unschedulable(why) => Ok((Placement::Unschedulable(why.to_string()), refused)),
     }
+}
+
+/// What the operator's own checks find wrong with the CVM's spec (rules the CRD's
+/// schema and CEL cannot state), as one message; `None`: it is valid.
+fn invalid_spec(cvm: &ConfidentialVM) -> Option<String> {
+    use cvm_crds::validate::Validate;
+    cvm.spec.validate().err().map(|errors| {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
 }
 
 async fn ensure_label(cvm: &ConfidentialVM, api: &Api<ConfidentialVM>, node: &str) -> Result<()> {
@@ -422,9 +440,9 @@ pub(crate) fn host_pin_views(ctx: &Context) -> Vec<verify::HostPinView> {
 /// `(namespace/name, keySha256)` of every other CVM's pinned guest instance.
 fn other_instances(cvm: &ConfidentialVM, ctx: &Context) -> Vec<(String, String)> {
     let me = cvm.metadata.uid.as_deref();
-    ctx.cvms
-        .state()
-        .iter()
+    let all = ctx.cvms.state();
+    readable(&all)
+        .into_iter()
         .filter(|c| c.metadata.uid.as_deref() != me)
         .filter_map(|c| {
             let pin = c.status.as_ref()?.guest_instance.as_ref()?;
@@ -705,7 +723,102 @@ async fn on_transitions(ctx: &Context, cvm: &ConfidentialVM, st: &OperatorStatus
     }
 }
 
-pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Action> {
+/// Reconciles one CVM as the watch gave it: one the Rust type cannot read gets a status
+/// saying why (its spec must be fixed), and every other CVM reconciles as usual.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<ConfidentialVM>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    match &guard.0 {
+        Ok(cvm) => reconcile_cvm(Arc::new(cvm.clone()), ctx).await,
+        Err(invalid) => unreadable(invalid, &ctx).await,
+    }
+}
+
+/// The status of a CVM the operator cannot read: Ready False and Stalled True with
+/// reason `InvalidObject` and the reader's words. A deletion is let through (nothing
+/// about its guest can be known; its node plugin cannot read it either).
+async fn unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
+    let meta = &invalid.metadata;
+    let (Some(ns), Some(name)) = (meta.namespace.as_deref(), meta.name.as_deref()) else {
+        return Ok(Action::await_change());
+    };
+    let api: Api<ConfidentialVM> = Api::namespaced(ctx.client.clone(), ns);
+    let has_finalizer = meta.finalizers.iter().flatten().any(|f| f == FINALIZER);
+    if meta.deletion_timestamp.is_some() && has_finalizer {
+        let rest: Vec<String> = meta
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        let patch =
+            json!({"metadata": {"finalizers": rest, "resourceVersion": meta.resource_version}});
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(kerr(format!("removing the finalizer of unreadable {name}")))?;
+        warn!(cvm = %name, phase = "Terminating", error = %invalid.error, "an unreadable ConfidentialVM is deleted: finalizer removed without knowing its guest");
+        return Ok(Action::await_change());
+    }
+    let message = format!(
+        "the operator cannot read this ConfidentialVM ({}): fix the object (kubectl get confidentialvm {name} -n {ns} -o yaml)",
+        invalid.error
+    );
+    // Said already (the write's own event brings the object back): nothing to do. Read
+    // untyped, as the typed reader fails on it.
+    let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        ctx.client.clone(),
+        ns,
+        &kube::api::ApiResource::erase::<ConfidentialVM>(&()),
+    );
+    let current = raw
+        .get_opt(name)
+        .await
+        .map_err(kerr(format!("reading unreadable {name}")))?;
+    let said = current.is_some_and(|o| {
+        o.data["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| {
+                c["type"] == "Stalled" && c["reason"] == "InvalidObject" && c["message"] == message
+            })
+    });
+    if said {
+        return Ok(Action::await_change());
+    }
+    let now = Time(Timestamp::now());
+    let cond = |type_: ConditionType, status: &str| {
+        json!({
+            "type": type_.as_str(), "status": status, "reason": "InvalidObject",
+            "message": message, "lastTransitionTime": now, "observedGeneration": meta.generation,
+        })
+    };
+    let body = json!({
+        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+        "status": {
+            "phase": CvmPhase::Pending,
+            "observedGeneration": meta.generation,
+            "conditions": [
+                cond(ConditionType::Ready, "False"),
+                cond(ConditionType::Stalled, "True"),
+                cond(ConditionType::Reconciling, "False"),
+            ],
+        },
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER_OPERATOR).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map_err(kerr(format!("writing the status of unreadable {name}")))?;
+    warn!(cvm = %name, phase = "Pending", error = %invalid.error, "a ConfidentialVM the operator cannot read");
+    Ok(Action::await_change())
+}
+
+async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Action> {
     let ns = cvm.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<ConfidentialVM> = Api::namespaced(ctx.client.clone(), &ns);
     let now = Timestamp::now();
@@ -762,20 +875,23 @@ pub async fn reconcile(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         (None, None) if deleting => {
             Placement::Unschedulable("deleted before it was scheduled".into())
         }
-        (None, None) => {
-            let (p, refused) = place(&cvm, &api, &ctx).await?;
-            refused_nodes = Some(refused);
-            p
-        }
+        (None, None) => match invalid_spec(&cvm) {
+            Some(why) => Placement::Invalid(why),
+            None => {
+                let (p, refused) = place(&cvm, &api, &ctx).await?;
+                refused_nodes = Some(refused);
+                p
+            }
+        },
     };
     match (&switch, &placement) {
         (Some(sw), _) => bind_after_switch(&cvm, &api, sw).await?,
         (None, Placement::Bound(node)) => ensure_label(&cvm, &api, node).await?,
-        (None, Placement::Unschedulable(_)) => {}
+        (None, Placement::Unschedulable(_) | Placement::Invalid(_)) => {}
     }
     let node = match &placement {
         Placement::Bound(n) => Some(node_health(n, &ctx)),
-        Placement::Unschedulable(_) => None,
+        Placement::Unschedulable(_) | Placement::Invalid(_) => None,
     };
     let launcher = match (&ctx.launcher, &placement) {
         (Some(o), Placement::Bound(node)) if !deleting => {
@@ -951,7 +1067,8 @@ fn first_verified(
     }
     let first = seen.first_verified(&k, old, new);
     if first && seen.len() > ctx.cvms.len() {
-        let live: HashSet<String> = ctx.cvms.state().iter().map(|c| key(c)).collect();
+        let all = ctx.cvms.state();
+        let live: HashSet<String> = readable(&all).iter().map(|c| key(c)).collect();
         seen.retain(|k| live.contains(k));
     }
     first
@@ -967,7 +1084,11 @@ pub(crate) fn after_error(err: &Error) -> Action {
     }
 }
 
-pub fn error_policy(cvm: Arc<ConfidentialVM>, err: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    cvm: Arc<DeserializeGuard<ConfidentialVM>>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     // Expected outcomes (404, 409) are not errors: logged at debug, not counted in `errors`.
     match ctx.metrics.count_reconcile_error(err) {
         Some(outcome) => {
@@ -981,7 +1102,7 @@ pub fn error_policy(cvm: Arc<ConfidentialVM>, err: &Error, ctx: Arc<Context>) ->
 /// Counts CVMs by phase for the gauge.
 pub fn update_phase_gauge(ctx: &Context) {
     let mut counts: HashMap<&'static str, i64> = HashMap::new();
-    for c in ctx.cvms.state() {
+    for c in readable(&ctx.cvms.state()) {
         *counts.entry(c.phase().as_str()).or_insert(0) += 1;
     }
     for p in [

@@ -18,6 +18,7 @@ use cvm_crds::wellknown::MANAGER_OPERATOR;
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -43,13 +44,13 @@ fn is_terminal(m: &ConfidentialVMMigration) -> bool {
 /// name: a CVM verified on its target advances its migration.
 pub fn watching(
     ctrl: Controller<ConfidentialVMMigration>,
-    cvms: Api<ConfidentialVM>,
+    cvms: Api<DeserializeGuard<ConfidentialVM>>,
     migrations: Store<ConfidentialVMMigration>,
 ) -> Controller<ConfidentialVMMigration> {
     ctrl.watches(
         cvms,
         watcher::Config::default(),
-        move |cvm: ConfidentialVM| {
+        move |cvm: DeserializeGuard<ConfidentialVM>| {
             let (ns, name) = (cvm.namespace(), cvm.name_any());
             migrations
                 .state()

@@ -12,6 +12,7 @@ use cvm_telemetry::watch::{WatchRetry, OPERATOR_RETRY_MAX};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -31,7 +32,9 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let stop = stop.shared();
-    let cvms: Api<ConfidentialVM> = Api::all(client.clone());
+    // Read through a guard: one object the Rust type cannot read becomes a status
+    // instead of breaking the watch for all.
+    let cvms: Api<DeserializeGuard<ConfidentialVM>> = Api::all(client.clone());
     let migrations: Api<ConfidentialVMMigration> = Api::all(client.clone());
     let switches: Api<ConfidentialVMMigration> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
@@ -113,7 +116,11 @@ pub async fn run(
             for_nodes
                 .state()
                 .iter()
-                .filter(|c| c.node_name().is_none() || c.node_name() == Some(name.as_str()))
+                .filter(|g| {
+                    g.0.as_ref().map_or(true, |c| {
+                        c.node_name().is_none() || c.node_name() == Some(name.as_str())
+                    })
+                })
                 .map(|c| ObjectRef::from_obj(c.as_ref()))
                 .collect::<Vec<_>>()
         })
@@ -125,7 +132,10 @@ pub async fn run(
                 for_policies
                     .state()
                     .iter()
-                    .filter(|c| c.policy_ref() == Some(name.as_str()))
+                    .filter(|g| {
+                        g.0.as_ref()
+                            .is_ok_and(|c| c.policy_ref() == Some(name.as_str()))
+                    })
                     .map(|c| ObjectRef::from_obj(c.as_ref()))
                     .collect::<Vec<_>>()
             },
@@ -136,7 +146,10 @@ pub async fn run(
             watcher::Config::default(),
             |m: ConfidentialVMMigration| {
                 let ns = m.namespace().unwrap_or_default();
-                Some(ObjectRef::<ConfidentialVM>::new(&m.spec.cvm_name).within(&ns))
+                Some(
+                    ObjectRef::<DeserializeGuard<ConfidentialVM>>::new(&m.spec.cvm_name)
+                        .within(&ns),
+                )
             },
         )
         .reconcile_all_on(freed_rx)

@@ -15,6 +15,9 @@ pub enum Placement {
     Bound(String),
     /// Nothing fits; the scheduler's counted reasons.
     Unschedulable(String),
+    /// The spec breaks rules the API server could not check (`cvm_crds::validate`):
+    /// what to change. Not placed until it is fixed.
+    Invalid(String),
 }
 
 /// Health of the bound node as the operator sees it.
@@ -183,6 +186,17 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
             ));
             None
         }
+        Placement::Invalid(msg) => {
+            set(new_condition(
+                ConditionType::Scheduled,
+                false,
+                StallReason::InvalidSpec.as_str(),
+                msg.clone(),
+                gen,
+                now.clone(),
+            ));
+            None
+        }
     };
 
     let kept_instance = o.cvm.status.as_ref().and_then(|s| s.guest_instance.clone());
@@ -249,7 +263,16 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
         }
         _ => None,
     };
+    let invalid = match &o.placement {
+        Placement::Invalid(m) => Some(m.as_str()),
+        _ => None,
+    };
     let (ready, ready_reason, ready_msg) = match (o.node, running, verified) {
+        _ if invalid.is_some() => (
+            false,
+            StallReason::InvalidSpec.as_str(),
+            format!("the spec is invalid: {}", invalid.unwrap_or_default()),
+        ),
         (Some(NodeHealth::Missing), ..) => (
             false,
             "NodeLost",
@@ -369,11 +392,12 @@ pub fn derive(o: &Observed<'_>) -> OperatorStatus {
 
     let unschedulable = match &o.placement {
         Placement::Unschedulable(msg) => Some(msg.as_str()),
-        Placement::Bound(_) => None,
+        Placement::Bound(_) | Placement::Invalid(_) => None,
     };
     let reading = progress(&ProgressInput {
         phase,
         unschedulable,
+        invalid,
         node: o.node,
         verdict: (verdict.0, &verdict.1),
         ready: (ready_said.0, &ready_said.1),
@@ -444,6 +468,8 @@ pub enum StallReason {
     GuestFailed,
     /// The node it is bound to is gone.
     NodeLost,
+    /// Its spec breaks a rule only the operator checks.
+    InvalidSpec,
 }
 
 impl StallReason {
@@ -455,6 +481,7 @@ impl StallReason {
             StallReason::PolicyNotFound => "PolicyNotFound",
             StallReason::GuestFailed => "GuestFailed",
             StallReason::NodeLost => "NodeLost",
+            StallReason::InvalidSpec => "InvalidSpec",
         }
     }
 }
@@ -483,6 +510,8 @@ pub struct ProgressInput<'a> {
     pub phase: CvmPhase,
     /// The scheduler's reasons when nothing fits.
     pub unschedulable: Option<&'a str>,
+    /// What is wrong with the spec, when it is invalid.
+    pub invalid: Option<&'a str>,
     pub node: Option<NodeHealth>,
     /// The `Verified` condition's reason and message.
     pub verdict: (VerdictReason, &'a str),
@@ -503,6 +532,9 @@ pub fn progress(i: &ProgressInput<'_>) -> Progress {
             reason: "Deleting",
             message: "the node plugin is stopping the guest before the CVM goes".into(),
         };
+    }
+    if let Some(msg) = i.invalid {
+        return stalled(StallReason::InvalidSpec, msg);
     }
     if let Some(msg) = i.unschedulable {
         return stalled(StallReason::Unschedulable, msg);
@@ -982,11 +1014,47 @@ mod tests {
         ProgressInput {
             phase,
             unschedulable: None,
+            invalid: None,
             node: Some(NodeHealth::Ready),
             verdict: (verdict, "verdict says"),
             ready: ("GuestNotRunning", "ready says"),
             guest_message: None,
         }
+    }
+
+    #[test]
+    fn an_invalid_spec_is_stalled_with_what_to_change_and_never_placed() {
+        let c = cvm("SEV-SNP");
+        let why = "spec.tee.hostData must be lowercase hex (0-9, a-f); \"XY\" is not";
+        let s = obs(
+            &c,
+            Placement::Invalid(why.into()),
+            Verification::Awaiting("no evidence".into()),
+        );
+        assert_eq!(s.node_name, None);
+        assert_eq!(s.phase, CvmPhase::Pending);
+        let get = |t: &str| s.conditions.iter().find(|x| x.type_ == t).unwrap();
+        assert_eq!(
+            (
+                get("Scheduled").status.as_str(),
+                get("Scheduled").reason.as_str()
+            ),
+            ("False", "InvalidSpec")
+        );
+        assert_eq!(get("Ready").reason, "InvalidSpec");
+        assert!(
+            get("Ready").message.contains(why),
+            "{}",
+            get("Ready").message
+        );
+        assert_eq!(
+            (
+                get("Stalled").status.as_str(),
+                get("Stalled").reason.as_str()
+            ),
+            ("True", "InvalidSpec")
+        );
+        assert_eq!(get("Stalled").message, why);
     }
 
     #[test]
