@@ -189,6 +189,23 @@ pub enum TdxTcbStatus {
     OutOfDateConfigurationNeeded,
 }
 
+/// The verifier's status of the same name. Spelled out, not a serde round trip, so a
+/// status added to the API is a compile error here rather than silently dropped from a
+/// TDX policy.
+impl From<TdxTcbStatus> for cvm_attest::tdx::TdxTcbStatus {
+    fn from(s: TdxTcbStatus) -> Self {
+        use cvm_attest::tdx::TdxTcbStatus as A;
+        match s {
+            TdxTcbStatus::UpToDate => A::UpToDate,
+            TdxTcbStatus::SWHardeningNeeded => A::SWHardeningNeeded,
+            TdxTcbStatus::ConfigurationNeeded => A::ConfigurationNeeded,
+            TdxTcbStatus::ConfigurationAndSWHardeningNeeded => A::ConfigurationAndSWHardeningNeeded,
+            TdxTcbStatus::OutOfDate => A::OutOfDate,
+            TdxTcbStatus::OutOfDateConfigurationNeeded => A::OutOfDateConfigurationNeeded,
+        }
+    }
+}
+
 /// AR4SI trustworthiness claims (draft-ietf-rats-ar4si) that a finding bears on.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
@@ -227,6 +244,25 @@ mod tests {
             assert_eq!(serde_json::to_string(&tee).unwrap(), s);
             assert_eq!(serde_json::from_str::<TeeType>(s).unwrap(), tee);
             assert_eq!(format!("\"{tee}\""), s);
+        }
+    }
+
+    #[test]
+    fn tdx_tcb_statuses_convert_to_the_verifiers_of_the_same_name() {
+        use TdxTcbStatus::*;
+        for s in [
+            UpToDate,
+            SWHardeningNeeded,
+            ConfigurationNeeded,
+            ConfigurationAndSWHardeningNeeded,
+            OutOfDate,
+            OutOfDateConfigurationNeeded,
+        ] {
+            let wire = serde_json::to_value(s).unwrap();
+            assert_eq!(
+                Some(cvm_attest::tdx::TdxTcbStatus::from(s).as_str()),
+                wire.as_str(),
+            );
         }
     }
 

@@ -3,6 +3,9 @@
 //!
 //! The CRDs served to the API server come from [`crds`], never from `T::crd()` directly:
 //! [`crds`] post-processes the derived schemas (see [`schema`]).
+//!
+//! [`wire`] is the evidence wire format of `status.evidence`, for its writer and every
+//! reader; [`sim_measurement`] the simulated hosts' launch digest of a spec.
 
 pub mod common;
 pub mod conditions;
@@ -12,8 +15,10 @@ pub mod hostpin;
 pub mod migration;
 pub mod policy;
 pub mod schema;
+pub mod sim_measurement;
 pub mod validate;
 pub mod wellknown;
+pub mod wire;
 
 pub use common::{
     EvidenceFormat, SnpTcbVersion, TdxTcbStatus, TeeType, TrustClaim, GROUP, VERSION,

@@ -289,7 +289,7 @@ async fn a_users_nonce_comes_back_bound_in_fresh_evidence() {
     assert!(ev.collected_at.0 >= old_collected.0);
     // Check the binding ourselves, on the raw report, from docs/evidence-binding.md alone:
     // SHA-512 over the domain, purpose, CVM UID, nonce, epoch and the instance key's SHA-256.
-    let raw = cvm_node_plugin::evidence::decode_report(ev).unwrap();
+    let raw = cvm_crds::wire::decode_report(ev).unwrap();
     let report = cvm_attest::snp::report::SnpReport::parse(&raw).unwrap();
     let key = {
         use base64::Engine as _;

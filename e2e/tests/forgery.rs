@@ -247,14 +247,10 @@ async fn a_host_cannot_pass_off_other_evidence_or_flip_its_flags() -> Result<()>
     let req = GuestRequest::from_cvm(&rp_a)?;
     host.launch(&req).await?;
     let uid = rp_a.metadata.uid.clone().context("uid")?;
-    let challenge =
-        cvm_node_plugin::evidence::challenge_for(Some(NONCE), &uid, None).context("challenge")?;
+    let challenge = cvm_crds::wire::challenge_for(Some(NONCE), &uid, None).context("challenge")?;
     let raw = host.evidence(&uid, &challenge).await?;
-    let second = cvm_node_plugin::evidence::encode(
-        &raw,
-        &challenge,
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
+    let second =
+        cvm_crds::wire::encode(&raw, &challenge, Time(k8s_openapi::jiff::Timestamp::now()));
     assert_ne!(second.instance_key, evidence(&rp_a).instance_key);
     let at = forge(&as_plugin, "rp-a", second, None, 3).await?;
     let c = appraised(&cvms, "rp-a", &at).await;

@@ -2,7 +2,6 @@
 //! it, and verify that evidence here, with the user's trust anchors and reference values.
 //! The operator's verdict is fetched only to say whether it agrees; it never decides.
 
-use base64::Engine as _;
 use std::fmt::Write as _;
 use std::io::Read;
 use std::path::PathBuf;
@@ -12,6 +11,7 @@ use clap::Args;
 use cvm_attest::ear::{Appraisal, Ear, VerifierId};
 use cvm_attest::snp::{self, SnpPolicy, SnpTrustedRoot};
 use cvm_attest::tdx::{self, TdxPolicy};
+use cvm_crds::wire;
 use cvm_crds::{ConfidentialVM, EvidenceFormat};
 use serde_json::json;
 
@@ -26,9 +26,6 @@ pub const EXAMPLES: &str = "Examples:
   kubectl cvm attest my-vm -n prod --nonce 5eed0123 --policy my-policy.yaml -o json
   # On the local cvm-dev cluster, trust its simulator root explicitly
   kubectl cvm attest snp-demo --trust-root sha256:<fingerprint printed by cvm-dev>";
-
-/// Key of the TDX collateral in `status.evidence.collateral`.
-pub const TDX_COLLATERAL_KEY: &str = "quoteCollateralV3";
 
 #[derive(Debug, Args)]
 pub struct AttestArgs {
@@ -210,47 +207,30 @@ async fn attest(
     // The report data must bind this CVM's UID, our nonce and the guest instance's key
     // (docs/evidence-binding.md): recompute it here, trusting nothing the cluster says.
     let uid = cvm.metadata.uid.clone().unwrap_or_default();
-    let instance_key = match ev.instance_key.as_deref() {
-        Some(k) => base64::engine::general_purpose::STANDARD
-            .decode(k.trim())
-            .map_err(|e| ClusterError::Input(format!("status.evidence.instanceKey is not base64: {e}")))?,
-        None => {
-            return Err(ClusterError::Input(
-                "status.evidence.instanceKey is missing: the evidence names no guest instance,                  so it cannot be bound to one"
-                    .into(),
-            ))
-        }
+    let Some(instance_key) = wire::decode_instance_key(&ev).map_err(unreadable)? else {
+        return Err(ClusterError::Input(
+            "status.evidence.instanceKey is missing: the evidence names no guest instance, \
+             so it cannot be bound to one"
+                .into(),
+        ));
     };
     // After a live migration the guest also binds the migration that moved it.
     let epoch = cvm.migration_epoch();
-    let nonce_bytes = hex::decode(&nonce).ok().map(|n| {
-        cvm_attest::binding::Challenge::cvm(&uid, Some(&n))
-            .after_migration(epoch)
-            .preimage(&cvm_attest::binding::key_id(&instance_key))
-    });
+    let nonce_bytes =
+        wire::challenge_for(Some(&nonce), &uid, epoch).map(|c| c.preimage_for(&instance_key));
     let now = now_unix();
-    let raw = cvm_node_plugin::evidence::decode_report(&ev)
-        .map_err(|e| ClusterError::Input(format!("status.evidence.report is not base64: {e}")))?;
+    let raw = wire::decode_report(&ev).map_err(unreadable)?;
     let label = format!("from {}/{name}", ctx.namespace);
     let (appraisal, summary, submod): (Appraisal, String, &str) = match ev.format {
         EvidenceFormat::SevSnpReport => {
-            let certs = match ev.cert_chain.as_deref() {
-                Some(pem) => snp::certs::pem_or_der(pem.as_bytes())
-                    .map_err(|e| ClusterError::Input(format!("status.evidence.certChain: {e}")))?,
-                None => Vec::new(),
-            };
+            let certs = wire::cert_chain(&ev).map_err(unreadable)?;
             let (ap, s) =
                 evidence::appraise_snp(&label, &raw, &certs, &[], snp_p, nonce_bytes, now)
                     .map_err(ClusterError::Input)?;
             (ap, s, snp::SUBMOD)
         }
         EvidenceFormat::TdxQuote => {
-            let Some(coll) = ev.collateral.get(TDX_COLLATERAL_KEY) else {
-                return Err(ClusterError::Input(format!(
-                    "status.evidence.collateral has no {TDX_COLLATERAL_KEY}: the TDX quote \
-                     cannot be verified offline without it"
-                )));
-            };
+            let coll = wire::tdx_collateral(&ev).map_err(unreadable)?;
             let (ap, s) =
                 evidence::appraise_tdx(&label, &raw, coll.as_bytes(), tdx_p, nonce_bytes, now)
                     .map_err(|e| ClusterError::Input(e.to_string()))?;
@@ -347,6 +327,12 @@ async fn attest(
         ear.status()
     );
     Ok(Done::verdict(out, affirmed))
+}
+
+/// A `status.evidence` field this client cannot read: the CVM's status, not the user's
+/// flags, is at fault, so the message says where to look.
+pub(crate) fn unreadable(e: wire::WireError) -> ClusterError {
+    ClusterError::Input(format!("status.evidence.{e}"))
 }
 
 fn snp_or_tdx_without_reference(a: &AttestArgs) -> bool {

@@ -228,7 +228,7 @@ fn simulated(a: &MeasureArgs) -> Result<Done, MeasureCmdError> {
         rows.push((
             name,
             cvm.spec.tee.tee_type.as_str().to_string(),
-            cvm_node_plugin::simulated_measurement(&cvm.spec),
+            cvm_crds::sim_measurement::simulated_measurement(&cvm.spec),
         ));
     }
     if rows.is_empty() {

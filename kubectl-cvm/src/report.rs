@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use cvm_attest::snp::report::{Generation, SnpReport};
 use cvm_attest::tdx::{self, DecodedTdQuote, TdxPolicy, TdxTcbStatus};
-use cvm_crds::{ConfidentialVM, EvidenceFormat};
+use cvm_crds::{wire, ConfidentialVM, EvidenceFormat};
 use serde_json::json;
 
 use crate::cli::{Done, KubeArgs};
@@ -76,16 +76,13 @@ fn from_cvm(cvm: &ConfidentialVM, name: &str) -> Result<Raw, ClusterError> {
             cvm.phase()
         )));
     };
-    let bytes = cvm_node_plugin::evidence::decode_report(ev)
-        .map_err(|e| ClusterError::Input(format!("status.evidence.report is not base64: {e}")))?;
+    let bytes = wire::decode_report(ev).map_err(crate::attest::unreadable)?;
     match ev.format {
         EvidenceFormat::SevSnpReport => Ok(Raw::Snp(bytes)),
         EvidenceFormat::TdxQuote => Ok(Raw::Tdx {
             quote: bytes,
-            collateral: ev
-                .collateral
-                .get(crate::attest::TDX_COLLATERAL_KEY)
-                .map(|c| c.as_bytes().to_vec()),
+            // Without collateral the quote is still decoded; its TCB status is unknown.
+            collateral: wire::tdx_collateral(ev).ok().map(|c| c.as_bytes().to_vec()),
         }),
         EvidenceFormat::SevLaunchMeasure => Err(ClusterError::Input(format!(
             "{name} holds an SEV launch measurement ({}), not a report with fields to decode",

@@ -13,9 +13,7 @@
 pub mod cli;
 pub mod config;
 pub mod deviceplugin;
-pub mod evidence;
 pub mod launcher;
-pub mod measure;
 pub mod metrics;
 pub mod migrate_plan;
 pub mod node;
@@ -36,6 +34,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use config::SimConfig;
+/// The simulated launch measurement, kept with the API types so that `kubectl cvm` computes
+/// it without this crate; re-exported under its old name for the plugin's own callers.
+pub use cvm_crds::sim_measurement as measure;
 pub use measure::simulated_measurement;
 pub use platform::Platform;
 pub use sim::{RootFingerprints, SimPlatform};

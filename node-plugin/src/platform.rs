@@ -15,7 +15,7 @@
 use std::future::Future;
 
 use cvm_crds::cvm::{ArtifactRef, ConfidentialVM, CpuModel, Disk, GuestState};
-use cvm_crds::{EvidenceFormat, SnpTcbVersion, TdxTcbStatus, TeeType};
+use cvm_crds::{SnpTcbVersion, TdxTcbStatus, TeeType};
 use serde::{Deserialize, Serialize};
 
 use crate::measure;
@@ -159,30 +159,9 @@ pub fn new_launch_id() -> Result<String, PlatformError> {
         .map_err(|e| PlatformError::Launch(format!("choosing the launch ID: {e}")))
 }
 
-/// What the evidence must answer. The guest, not the plugin, turns it into report data:
-/// it adds its own instance key (`cvm_attest::binding`), so the host cannot make one guest
-/// answer as another. `nonce` is the user's hex nonce to echo in the status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Challenge {
-    pub binding: cvm_attest::binding::Challenge,
-    pub nonce: Option<String>,
-}
-
-/// Evidence as the platform produced it, before it is encoded into the CVM status.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawEvidence {
-    pub format: EvidenceFormat,
-    /// Report, quote or launch measurement bytes.
-    pub report: Vec<u8>,
-    /// PEM certificates (VCEK, ASK, ARK; or the PCK chain).
-    pub cert_chain: Option<String>,
-    /// Named collateral texts (see [`crate::evidence`] for the names).
-    pub collateral: Vec<(String, String)>,
-    /// The measurement the signed evidence states.
-    pub measurement: Vec<u8>,
-    /// Public key of the guest instance that produced the report (bound in its report data).
-    pub instance_key: Option<Vec<u8>>,
-}
+/// A backend answers a [`Challenge`] with [`RawEvidence`]; both belong to the evidence wire
+/// format (`cvm_crds::wire`), which encodes the one into `status.evidence` for the other.
+pub use cvm_crds::wire::{Challenge, RawEvidence};
 
 /// Errors a backend reports, phrased for the CVM's `Launched` condition.
 #[derive(Debug, thiserror::Error)]

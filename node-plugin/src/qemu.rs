@@ -337,60 +337,6 @@ fn send_kill(pid: u32) {
     }
 }
 
-/// The SEV certificate table GUIDs of VCEK, ASK and ARK (GHCB spec, extended guest
-/// request), in the order a PEM chain lists them.
-const SNP_CERT_GUIDS: [&str; 3] = [
-    "63da758d-e664-4564-adc5-f4b93be8accd",
-    "4ab7b379-bbac-4fe4-a02f-05aef327c782",
-    "c0b406a4-a803-4952-9743-3fb6014cd0ae",
-];
-
-fn guid_bytes(text: &str, mixed_endian: bool) -> Option<[u8; 16]> {
-    let hex_text: String = text.chars().filter(|c| *c != '-').collect();
-    let mut b: [u8; 16] = hex::decode(hex_text).ok()?.try_into().ok()?;
-    if mixed_endian {
-        b[0..4].reverse();
-        b[4..6].reverse();
-        b[6..8].reverse();
-    }
-    Some(b)
-}
-
-/// The VCEK, ASK and ARK of an SNP certificate table (configfs-tsm `auxblob`) as PEM, in
-/// that order; certificates the table does not hold are left out.
-pub fn snp_cert_table_pem(table: &[u8]) -> Result<String, String> {
-    let mut found: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
-    for entry in table.chunks(24) {
-        if entry.len() < 24 {
-            return Err("certificate table ends inside an entry".into());
-        }
-        if entry.iter().all(|b| *b == 0) {
-            break;
-        }
-        let guid = &entry[..16];
-        let off = u32::from_le_bytes([entry[16], entry[17], entry[18], entry[19]]) as usize;
-        let len = u32::from_le_bytes([entry[20], entry[21], entry[22], entry[23]]) as usize;
-        // EFI GUIDs are stored mixed-endian; accept the plain byte order too.
-        let slot = SNP_CERT_GUIDS.iter().position(|g| {
-            [true, false]
-                .iter()
-                .any(|m| guid_bytes(g, *m).is_some_and(|b| b == guid))
-        });
-        let Some(slot) = slot else { continue };
-        let cert = off
-            .checked_add(len)
-            .and_then(|end| table.get(off..end))
-            .ok_or_else(|| format!("certificate table entry {off}+{len} is out of bounds"))?;
-        if !cert.is_empty() {
-            found.insert(slot, cert.to_vec());
-        }
-    }
-    Ok(found
-        .values()
-        .map(|der| cvm_attest::snp::certs::der_to_pem(der))
-        .collect())
-}
-
 /// A host's guests run by QEMU.
 pub struct QemuPlatform {
     opts: QemuOptions,
@@ -927,7 +873,7 @@ impl QemuPlatform {
                     .map_err(|e| PlatformError::Evidence(format!("SNP report from {who}: {e}")))?;
                 let cert_chain = match &ev.auxblob {
                     Some(aux) => {
-                        let pem = snp_cert_table_pem(aux).map_err(|e| {
+                        let pem = cvm_crds::wire::snp_cert_table_pem(aux).map_err(|e| {
                             PlatformError::Evidence(format!("SNP certificates from {who}: {e}"))
                         })?;
                         (!pem.is_empty()).then_some(pem)
@@ -1233,43 +1179,6 @@ mod tests {
             "EvidenceError"
         );
         assert!(decode_launch_measure("*").is_err());
-    }
-
-    #[test]
-    fn cert_table_gives_vcek_ask_ark_in_order() {
-        // Entries listed ARK, VCEK (mixed-endian GUIDs), then the terminator; ASK absent.
-        let ark = vec![0x30, 0x03, 0x02, 0x01, 0x0a];
-        let vcek = vec![0x30, 0x03, 0x02, 0x01, 0x0b];
-        let header = 3 * 24;
-        let mut t = Vec::new();
-        for (guid, off, len) in [
-            (SNP_CERT_GUIDS[2], header, ark.len()),
-            (SNP_CERT_GUIDS[0], header + ark.len(), vcek.len()),
-        ] {
-            t.extend(guid_bytes(guid, true).unwrap());
-            t.extend((off as u32).to_le_bytes());
-            t.extend((len as u32).to_le_bytes());
-        }
-        t.extend([0u8; 24]);
-        t.extend(&ark);
-        t.extend(&vcek);
-        let pem = snp_cert_table_pem(&t).unwrap();
-        let blocks: Vec<&str> = pem.matches("BEGIN CERTIFICATE").collect();
-        assert_eq!(blocks.len(), 2, "{pem}");
-        // VCEK (…0b) comes before ARK (…0a).
-        let vcek_pem = cvm_attest::snp::certs::der_to_pem(&vcek);
-        assert!(pem.starts_with(&vcek_pem), "{pem}");
-        assert!(
-            pem.ends_with(&cvm_attest::snp::certs::der_to_pem(&ark)),
-            "{pem}"
-        );
-
-        let mut bad = t.clone();
-        bad[16..20].copy_from_slice(&10_000u32.to_le_bytes());
-        assert!(snp_cert_table_pem(&bad)
-            .unwrap_err()
-            .contains("out of bounds"));
-        assert!(snp_cert_table_pem(&t[..30]).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use cvm_crds::migration::{
     ConfidentialVMMigration, CONDITION_TARGET_PREPARED, CONDITION_TRANSFERRED,
 };
 use cvm_crds::wellknown::{LAUNCHER_COMPONENT, LAUNCHER_SOCKET_VOLUME, MANAGER_NODE_PLUGIN};
+use cvm_crds::wire;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -26,7 +27,6 @@ use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::evidence;
 use crate::metrics::Metrics;
 use crate::migrate_plan::{self, CondState, MigrationAction, MigrationView};
 use crate::node;
@@ -525,7 +525,7 @@ impl<P: Platform> NodePlugin<P> {
     ) -> Result<(), ActionError> {
         let nonce = bound.wanted.nonce.as_deref();
         let epoch = bound.wanted.epoch.as_deref();
-        let challenge = evidence::challenge_for(nonce, &bound.uid, epoch)
+        let challenge = wire::challenge_for(nonce, &bound.uid, epoch)
             .ok_or_else(|| ActionError::BadNonce(nonce.unwrap_or_default().to_string()))?;
         if let Some(migration) = epoch {
             let before = self.lock_answered().get(&bound.uid).cloned();
@@ -534,7 +534,7 @@ impl<P: Platform> NodePlugin<P> {
             }
         }
         let raw = self.platform.evidence(&bound.uid, &challenge).await?;
-        let ev = evidence::encode(&raw, &challenge, now());
+        let ev = wire::encode(&raw, &challenge, now());
         let caps = self.platform.capabilities();
         let facts = status::facts(&caps, guest, GuestState::Running, None);
         let what = if caps.simulated { "simulated " } else { "" };
@@ -696,7 +696,7 @@ impl<P: Platform> NodePlugin<P> {
                 return self.refuse_prepare(m, e.reason(), msg).await;
             }
         };
-        let challenge = evidence::migration_challenge_for(&view.uid);
+        let challenge = wire::migration_challenge_for(&view.uid);
         let raw = match self.platform.evidence(&req.uid, &challenge).await {
             Ok(r) => r,
             Err(e) => {
@@ -706,7 +706,7 @@ impl<P: Platform> NodePlugin<P> {
                 return self.refuse_prepare(m, e.reason(), msg).await;
             }
         };
-        let ev = evidence::encode(&raw, &challenge, now());
+        let ev = wire::encode(&raw, &challenge, now());
         let what = if self.platform.capabilities().simulated {
             "simulated "
         } else {

@@ -16,8 +16,8 @@ use cvm_crds::wellknown::{
     nfd_label, ANNOTATION_MIGRATED_AT, ANNOTATION_MIGRATION, ANNOTATION_REATTEST, FINALIZER,
     LABEL_NODE, MANAGER_NODE_PLUGIN, MANAGER_OPERATOR, RESOURCE_SNP_ESIDS,
 };
+use cvm_crds::wire::{cert_chain, decode_report, COLLATERAL_TDX_QUOTE_V3};
 use cvm_crds::{ConditionType, EvidenceFormat, TeeType};
-use cvm_node_plugin::evidence::{decode_report, COLLATERAL_TDX_QUOTE_V3};
 use cvm_node_plugin::{
     simulated_measurement, spawn_sim_plugin, PluginHandle, SimConfig, SimPluginOptions,
 };
@@ -753,12 +753,7 @@ fn verify_snp_evidence(
         .unwrap();
     let challenge = challenge.preimage(&cvm_attest::binding::key_id(&key));
     let report = decode_report(ev).unwrap();
-    let certs: Vec<Vec<u8>> =
-        cvm_attest::snp::parse_certs(ev.cert_chain.as_deref().unwrap().as_bytes())
-            .unwrap()
-            .iter()
-            .map(|c| c.der().to_vec())
-            .collect();
+    let certs = cert_chain(ev).unwrap();
     SnpVerifier::new(policy).unwrap().verify(
         &SnpEvidence {
             report: &report,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use cvm_crds::cvm::{ConfidentialVM, GuestState};
 use cvm_crds::wellknown::{nfd_label, FINALIZER, LABEL_NODE, MANAGER_OPERATOR};
+use cvm_crds::wire::challenge_for;
 use cvm_crds::{ConditionType, TeeType};
 use cvm_host::qemu::HostCaps;
-use cvm_node_plugin::evidence::challenge_for;
 use cvm_node_plugin::platform::{GuestRequest, Platform};
 use cvm_node_plugin::qemu::{process_alive, QemuOptions, QemuPlatform, GUESTS_FILE};
 use cvm_node_plugin::run;

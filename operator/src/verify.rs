@@ -9,8 +9,7 @@
 //! the policy or the operator's records (pins, when it first saw a report).
 //! `status.platform` is shown, never read here.
 
-use base64::Engine;
-use cvm_attest::binding::{self, Challenge};
+use cvm_attest::binding;
 use cvm_attest::ear::{Appraisal, TrustTier};
 use cvm_attest::snp::policy::{
     Hex, MinimumTcb as SnpMinTcb, SnpContext, SnpPolicy, SnpTrustedRoot,
@@ -23,6 +22,7 @@ use cvm_crds::cvm::{
     TrustworthinessVector,
 };
 use cvm_crds::policy::AttestationPolicySpec;
+use cvm_crds::wire;
 use cvm_crds::{ConfidentialVM, EvidenceFormat, HardwareIdKind, TeeType, TrustClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -30,9 +30,6 @@ use sha2::{Digest, Sha256};
 
 /// Name this verifier puts in results.
 pub const VERIFIER: &str = "cvm-operator";
-
-/// Key under which a node plugin puts TDX collateral (dcap-qvl JSON) in `evidence.collateral`.
-pub const TDX_COLLATERAL_KEY: &str = "quoteCollateralV3";
 
 /// Check name of the finding that SEV and SEV-ES evidence cannot be verified by the operator.
 pub const CHECK_OWNER_VERIFICATION: &str = "owner-verification-required";
@@ -138,26 +135,29 @@ fn f(check: &str, claim: Claim, msg: impl Into<String>) -> AFinding {
 /// Appraises the evidence. Never fails: unusable input becomes a named finding.
 pub fn appraise(input: &Input<'_>) -> Appraised {
     let mut proven = Proven::default();
-    let instance_key = match input
-        .evidence
-        .instance_key
-        .as_deref()
-        .map(|k| decode_field("instanceKey", k))
-    {
-        Some(Ok(k)) => Some(k),
-        Some(Err(e)) => {
+    let instance_key = match wire::decode_instance_key(input.evidence) {
+        Ok(k) => k,
+        Err(e) => {
             let a = Appraisal::from_findings(
-                vec![f("instance-key-undecodable", Claim::InstanceIdentity, e)],
+                vec![f(
+                    "instance-key-undecodable",
+                    Claim::InstanceIdentity,
+                    format!("evidence.{e}"),
+                )],
                 vec![],
             );
             return unpinned(input, &a);
         }
-        None => None,
     };
-    let mut appraisal = match decode_field("report", &input.evidence.report) {
-        Err(e) => {
-            Appraisal::from_findings(vec![f("evidence-undecodable", Claim::Hardware, e)], vec![])
-        }
+    let mut appraisal = match wire::decode_report(input.evidence) {
+        Err(e) => Appraisal::from_findings(
+            vec![f(
+                "evidence-undecodable",
+                Claim::Hardware,
+                format!("evidence.{e}"),
+            )],
+            vec![],
+        ),
         Ok(raw) => match (input.cvm.tee_type(), input.evidence.format) {
             (TeeType::SevSnp, EvidenceFormat::SevSnpReport) => {
                 snp(input, &raw, instance_key.as_deref(), &mut proven)
@@ -531,31 +531,19 @@ pub fn check_instance(
     }
 }
 
-fn decode_field(field: &str, b64: &str) -> Result<Vec<u8>, String> {
-    base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| format!("evidence.{field} is not valid base64: {e}"))
-}
-
 /// The hash preimage the report data must be SHA-512 of (docs/evidence-binding.md): the
 /// CVM's UID and nonce, or the migration's UID, with the reported instance key's hash.
 /// `None` when the nonce is not hex (the schema refuses that).
 fn challenge(input: &Input<'_>, instance_key: Option<&[u8]>) -> Option<Vec<u8>> {
     let c = match input.subject {
-        Subject::Migration(uid) => Challenge::migration(uid),
-        Subject::Cvm => {
-            let nonce = match input.cvm.nonce() {
-                Some(n) => Some(cvm_crds::wellknown::decode_hex(n)?),
-                None => None,
-            };
-            Challenge::cvm(
-                input.cvm.metadata.uid.as_deref().unwrap_or_default(),
-                nonce.as_deref(),
-            )
-            .after_migration(input.migration)
-        }
+        Subject::Migration(uid) => wire::migration_challenge_for(uid),
+        Subject::Cvm => wire::challenge_for(
+            input.cvm.nonce(),
+            input.cvm.metadata.uid.as_deref().unwrap_or_default(),
+            input.migration,
+        )?,
     };
-    Some(c.preimage(&binding::key_id(instance_key.unwrap_or_default())))
+    Some(c.preimage_for(instance_key.unwrap_or_default()))
 }
 
 /// Expected launch measurements: the CVM owner's own values when given, else the policy's.
@@ -667,19 +655,16 @@ fn snp(
             return Appraisal::from_findings(bad_config, vec![]);
         }
     };
-    let certs = match input.evidence.cert_chain.as_deref() {
-        Some(pem) => match cvm_attest::snp::certs::parse_certs(pem.as_bytes()) {
-            Ok(c) => c.iter().map(|c| c.der().to_vec()).collect(),
-            Err(e) => {
-                bad_config.push(f(
-                    "cert-chain-malformed",
-                    Claim::Hardware,
-                    format!("evidence.certChain: {e}"),
-                ));
-                Vec::new()
-            }
-        },
-        None => Vec::new(),
+    let certs = match wire::cert_chain(input.evidence) {
+        Ok(c) => c,
+        Err(e) => {
+            bad_config.push(f(
+                "cert-chain-malformed",
+                Claim::Hardware,
+                format!("evidence.{e}"),
+            ));
+            Vec::new()
+        }
     };
     let ev = SnpEvidence {
         report: raw,
@@ -762,11 +747,7 @@ fn tdx_appraise(
             .map(|p| p.effective_tdx_statuses())
             .unwrap_or_else(|| vec![cvm_crds::TdxTcbStatus::UpToDate]),
     };
-    policy.accepted_tcb_statuses = statuses
-        .iter()
-        .filter_map(|s| serde_json::to_value(s).ok())
-        .filter_map(|v| v.as_str().and_then(tdx::TdxTcbStatus::parse))
-        .collect();
+    policy.accepted_tcb_statuses = statuses.into_iter().map(Into::into).collect();
     for m in expected_measurements(input) {
         match hex::decode(&m) {
             Ok(b) if b.len() == 48 => policy.mrtd.push(b),
@@ -811,14 +792,16 @@ fn tdx_appraise(
             .map(|p| p.effective_guest_policy().debug)
             .unwrap_or(false);
     policy.require_nonce = true;
-    let collateral = input
-        .evidence
-        .collateral
-        .get(TDX_COLLATERAL_KEY)
-        .or_else(|| input.evidence.collateral.values().next());
-    let Some(collateral) = collateral else {
-        bad.push(f("collateral-missing", Claim::Hardware, format!("evidence.collateral has no {TDX_COLLATERAL_KEY}: the node plugin must supply the TDX collateral")));
-        return Appraisal::from_findings(bad, vec![]);
+    let collateral = match wire::tdx_collateral(input.evidence) {
+        Ok(c) => c,
+        Err(e) => {
+            bad.push(f(
+                "collateral-missing",
+                Claim::Hardware,
+                format!("evidence.{e}"),
+            ));
+            return Appraisal::from_findings(bad, vec![]);
+        }
     };
     let mut ctx = AppraisalContext::at(input.now.as_second().max(0) as u64);
     ctx.nonce = challenge(input, instance_key);
@@ -999,6 +982,8 @@ pub fn same_verdict(a: &AttestationResult, b: &AttestationResult) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+    use cvm_attest::binding::Challenge;
     use cvm_attest::sim::{ReportRequest, SimSnpConfig, SimSnpPlatform};
     use cvm_crds::cvm::PlatformFacts;
     use cvm_crds::policy::TrustedRoot;

@@ -16,17 +16,17 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cvm_attest::tdx::quote::td_attr;
-use cvm_attest::tdx::{TdQuoteRequest, TdxTcbStatus as AttestTcbStatus};
+use cvm_attest::tdx::TdQuoteRequest;
 use cvm_crds::cvm::GuestState;
-use cvm_crds::{EvidenceFormat, TdxTcbStatus, TeeType};
+use cvm_crds::{EvidenceFormat, TeeType};
 use serde::{Deserialize, Serialize};
 
 use crate::config::SimConfig;
-use crate::evidence::COLLATERAL_TDX_QUOTE_V3;
 use crate::platform::{
     Challenge, GuestInfo, GuestRequest, HostCapabilities, Platform, PlatformError, RawEvidence,
 };
 use crate::store;
+use cvm_crds::wire::COLLATERAL_TDX_QUOTE_V3;
 pub use roots::{RootFingerprints, SimRoots};
 
 /// Name of the guest state file inside `--state-dir`.
@@ -112,19 +112,6 @@ fn now_unix() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-fn tdx_status(s: TdxTcbStatus) -> AttestTcbStatus {
-    match s {
-        TdxTcbStatus::UpToDate => AttestTcbStatus::UpToDate,
-        TdxTcbStatus::SWHardeningNeeded => AttestTcbStatus::SWHardeningNeeded,
-        TdxTcbStatus::ConfigurationNeeded => AttestTcbStatus::ConfigurationNeeded,
-        TdxTcbStatus::ConfigurationAndSWHardeningNeeded => {
-            AttestTcbStatus::ConfigurationAndSWHardeningNeeded
-        }
-        TdxTcbStatus::OutOfDate => AttestTcbStatus::OutOfDate,
-        TdxTcbStatus::OutOfDateConfigurationNeeded => AttestTcbStatus::OutOfDateConfigurationNeeded,
-    }
 }
 
 /// Copies `src` into a zeroed array, left-aligned (host data shorter than the field).
@@ -472,7 +459,7 @@ impl SimPlatform {
                     td_attributes: td_attr::SEPT_VE_DISABLE | info.launch_policy,
                     mr_config_id: fixed(g.host_data.as_deref()),
                     report_data,
-                    tcb_status: tdx_status(self.config.tdx_tcb_status),
+                    tcb_status: self.config.tdx_tcb_status.into(),
                     ..TdQuoteRequest::default()
                 };
                 let ev = p
@@ -613,7 +600,7 @@ impl Platform for SimPlatform {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::evidence::challenge_for;
+    use cvm_crds::wire::challenge_for;
 
     fn request(uid: &str, tee: TeeType) -> GuestRequest {
         let spec: cvm_crds::ConfidentialVMSpec = serde_yaml::from_str(&format!(

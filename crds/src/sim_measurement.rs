@@ -26,9 +26,13 @@
 //!
 //! Memory size, disks and host data are deliberately absent: a real launch digest does not
 //! cover them either (host data is a separate, signed report field).
+//!
+//! It lives with the API types, not in the node plugin, because it is a function of the
+//! spec alone and `kubectl cvm measure --simulated` computes it on the user's machine; the
+//! node plugin re-exports it as `cvm_node_plugin::measure`.
 
-use cvm_crds::cvm::{ArtifactRef, ConfidentialVMSpec, CpuModel};
-use cvm_crds::TeeType;
+use crate::cvm::{ArtifactRef, ConfidentialVMSpec, CpuModel};
+use crate::TeeType;
 use sha2::{Digest, Sha256, Sha384};
 
 /// Domain separator, versioned so a future change of the encoding cannot collide.
@@ -126,7 +130,7 @@ fn artifact(a: &ArtifactRef) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cvm_crds::cvm::{BootSpec, GuestPolicy, ResourcesSpec, RunStrategy, TeeSpec};
+    use crate::cvm::{BootSpec, GuestPolicy, ResourcesSpec, RunStrategy, TeeSpec};
 
     fn spec(tee: TeeType) -> ConfidentialVMSpec {
         ConfidentialVMSpec {
