@@ -28,6 +28,7 @@ use kube::core::error_boundary::InvalidObject;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -40,6 +41,8 @@ use tracing::{info, warn};
 pub struct Context {
     pub client: Client,
     pub nodes: Store<Node>,
+    /// AttestationPolicies as watched.
+    pub policies: Store<AttestationPolicy>,
     /// Every CVM as watched; one the Rust type cannot read is kept as what it is
     /// (`Err`), so that it becomes a status instead of breaking the watch.
     pub cvms: Store<DeserializeGuard<ConfidentialVM>>,
@@ -379,28 +382,13 @@ async fn bind_after_switch(
     Ok(())
 }
 
-async fn set_finalizers(
-    cvm: &ConfidentialVM,
-    api: &Api<ConfidentialVM>,
-    list: Vec<String>,
-) -> Result<()> {
-    // resourceVersion makes this a compare-and-swap: a concurrent change gives 409 and a retry.
-    let body = json!({"metadata": {"finalizers": list, "resourceVersion": cvm.resource_version()}});
-    api.patch(
-        &cvm.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&body),
-    )
-    .await
-    .map_err(kerr(format!("updating finalizers of {}", cvm.name_any())))?;
-    Ok(())
-}
-
+/// The policy `name` from the watched cache (the watch that fills it also wakes the CVMs
+/// that name a policy when it changes).
 pub(crate) async fn load_policy(name: &str, ctx: &Context) -> Result<Option<AttestationPolicy>> {
-    let api: Api<AttestationPolicy> = Api::all(ctx.client.clone());
-    api.get_opt(name)
-        .await
-        .map_err(kerr(format!("reading AttestationPolicy {name}")))
+    Ok(ctx
+        .policies
+        .get(&ObjectRef::new(name))
+        .map(|p| p.as_ref().clone()))
 }
 
 pub(crate) fn policy_not_found(name: &str) -> String {
@@ -818,52 +806,80 @@ async fn unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// How often a deletion looks again whether the guest has stopped.
+const DELETION_RECHECK: Duration = Duration::from_secs(5);
+
+/// A readable CVM: the finalizer (kube's helper: added before anything runs, removed once
+/// [`released`] says the guest and its pod are gone), then the same pass either way.
 async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Action> {
     let ns = cvm.namespace().ok_or(Error::NoNamespace)?;
     let api: Api<ConfidentialVM> = Api::namespaced(ctx.client.clone(), &ns);
+    let deleting = cvm.metadata.deletion_timestamp.is_some();
+    let action = finalizer(&api, FINALIZER, cvm.clone(), |event| async {
+        match event {
+            FinalizerEvent::Apply(cvm) => converge(&cvm, &api, &ctx).await,
+            FinalizerEvent::Cleanup(cvm) => {
+                converge(&cvm, &api, &ctx).await?;
+                released(&cvm, &ctx).await
+            }
+        }
+    })
+    .await
+    .map_err(Error::from)?;
+    if deleting {
+        // Its key and capacity are free: CVMs waiting for them are looked at again.
+        let _ = ctx.freed.unbounded_send(());
+        info!(cvm = %cvm.name_any(), node = cvm.node_name().unwrap_or(""), phase = "Terminating", "guest stopped; finalizer removed");
+    }
+    Ok(action)
+}
+
+/// Whether a deleted CVM may go: its guest stopped, then its launcher pod went (a vanished
+/// node's pod is never confirmed gone: it does not block; nor does a CVM never bound).
+/// `Err(Waiting)` keeps the finalizer.
+async fn released(cvm: &ConfidentialVM, ctx: &Context) -> Result<Action> {
+    let Some(node) = cvm.node_name() else {
+        return Ok(Action::await_change());
+    };
+    if node_health(node, ctx) == NodeHealth::Missing {
+        return Ok(Action::await_change());
+    }
+    let guest_stopped = cvm
+        .status
+        .as_ref()
+        .and_then(|s| s.platform.as_ref())
+        .and_then(|p| p.guest_state)
+        .is_none_or(|g| matches!(g, GuestState::Stopped | GuestState::Failed));
+    if !(guest_stopped && launched_ever(cvm)) {
+        return Err(Error::Waiting(format!(
+            "{} is deleted: waiting for the node plugin on {node} to stop its guest",
+            cvm.name_any()
+        )));
+    }
+    let pod_gone = match &ctx.launcher {
+        Some(_) => delete_launcher(cvm, ctx).await?,
+        None => true,
+    };
+    if !pod_gone {
+        return Err(Error::Waiting(format!(
+            "{} is deleted: its guest stopped, waiting for its launcher pod to go",
+            cvm.name_any()
+        )));
+    }
+    Ok(Action::await_change())
+}
+
+/// One pass over a CVM, deleted or not: bind it (placing it, or again off a node that
+/// refused its pod), make its launcher pod, appraise its evidence, derive and write the
+/// operator's status, tell what changed.
+async fn converge(
+    cvm: &Arc<ConfidentialVM>,
+    api: &Api<ConfidentialVM>,
+    ctx: &Context,
+) -> Result<Action> {
+    let (cvm, api) = (cvm.clone(), api);
     let now = Timestamp::now();
     let deleting = cvm.metadata.deletion_timestamp.is_some();
-    let has_finalizer = cvm.finalizers().iter().any(|f| f == FINALIZER);
-
-    if deleting && !has_finalizer {
-        return Ok(Action::await_change());
-    }
-    if deleting {
-        let guest_stopped = cvm
-            .status
-            .as_ref()
-            .and_then(|s| s.platform.as_ref())
-            .and_then(|p| p.guest_state)
-            .is_none_or(|g| matches!(g, GuestState::Stopped | GuestState::Failed));
-        let node_gone = cvm
-            .node_name()
-            .is_none_or(|n| node_health(n, &ctx) == NodeHealth::Missing);
-        // Deleting: the guest stops, then its launcher pod goes, then the finalizer (a
-        // vanished node's pod is never confirmed gone: it does not block).
-        let stopped = guest_stopped && launched_ever(&cvm);
-        let pod_gone = match &ctx.launcher {
-            Some(_) if stopped && !node_gone => delete_launcher(&cvm, &ctx).await?,
-            _ => true,
-        };
-        if cvm.node_name().is_none() || node_gone || stopped && pod_gone {
-            let rest: Vec<String> = cvm
-                .finalizers()
-                .iter()
-                .filter(|f| *f != FINALIZER)
-                .cloned()
-                .collect();
-            set_finalizers(&cvm, &api, rest).await?;
-            let _ = ctx.freed.unbounded_send(());
-            info!(cvm = %cvm.name_any(), node = cvm.node_name().unwrap_or(""), phase = "Terminating", "guest stopped; finalizer removed");
-            return Ok(Action::await_change());
-        }
-    } else if !has_finalizer {
-        let mut list = cvm.finalizers().to_vec();
-        list.push(FINALIZER.to_string());
-        set_finalizers(&cvm, &api, list).await?;
-        // The patch triggers a new reconcile with the updated object.
-        return Ok(Action::await_change());
-    }
 
     // The binding: this reconciler is its only writer. A live migration that switched
     // moves it to the target; otherwise it stays where placement put it.
@@ -878,24 +894,24 @@ async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         (None, None) => match invalid_spec(&cvm) {
             Some(why) => Placement::Invalid(why),
             None => {
-                let (p, refused) = place(&cvm, &api, &ctx).await?;
+                let (p, refused) = place(&cvm, api, ctx).await?;
                 refused_nodes = Some(refused);
                 p
             }
         },
     };
     match (&switch, &placement) {
-        (Some(sw), _) => bind_after_switch(&cvm, &api, sw).await?,
-        (None, Placement::Bound(node)) => ensure_label(&cvm, &api, node).await?,
+        (Some(sw), _) => bind_after_switch(&cvm, api, sw).await?,
+        (None, Placement::Bound(node)) => ensure_label(&cvm, api, node).await?,
         (None, Placement::Unschedulable(_) | Placement::Invalid(_)) => {}
     }
     let node = match &placement {
-        Placement::Bound(n) => Some(node_health(n, &ctx)),
+        Placement::Bound(n) => Some(node_health(n, ctx)),
         Placement::Unschedulable(_) | Placement::Invalid(_) => None,
     };
     let launcher = match (&ctx.launcher, &placement) {
         (Some(o), Placement::Bound(node)) if !deleting => {
-            Some(ensure_launcher(&cvm, node, o, &ctx).await?)
+            Some(ensure_launcher(&cvm, node, o, ctx).await?)
         }
         _ => None,
     };
@@ -918,7 +934,7 @@ async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
             )
         });
         if let Some(Some((reason, message))) = refusal {
-            let gone = delete_launcher(&cvm, &ctx).await?;
+            let gone = delete_launcher(&cvm, ctx).await?;
             warn!(cvm = %cvm.name_any(), node = %n, phase = "Scheduled", %reason, %message, pod_gone = gone, "the node refused the launcher pod: placing the CVM again without it");
             let existing = refused_nodes.clone().unwrap_or_else(|| {
                 cvm.status
@@ -940,9 +956,9 @@ async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         }
     }
     let launcher = launcher.map(|(reading, _)| reading);
-    let verdict = verification(&cvm, &ctx, now).await?;
+    let verdict = verification(&cvm, ctx, now).await?;
     if let Some(a) = &verdict.appraised {
-        record_appraisal(&ctx, &cvm, a).await;
+        record_appraisal(ctx, &cvm, a).await;
     }
     let st = state::derive(&Observed {
         cvm: &cvm,
@@ -960,8 +976,8 @@ async fn reconcile_cvm(cvm: Arc<ConfidentialVM>, ctx: Arc<Context>) -> Result<Ac
         },
         None => st,
     };
-    on_transitions(&ctx, &cvm, &st, now).await;
-    write_status(&cvm, &api, &st).await?;
+    on_transitions(ctx, &cvm, &st, now).await;
+    write_status(&cvm, api, &st).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
     Ok(match st.phase {
         CvmPhase::Pending => Action::requeue(Duration::from_secs(30)),
@@ -1080,6 +1096,7 @@ pub(crate) fn after_error(err: &Error) -> Action {
     match err.expected() {
         Some(crate::error::Expected::Gone) => Action::await_change(),
         Some(crate::error::Expected::Conflict) => Action::requeue(crate::error::CONFLICT_RETRY),
+        Some(crate::error::Expected::Waiting) => Action::requeue(DELETION_RECHECK),
         None => Action::requeue(crate::error::FAILURE_RETRY),
     }
 }

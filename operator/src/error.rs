@@ -22,6 +22,9 @@ pub enum Expected {
     /// 409 Conflict: another write changed the object first (the finalizer
     /// compare-and-swap lost to a newer resourceVersion). Retried promptly.
     Conflict,
+    /// A deletion waits for the node plugin to stop the guest (and for its launcher pod
+    /// to go): the finalizer stays, the reconcile comes back soon.
+    Waiting,
 }
 
 impl Expected {
@@ -30,6 +33,7 @@ impl Expected {
         match self {
             Expected::Gone => "gone",
             Expected::Conflict => "conflict",
+            Expected::Waiting => "waiting",
         }
     }
 }
@@ -60,6 +64,35 @@ pub enum Error {
     Leader(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Waiting(String),
+    #[error("the finalizer patch could not be built: {0}")]
+    Finalizer(String),
+}
+
+impl From<kube::runtime::finalizer::Error<Error>> for Error {
+    /// kube's finalizer helper wraps our own errors and its two patches: unwrap ours, and
+    /// name the patch (so that a 404 or 409 on it stays an expected outcome).
+    fn from(e: kube::runtime::finalizer::Error<Error>) -> Self {
+        use kube::runtime::finalizer::Error as F;
+        match e {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+            F::AddFinalizer(source) => Error::Kube {
+                doing: "adding the finalizer".into(),
+                source,
+            },
+            F::RemoveFinalizer(source) => Error::Kube {
+                doing: "removing the finalizer".into(),
+                source,
+            },
+            F::UnnamedObject => Error::MissingMetadata {
+                kind: "ConfidentialVM",
+                name: String::new(),
+                field: "metadata.name",
+            },
+            F::InvalidFinalizer => Error::Finalizer("invalid finalizer path".into()),
+        }
+    }
 }
 
 impl Error {
@@ -72,11 +105,16 @@ impl Error {
             Error::Serialize(_) => "serialize",
             Error::Leader(_) => "leader",
             Error::Metrics(_) => "metrics",
+            Error::Waiting(_) => "waiting",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 
     /// The expected outcome this error stands for, or `None` for a real failure.
     pub fn expected(&self) -> Option<Expected> {
+        if let Error::Waiting(_) = self {
+            return Some(Expected::Waiting);
+        }
         let Error::Kube {
             source: kube::Error::Api(status),
             ..

@@ -338,6 +338,7 @@ pub(crate) fn after_error(err: &Error) -> Action {
     match err.expected() {
         Some(Expected::Gone) => Action::requeue(REQUEUE),
         Some(Expected::Conflict) => Action::requeue(CONFLICT_RETRY),
+        Some(Expected::Waiting) => Action::requeue(REQUEUE),
         None => Action::requeue(FAILURE_RETRY),
     }
 }

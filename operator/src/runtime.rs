@@ -16,6 +16,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::{reflector, watcher};
 use kube::{Client, ResourceExt};
 use std::sync::Arc;
@@ -41,12 +42,20 @@ pub async fn run(
     let policies: Api<AttestationPolicy> = Api::all(client.clone());
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
 
+    // One watch each of Nodes and AttestationPolicies: it fills the cache the reconcile
+    // reads and wakes the CVMs a change concerns.
     let (node_store, node_writer) = reflector::store();
-    let node_watch =
-        WatchRetry::new("Node (scheduler cache)", OPERATOR_RETRY_MAX).drive(reflector(
-            node_writer,
-            watcher(nodes.clone(), watcher::Config::default()),
-        ));
+    let node_retry = WatchRetry::new("Node", OPERATOR_RETRY_MAX);
+    let node_trigger = watcher(nodes, watcher::Config::default())
+        .backoff(node_retry.clone())
+        .reflect(node_writer)
+        .applied_objects();
+    let (policy_store, policy_writer) = reflector::store();
+    let policy_retry = WatchRetry::new("AttestationPolicy", OPERATOR_RETRY_MAX);
+    let policy_trigger = watcher(policies, watcher::Config::default())
+        .backoff(policy_retry.clone())
+        .reflect(policy_writer)
+        .applied_objects();
     let (pin_store, pin_writer) = reflector::store();
     let pin_watch = WatchRetry::new("HostPin", OPERATOR_RETRY_MAX).drive(reflector(
         pin_writer,
@@ -67,6 +76,7 @@ pub async fn run(
         freed,
         client: client.clone(),
         nodes: node_store,
+        policies: policy_store,
         host_pins: pin_store,
         cvms: cvm_store,
         migrations: migration_store.clone(),
@@ -111,7 +121,7 @@ pub async fn run(
     let ctrl = controller
         // A node that appears, frees up or changes readiness may let pending CVMs in and
         // changes the health of those bound to it.
-        .watches(nodes, watcher::Config::default(), move |node: Node| {
+        .watches_stream(node_trigger, move |node: Node| {
             let name = node.name_any();
             for_nodes
                 .state()
@@ -124,22 +134,18 @@ pub async fn run(
                 .map(|c| ObjectRef::from_obj(c.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches(
-            policies,
-            watcher::Config::default(),
-            move |p: AttestationPolicy| {
-                let name = p.name_any();
-                for_policies
-                    .state()
-                    .iter()
-                    .filter(|g| {
-                        g.0.as_ref()
-                            .is_ok_and(|c| c.policy_ref() == Some(name.as_str()))
-                    })
-                    .map(|c| ObjectRef::from_obj(c.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_stream(policy_trigger, move |p: AttestationPolicy| {
+            let name = p.name_any();
+            for_policies
+                .state()
+                .iter()
+                .filter(|g| {
+                    g.0.as_ref()
+                        .is_ok_and(|c| c.policy_ref() == Some(name.as_str()))
+                })
+                .map(|c| ObjectRef::from_obj(c.as_ref()))
+                .collect::<Vec<_>>()
+        })
         // A migration's switch moves its CVM's binding, which the CVM's reconcile writes.
         .watches(
             switches,
@@ -183,7 +189,6 @@ pub async fn run(
     tokio::select! {
         // Both shut down gracefully on `stop`; wait for both.
         _ = futures::future::join(ctrl, migration_ctrl) => {},
-        _ = node_watch => {},
         _ = pin_watch => {},
         _ = gauge => {},
     }
