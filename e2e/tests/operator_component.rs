@@ -2,7 +2,8 @@
 //! publishes each node's TEE labels and key capacity (as a plugin would) and the test
 //! writes the plugin's share of a CVM's status itself, as a scripted stand-in. Covers
 //! placement within capacity, the finalizer, re-placement off a cordoned node, and an
-//! invalid or unreadable object as status while the rest keep reconciling.
+//! invalid or unreadable object as status while the rest keep reconciling, and a policy
+//! change alone changing the verdict.
 
 mod common_cvm;
 
@@ -247,4 +248,97 @@ async fn a_cordoned_node_lets_the_cvm_go_elsewhere_with_its_pod() {
         &sys,
         &["delete", "cvm", "web", "-n", "comp2", "--wait=false"],
     );
+}
+
+/// The plugin's part, scripted: a simulated host (the harness's shared simulator roots)
+/// launches the guest and signs its evidence; the test writes what a plugin writes.
+async fn stand_in_reports_running(sys: &System, cvms: &Api<ConfidentialVM>, name: &str) {
+    use cvm_node_plugin::platform::{GuestRequest, Platform};
+    use cvm_node_plugin::{config::SimConfig, sim::SimPlatform, status};
+    let cvm = cvms.get(name).await.unwrap();
+    let node = cvm.node_name().unwrap().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let host = SimPlatform::open_with_roots(
+        SimConfig::default(),
+        state.path(),
+        &sys.sim_root_dir(),
+        &node,
+    )
+    .unwrap();
+    let guest = host
+        .launch(&GuestRequest::from_cvm(&cvm).unwrap())
+        .await
+        .unwrap();
+    let uid = cvm.metadata.uid.clone().unwrap();
+    let challenge = cvm_crds::wire::challenge_for(cvm.nonce(), &uid, None).unwrap();
+    let raw = host.evidence(&uid, &challenge).await.unwrap();
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let ev = cvm_crds::wire::encode(&raw, &challenge, now.clone());
+    let facts = status::facts(
+        &host.capabilities(),
+        &guest,
+        cvm_crds::cvm::GuestState::Running,
+        None,
+    );
+    let cond = status::launched_condition(
+        &cvm,
+        true,
+        status::REASON_RUNNING,
+        "running (the test's stand-in plugin)".into(),
+        now,
+    );
+    cvms.patch_status(
+        name,
+        &PatchParams::apply(MANAGER_NODE_PLUGIN).force(),
+        &Patch::Apply(status::apply_patch(&facts, Some(&ev), &cond)),
+    )
+    .await
+    .expect("the stand-in plugin writes its share");
+}
+
+#[tokio::test]
+async fn a_policy_change_alone_changes_the_verdict() {
+    let sys = operator_only(vec![SimNode::new("n1", Some(Tee::SevSnp))]);
+    common_cvm::trust_simulator(&sys, POLICY);
+    sys.start_operator("operator-0").unwrap();
+    let (_, cvms) = api(&sys, "comp3").await;
+    apply_json(&sys, &cvm("web", "comp3", "SEV-SNP")).unwrap();
+    wait::until(&cvms, "web", WAIT, "web bound", |c| c.node_name().is_some())
+        .await
+        .unwrap();
+    stand_in_reports_running(&sys, &cvms, "web").await;
+    wait::until(&cvms, "web", WAIT, "web Verified", |c| {
+        reason(c, "Verified").0 == "True"
+    })
+    .await
+    .unwrap();
+
+    // The policy stops trusting the simulator: the same evidence is refused, and nothing
+    // but the policy changed.
+    apply_json(
+        &sys,
+        &json!({"apiVersion": "cvmp.io/v1alpha1", "kind": "AttestationPolicy",
+                "metadata": {"name": POLICY},
+                "spec": {"trustedRoots": [{"name": "amd"}, {"name": "intel"}]}}),
+    )
+    .unwrap();
+    let refused = wait::until(
+        &cvms,
+        "web",
+        WAIT,
+        "web refused under the new policy",
+        |c| reason(c, "Verified").0 == "False",
+    )
+    .await
+    .unwrap();
+    let msg = &condition(&refused, "Verified").unwrap().message;
+    assert!(msg.to_lowercase().contains("root"), "{msg}");
+    // Trusted again: Verified again, on the same evidence.
+    common_cvm::trust_simulator(&sys, POLICY);
+    wait::until(&cvms, "web", WAIT, "web Verified again", |c| {
+        reason(c, "Verified").0 == "True"
+    })
+    .await
+    .unwrap();
 }

@@ -180,12 +180,7 @@ pub fn parse_mem_mib(q: &str) -> Option<u64> {
 }
 
 fn placed_of(cvm: &ConfidentialVM) -> Option<Placed> {
-    Some(Placed {
-        node: cvm.node_name()?.to_string(),
-        tee: cvm.tee_type(),
-        vcpus: cvm.spec.resources.vcpus,
-        memory_mib: u64::from(cvm.spec.resources.memory_mib),
-    })
+    Some(Placed::of(cvm, cvm.node_name()?))
 }
 
 pub(crate) fn request(cvm: &ConfidentialVM) -> Request {
@@ -287,29 +282,12 @@ async fn place(
             // Bind now, still under the lock: status first (the source of truth), then
             // the label the node plugin selects on. The rest of the operator's share goes
             // along as the server holds it (an apply drops what it leaves out).
-            let body = json!({
-                "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-                "status": OperatorStatus {
-                    node_name: Some(node.clone()),
-                    ..state::recorded(&fresh)
-                },
-            });
-            api.patch_status(
-                &cvm.name_any(),
-                &PatchParams::apply(MANAGER_OPERATOR).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(kerr(format!("binding {} to {node}", cvm.name_any())))?;
-            assumed.cvms.insert(
-                me,
-                Placed {
-                    node: node.clone(),
-                    tee: cvm.tee_type(),
-                    vcpus: cvm.spec.resources.vcpus,
-                    memory_mib: u64::from(cvm.spec.resources.memory_mib),
-                },
-            );
+            let st = OperatorStatus {
+                node_name: Some(node.clone()),
+                ..state::recorded(&fresh)
+            };
+            apply_status(api, &cvm.name_any(), &st).await?;
+            assumed.cvms.insert(me, Placed::of(cvm, &node));
             info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", resource = tee_resource(cvm.tee_type()), "bound");
             Ok((Placement::Bound(node), refused))
         }
@@ -632,17 +610,29 @@ async fn write_status(
     if current_operator_view(cvm, st) {
         return Ok(());
     }
-    let body = json!({
-        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-        "status": st,
-    });
+    apply_status(api, &cvm.name_any(), st).await
+}
+
+/// Server-side apply of the operator's share of an object's status (field manager
+/// `cvm-operator`, forced: the operator is the one writer of these fields). What the
+/// share leaves out, the apply removes: callers send all of it.
+pub(crate) async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: &impl serde::Serialize,
+) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let body = json!({"apiVersion": K::api_version(&()), "kind": kind, "status": status});
     api.patch_status(
-        &cvm.name_any(),
+        name,
         &PatchParams::apply(MANAGER_OPERATOR).force(),
         &Patch::Apply(&body),
     )
     .await
-    .map_err(kerr(format!("writing status of {}", cvm.name_any())))?;
+    .map_err(kerr(format!("writing the status of {kind} {name}")))?;
     Ok(())
 }
 
@@ -783,25 +773,16 @@ async fn unreadable(invalid: &InvalidObject, ctx: &Context) -> Result<Action> {
             "message": message, "lastTransitionTime": now, "observedGeneration": meta.generation,
         })
     };
-    let body = json!({
-        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
-        "status": {
-            "phase": CvmPhase::Pending,
-            "observedGeneration": meta.generation,
-            "conditions": [
-                cond(ConditionType::Ready, "False"),
-                cond(ConditionType::Stalled, "True"),
-                cond(ConditionType::Reconciling, "False"),
-            ],
-        },
+    let status = json!({
+        "phase": CvmPhase::Pending,
+        "observedGeneration": meta.generation,
+        "conditions": [
+            cond(ConditionType::Ready, "False"),
+            cond(ConditionType::Stalled, "True"),
+            cond(ConditionType::Reconciling, "False"),
+        ],
     });
-    api.patch_status(
-        name,
-        &PatchParams::apply(MANAGER_OPERATOR).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kerr(format!("writing the status of unreadable {name}")))?;
+    apply_status(&api, name, &status).await?;
     warn!(cvm = %name, phase = "Pending", error = %invalid.error, "a ConfidentialVM the operator cannot read");
     Ok(Action::await_change())
 }

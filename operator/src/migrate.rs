@@ -315,12 +315,7 @@ pub fn target_hold(m: &ConfidentialVMMigration, cvm: Option<&ConfidentialVM>) ->
     if cvm.node_name() == Some(target.as_str()) {
         return None;
     }
-    Some(Placed {
-        node: target.clone(),
-        tee: cvm.tee_type(),
-        vcpus: cvm.spec.resources.vcpus,
-        memory_mib: u64::from(cvm.spec.resources.memory_mib),
-    })
+    Some(Placed::of(cvm, target))
 }
 
 /// A CVM's binding after the switch of one of its migrations.

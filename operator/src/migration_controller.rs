@@ -14,17 +14,15 @@ use crate::migrate::{
 use crate::schedule::Placed;
 use crate::verify;
 use cvm_crds::cvm::Evidence;
-use cvm_crds::wellknown::MANAGER_OPERATOR;
 use cvm_crds::{ConfidentialVM, ConfidentialVMMigration, MigrationPhase};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{debug, info, warn};
@@ -179,15 +177,9 @@ pub async fn reconcile(mig: Arc<ConfidentialVMMigration>, ctx: Arc<Context>) -> 
     }
     if let (Some(mut assumed), Some(c), Some(t)) = (placement, &cvm, &out.status.target_node) {
         if old.target_node.is_none() && !out.status.phase.is_terminal() {
-            assumed.targets.insert(
-                controller::migration_key(&mig),
-                Placed {
-                    node: t.clone(),
-                    tee: c.tee_type(),
-                    vcpus: c.spec.resources.vcpus,
-                    memory_mib: u64::from(c.spec.resources.memory_mib),
-                },
-            );
+            assumed
+                .targets
+                .insert(controller::migration_key(&mig), Placed::of(c, t));
         }
     }
     on_transitions(&ctx, &mig, &old, &out.status, created, now).await;
@@ -250,21 +242,7 @@ async fn write_status(
     st: &OperatorStatus,
 ) -> Result<()> {
     let api: Api<ConfidentialVMMigration> = Api::namespaced(ctx.client.clone(), ns);
-    let body = json!({
-        "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVMMigration",
-        "status": st,
-    });
-    api.patch_status(
-        &mig.name_any(),
-        &PatchParams::apply(MANAGER_OPERATOR).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map_err(kerr(format!(
-        "writing status of ConfidentialVMMigration {ns}/{}",
-        mig.name_any()
-    )))?;
-    Ok(())
+    controller::apply_status(&api, &mig.name_any(), st).await
 }
 
 /// Events, logs and metrics for the change from `old` to `new`.
@@ -359,6 +337,7 @@ pub fn error_policy(mig: Arc<ConfidentialVMMigration>, err: &Error, ctx: Arc<Con
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn mig(
         name: &str,

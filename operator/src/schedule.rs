@@ -40,6 +40,18 @@ pub struct Placed {
     pub memory_mib: u64,
 }
 
+impl Placed {
+    /// What `cvm` holds on `node` (its binding, or a migration's target).
+    pub fn of(cvm: &cvm_crds::ConfidentialVM, node: &str) -> Placed {
+        Placed {
+            node: node.to_string(),
+            tee: cvm.tee_type(),
+            vcpus: cvm.spec.resources.vcpus,
+            memory_mib: u64::from(cvm.spec.resources.memory_mib),
+        }
+    }
+}
+
 /// Why a node cannot take the CVM; ordered so messages list the most basic reason first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Misfit {
