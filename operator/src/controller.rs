@@ -362,11 +362,10 @@ async fn bind_after_switch(
 
 /// The policy `name` from the watched cache (the watch that fills it also wakes the CVMs
 /// that name a policy when it changes).
-pub(crate) async fn load_policy(name: &str, ctx: &Context) -> Result<Option<AttestationPolicy>> {
-    Ok(ctx
-        .policies
+pub(crate) fn load_policy(name: &str, ctx: &Context) -> Option<AttestationPolicy> {
+    ctx.policies
         .get(&ObjectRef::new(name))
-        .map(|p| p.as_ref().clone()))
+        .map(|p| p.as_ref().clone())
 }
 
 pub(crate) fn policy_not_found(name: &str) -> String {
@@ -378,6 +377,8 @@ pub(crate) fn policy_not_found(name: &str) -> String {
 struct Verdict {
     verification: Verification,
     appraised: Option<verify::Appraised>,
+    /// The appraisal's result differs from the recorded one (counted in the metrics).
+    changed: bool,
 }
 
 impl From<Verification> for Verdict {
@@ -385,6 +386,7 @@ impl From<Verification> for Verdict {
         Verdict {
             verification,
             appraised: None,
+            changed: false,
         }
     }
 }
@@ -420,78 +422,71 @@ fn other_instances(cvm: &ConfidentialVM, ctx: &Context) -> Vec<(String, String)>
         .collect()
 }
 
-async fn verification(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Result<Verdict> {
+/// What the CVM's evidence is worth under its policy: a plain function of the CVM, its
+/// policy as cached (`None` inside: named but missing), the records other objects hold,
+/// and the time.
+fn verification(
+    cvm: &ConfidentialVM,
+    policy: Option<(&str, Option<&AttestationPolicySpec>)>,
+    records: verify::Records<'_>,
+    now: Timestamp,
+) -> Verdict {
     let status = cvm.status.clone().unwrap_or_default();
     let Some(evidence) = status.evidence.as_ref() else {
-        return Ok(
-            Verification::Awaiting("waiting for the node plugin to report evidence".into()).into(),
-        );
+        return Verification::Awaiting("waiting for the node plugin to report evidence".into())
+            .into();
     };
     // After a migration, evidence must bind the migration (its report data proves it; the
     // plugin's echo only says whether to wait for it).
     let migration = cvm.migration_epoch();
     if migration.is_some() && evidence.epoch.as_deref() != migration {
-        return Ok(Verification::Awaiting(format!(
+        return Verification::Awaiting(format!(
             "waiting for evidence from node {} bound to live migration {}",
             cvm.node_name().unwrap_or("(none)"),
             migration.unwrap_or_default()
         ))
-        .into());
+        .into();
     }
     if !cvm.evidence_answers_nonce() {
-        return Ok(Verification::Awaiting(format!(
+        return Verification::Awaiting(format!(
             "waiting for fresh evidence answering nonce {}",
             cvm.nonce().unwrap_or_default()
         ))
-        .into());
+        .into();
     }
-    let policy = match cvm.policy_ref() {
+    let policy = match policy {
         None => None,
-        Some(name) => match load_policy(name, ctx).await? {
-            Some(p) => Some((name.to_string(), p.spec)),
-            None => {
-                return Ok(Verification::PolicyProblem {
-                    reason: state::VerdictReason::PolicyNotFound,
-                    message: policy_not_found(name),
-                }
-                .into())
+        Some((name, Some(spec))) => Some((name, spec)),
+        Some((name, None)) => {
+            return Verification::PolicyProblem {
+                reason: state::VerdictReason::PolicyNotFound,
+                message: policy_not_found(name),
             }
-        },
+            .into()
+        }
     };
-    let policy_ref: Option<(&str, &AttestationPolicySpec)> =
-        policy.as_ref().map(|(n, s)| (n.as_str(), s));
-    let pins = host_pin_views(ctx);
-    let others = other_instances(cvm, ctx);
     let appraised = verify::appraise(&verify::Input {
         cvm,
-        policy: policy_ref,
+        policy,
         evidence,
         now,
         subject: verify::Subject::Cvm,
         node: cvm.node_name().unwrap_or_default(),
-        records: verify::Records {
-            host_pins: &pins,
-            other_instances: &others,
-        },
+        records,
         migration,
     });
-    let result = match status.attestation {
-        Some(old) if verify::same_verdict(&old, &appraised.result) => old,
-        _ => {
-            ctx.metrics
-                .verifications
-                .with_label_values(&[&format!("{:?}", appraised.result.status).to_lowercase()])
-                .inc();
-            appraised.result.clone()
-        }
+    let (result, changed) = match status.attestation {
+        Some(old) if verify::same_verdict(&old, &appraised.result) => (old, false),
+        _ => (appraised.result.clone(), true),
     };
-    Ok(Verdict {
+    Verdict {
         verification: Verification::Result {
             result: Box::new(result),
             instance: appraised.instance.clone(),
         },
         appraised: Some(appraised),
-    })
+        changed,
+    }
 }
 
 /// Records what an appraisal asks beyond the status: a first-use host pin (created, never
@@ -937,7 +932,27 @@ async fn converge(
         }
     }
     let launcher = launcher.map(|(reading, _)| reading);
-    let verdict = verification(&cvm, ctx, now).await?;
+    // The policy and the records other objects hold, from the caches: appraisal itself is
+    // a plain function.
+    let policy = cvm
+        .policy_ref()
+        .map(|name| (name, load_policy(name, ctx).map(|p| p.spec)));
+    let (pins, others) = (host_pin_views(ctx), other_instances(&cvm, ctx));
+    let verdict = verification(
+        &cvm,
+        policy.as_ref().map(|(n, p)| (*n, p.as_ref())),
+        verify::Records {
+            host_pins: &pins,
+            other_instances: &others,
+        },
+        now,
+    );
+    if let (true, Some(a)) = (verdict.changed, &verdict.appraised) {
+        ctx.metrics
+            .verifications
+            .with_label_values(&[&format!("{:?}", a.result.status).to_lowercase()])
+            .inc();
+    }
     if let Some(a) = &verdict.appraised {
         record_appraisal(ctx, &cvm, a).await;
     }
@@ -1123,6 +1138,46 @@ pub fn update_phase_gauge(ctx: &Context) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn appraisal_waits_for_evidence_and_names_a_missing_policy() {
+        let mut cvm: ConfidentialVM = serde_json::from_value(json!({
+            "apiVersion": "cvmp.io/v1alpha1", "kind": "ConfidentialVM",
+            "metadata": {"name": "web", "namespace": "ns", "uid": "u"},
+            "spec": {"tee": {"type": "SEV-SNP"}, "resources": {"vcpus": 1, "memoryMiB": 512},
+                     "boot": {"firmware": {"name": "ovmf"}},
+                     "attestation": {"policyRef": "gone"}},
+        }))
+        .unwrap();
+        let records = verify::Records {
+            host_pins: &[],
+            other_instances: &[],
+        };
+        let now = Timestamp::UNIX_EPOCH;
+        let v = verification(&cvm, Some(("gone", None)), records, now);
+        assert!(matches!(v.verification, Verification::Awaiting(_)));
+        assert!(!v.changed);
+        cvm.status = Some(
+            serde_json::from_value(json!({"evidence": {
+                "format": "sev-snp-report", "report": "AA==",
+                "collectedAt": "2026-01-01T00:00:00Z"}}))
+            .unwrap(),
+        );
+        let v = verification(&cvm, Some(("gone", None)), records, now);
+        let Verification::PolicyProblem { reason, message } = v.verification else {
+            panic!("a missing policy is not a verdict");
+        };
+        assert_eq!(reason, state::VerdictReason::PolicyNotFound);
+        assert!(
+            message.contains("AttestationPolicy gone does not exist"),
+            "{message}"
+        );
+        // Under a policy that is there the evidence is appraised (and refused: it is no
+        // report), and the new result is told apart from the recorded one.
+        let spec = AttestationPolicySpec::default();
+        let v = verification(&cvm, Some(("p", Some(&spec))), records, now);
+        assert!(v.changed && v.appraised.is_some());
+    }
 
     fn api_error(code: u16, reason: &str) -> Error {
         crate::error::api_error("updating finalizers of web", code, reason)

@@ -203,7 +203,7 @@ async fn appraise_target(
 ) -> Result<TargetAppraisal> {
     let policy = match cvm.policy_ref() {
         None => None,
-        Some(name) => match controller::load_policy(name, ctx).await? {
+        Some(name) => match controller::load_policy(name, ctx) {
             Some(p) => Some((name.to_string(), p.spec)),
             None => {
                 return Ok(TargetAppraisal::PolicyProblem {
