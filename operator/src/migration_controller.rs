@@ -21,7 +21,6 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,22 +41,18 @@ fn is_terminal(m: &ConfidentialVMMigration) -> bool {
 /// name: a CVM verified on its target advances its migration.
 pub fn watching(
     ctrl: Controller<ConfidentialVMMigration>,
-    cvms: Api<DeserializeGuard<ConfidentialVM>>,
+    cvms: impl futures::Stream<Item = Arc<DeserializeGuard<ConfidentialVM>>> + Send + 'static,
     migrations: Store<ConfidentialVMMigration>,
 ) -> Controller<ConfidentialVMMigration> {
-    ctrl.watches(
-        cvms,
-        watcher::Config::default(),
-        move |cvm: DeserializeGuard<ConfidentialVM>| {
-            let (ns, name) = (cvm.namespace(), cvm.name_any());
-            migrations
-                .state()
-                .iter()
-                .filter(|m| m.namespace() == ns && m.spec.cvm_name == name && !is_terminal(m))
-                .map(|m| ObjectRef::from_obj(m.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    )
+    ctrl.watches_shared_stream(cvms, move |cvm: Arc<DeserializeGuard<ConfidentialVM>>| {
+        let (ns, name) = (cvm.namespace(), cvm.name_any());
+        migrations
+            .state()
+            .iter()
+            .filter(|m| m.namespace() == ns && m.spec.cvm_name == name && !is_terminal(m))
+            .map(|m| ObjectRef::from_obj(m.as_ref()))
+            .collect::<Vec<_>>()
+    })
 }
 
 /// The other migrations of the same CVM that have not ended.

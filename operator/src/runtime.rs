@@ -22,6 +22,10 @@ use kube::{Client, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Room in each shared watch stream for objects not yet taken by a controller (the watch
+/// waits when one is full).
+const SHARED_BUFFER: usize = 1024;
+
 /// Runs the CVM and migration controllers until the stream ends (shutdown signal) or
 /// `stop` resolves.
 pub async fn run(
@@ -37,7 +41,6 @@ pub async fn run(
     // instead of breaking the watch for all.
     let cvms: Api<DeserializeGuard<ConfidentialVM>> = Api::all(client.clone());
     let migrations: Api<ConfidentialVMMigration> = Api::all(client.clone());
-    let switches: Api<ConfidentialVMMigration> = Api::all(client.clone());
     let nodes: Api<Node> = Api::all(client.clone());
     let policies: Api<AttestationPolicy> = Api::all(client.clone());
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::all(client.clone());
@@ -65,10 +68,52 @@ pub async fn run(
         ),
     ));
 
-    let controller = Controller::new(cvms.clone(), watcher::Config::default());
-    let cvm_store = controller.store();
-    let migration_ctrl = Controller::new(migrations, watcher::Config::default());
-    let migration_store = migration_ctrl.store();
+    // One watch each of CVMs and migrations, shared by both controllers (each reconciles
+    // one kind and is woken by the other's changes).
+    let (cvm_store, cvm_writer) = reflector::store_shared(SHARED_BUFFER);
+    let (migration_store, migration_writer) = reflector::store_shared(SHARED_BUFFER);
+    let (
+        Some(cvms_for_cvms),
+        Some(cvms_for_migrations),
+        Some(migs_for_migrations),
+        Some(migs_for_cvms),
+    ) = (
+        cvm_writer.subscribe(),
+        cvm_writer.subscribe(),
+        migration_writer.subscribe(),
+        migration_writer.subscribe(),
+    )
+    else {
+        // store_shared always gives subscribers; nothing to run without them.
+        tracing::error!("shared watch streams without subscribers: not running the controllers");
+        return;
+    };
+    let shared_retry = WatchRetry::new(
+        "ConfidentialVM, ConfidentialVMMigration",
+        OPERATOR_RETRY_MAX,
+    );
+    let (cvm_log, mig_log) = (shared_retry.clone(), shared_retry.clone());
+    let cvm_root = watcher(cvms, watcher::Config::default())
+        .backoff(shared_retry.clone())
+        .reflect_shared(cvm_writer)
+        .for_each(move |e| {
+            if let Err(e) = e {
+                cvm_log.log_failure(&e);
+            }
+            futures::future::ready(())
+        });
+    let migration_root = watcher(migrations, watcher::Config::default())
+        .backoff(shared_retry)
+        .reflect_shared(migration_writer)
+        .for_each(move |e| {
+            if let Err(e) = e {
+                mig_log.log_failure(&e);
+            }
+            futures::future::ready(())
+        });
+    let controller = Controller::for_shared_stream(cvms_for_cvms, cvm_store.clone());
+    let migration_ctrl =
+        Controller::for_shared_stream(migs_for_migrations, migration_store.clone());
     let for_nodes = cvm_store.clone();
     let for_policies = cvm_store.clone();
     let (freed, freed_rx) = futures::channel::mpsc::unbounded();
@@ -147,17 +192,10 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         // A migration's switch moves its CVM's binding, which the CVM's reconcile writes.
-        .watches(
-            switches,
-            watcher::Config::default(),
-            |m: ConfidentialVMMigration| {
-                let ns = m.namespace().unwrap_or_default();
-                Some(
-                    ObjectRef::<DeserializeGuard<ConfidentialVM>>::new(&m.spec.cvm_name)
-                        .within(&ns),
-                )
-            },
-        )
+        .watches_shared_stream(migs_for_cvms, |m: Arc<ConfidentialVMMigration>| {
+            let ns = m.namespace().unwrap_or_default();
+            Some(ObjectRef::<DeserializeGuard<ConfidentialVM>>::new(&m.spec.cvm_name).within(&ns))
+        })
         .reconcile_all_on(freed_rx)
         .trigger_backoff(cvm_retry.clone())
         .graceful_shutdown_on(stop.clone())
@@ -172,24 +210,27 @@ pub async fn run(
         "ConfidentialVMMigration, ConfidentialVM",
         OPERATOR_RETRY_MAX,
     );
-    let migration_ctrl = migration_controller::watching(migration_ctrl, cvms, migration_store)
-        .trigger_backoff(migration_retry.clone())
-        .graceful_shutdown_on(stop)
-        .run(
-            migration_controller::reconcile,
-            migration_controller::error_policy,
-            ctx,
-        )
-        .for_each(move |res| {
-            if let Err(e) = res {
-                migration_retry.log_controller_error(&e);
-            }
-            futures::future::ready(())
-        });
+    let migration_ctrl =
+        migration_controller::watching(migration_ctrl, cvms_for_migrations, migration_store)
+            .trigger_backoff(migration_retry.clone())
+            .graceful_shutdown_on(stop)
+            .run(
+                migration_controller::reconcile,
+                migration_controller::error_policy,
+                ctx,
+            )
+            .for_each(move |res| {
+                if let Err(e) = res {
+                    migration_retry.log_controller_error(&e);
+                }
+                futures::future::ready(())
+            });
     tokio::select! {
         // Both shut down gracefully on `stop`; wait for both.
         _ = futures::future::join(ctrl, migration_ctrl) => {},
         _ = pin_watch => {},
+        _ = cvm_root => {},
+        _ = migration_root => {},
         _ = gauge => {},
     }
 }
