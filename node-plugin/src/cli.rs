@@ -377,30 +377,9 @@ where
     I: IntoIterator<Item = T>,
     T: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match parse(args) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                std::process::ExitCode::from(2)
-            } else {
-                std::process::ExitCode::SUCCESS
-            };
-        }
-    };
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cvm-node-plugin: cannot start the runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run_cli(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cvm-node-plugin: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+    match parse(args) {
+        Ok(cli) => cvm_telemetry::cli::run_daemon("cvm-node-plugin", run_cli(cli)),
+        Err(e) => cvm_telemetry::cli::clap_exit(&e),
     }
 }
 

@@ -1102,14 +1102,21 @@ pub fn error_policy(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    // Expected outcomes (404, 409) are not errors: logged at debug, not counted in `errors`.
+    note_failure(&ctx, err, &cvm.name_any(), None);
+    after_error(err)
+}
+
+/// Counts a failed reconcile and logs it. Expected outcomes (404, 409, a deletion that
+/// waits) are not errors: logged at debug, not counted in `errors`.
+/// `migration`: the migration reconciled, when it is one of `cvm`'s.
+pub(crate) fn note_failure(ctx: &Context, err: &Error, cvm: &str, migration: Option<&str>) {
+    let migration = migration.unwrap_or("");
     match ctx.metrics.count_reconcile_error(err) {
         Some(outcome) => {
-            tracing::debug!(cvm = %cvm.name_any(), outcome = outcome.metric_label(), error = %err, "reconcile met an expected outcome")
+            tracing::debug!(cvm, migration, outcome = outcome.metric_label(), error = %err, "reconcile met an expected outcome")
         }
-        None => warn!(cvm = %cvm.name_any(), error = %err, "reconcile failed; retrying"),
+        None => warn!(cvm, migration, error = %err, "reconcile failed; retrying"),
     }
-    after_error(err)
 }
 
 /// Counts CVMs by phase for the gauge.

@@ -24,7 +24,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 /// How often a migration in progress is looked at without any change: its timeout must
 /// fire even when nothing else happens.
@@ -317,15 +317,7 @@ pub(crate) fn after_error(err: &Error) -> Action {
 }
 
 pub fn error_policy(mig: Arc<ConfidentialVMMigration>, err: &Error, ctx: Arc<Context>) -> Action {
-    // Expected outcomes (404, 409) are not errors: logged at debug, not counted in `errors`.
-    match ctx.metrics.count_reconcile_error(err) {
-        Some(outcome) => {
-            debug!(migration = %mig.name_any(), cvm = %mig.spec.cvm_name, outcome = outcome.metric_label(), error = %err, "migration reconcile met an expected outcome")
-        }
-        None => {
-            warn!(migration = %mig.name_any(), cvm = %mig.spec.cvm_name, error = %err, "migration reconcile failed; retrying")
-        }
-    }
+    controller::note_failure(&ctx, err, &mig.spec.cvm_name, Some(&mig.name_any()));
     after_error(err)
 }
 

@@ -5,6 +5,7 @@
 //! It reads the whole request head before answering, because a client may send it in
 //! several pieces (answering early and closing would reset the connection under it).
 
+pub mod cli;
 pub mod watch;
 
 use prometheus::{Encoder, Registry, TextEncoder};
