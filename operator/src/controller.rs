@@ -248,50 +248,36 @@ pub(crate) fn occupied(ctx: &Context, assumed: &mut Assumed, except: &str) -> Ve
 }
 
 /// Decides where the CVM goes, under the placement lock.
-/// Places an unbound CVM; also returns the refusals the server holds (the cache may lag
-/// the write that recorded the latest one).
-async fn place(
-    cvm: &ConfidentialVM,
-    api: &Api<ConfidentialVM>,
-    ctx: &Context,
-) -> Result<(Placement, Vec<cvm_crds::cvm::RefusedNode>)> {
+/// Places an unbound CVM: a plain decision under the placement lock, remembered as an
+/// assumption until the cache shows the binding, which this pass's status write carries
+/// (so a pass that sees the CVM unbound again before that, or fails after deciding, keeps
+/// the same node and never takes a second key).
+async fn place(cvm: &ConfidentialVM, ctx: &Context) -> Placement {
     let mut assumed = ctx.assumed.lock().await;
-    // The cache may lag our own earlier write: ask the server before deciding.
-    let fresh = api
-        .get(&cvm.name_any())
-        .await
-        .map_err(kerr(format!("reading ConfidentialVM {}", cvm.name_any())))?;
-    let refused = fresh
-        .status
-        .as_ref()
-        .map(|s| s.refused_nodes.clone())
-        .unwrap_or_default();
-    if let Some(n) = fresh.node_name() {
-        return Ok((Placement::Bound(n.to_string()), refused));
-    }
     let me = key(cvm);
     let placed = occupied(ctx, &mut assumed, &me);
+    let req = request(cvm);
+    match assumed.cvms.get(&me) {
+        Some(p) if !req.avoid.contains(&p.node) => return Placement::Bound(p.node.clone()),
+        // A node that refused it since: decided again.
+        Some(_) => {
+            assumed.cvms.remove(&me);
+        }
+        None => {}
+    }
     let nodes: Vec<NodeInfo> = ctx
         .nodes
         .state()
         .iter()
         .map(|n| ctx.for_placement(node_info(n)))
         .collect();
-    match schedule::schedule(&request(&fresh), &nodes, &placed) {
+    match schedule::schedule(&req, &nodes, &placed) {
         Decision::Bind(node) => {
-            // Bind now, still under the lock: status first (the source of truth), then
-            // the label the node plugin selects on. The rest of the operator's share goes
-            // along as the server holds it (an apply drops what it leaves out).
-            let st = OperatorStatus {
-                node_name: Some(node.clone()),
-                ..state::recorded(&fresh)
-            };
-            apply_status(api, &cvm.name_any(), &st).await?;
             assumed.cvms.insert(me, Placed::of(cvm, &node));
             info!(cvm = %cvm.name_any(), node = %node, phase = "Scheduled", resource = tee_resource(cvm.tee_type()), "bound");
-            Ok((Placement::Bound(node), refused))
+            Placement::Bound(node)
         }
-        Decision::Unschedulable(why) => Ok((Placement::Unschedulable(why.to_string()), refused)),
+        Decision::Unschedulable(why) => Placement::Unschedulable(why.to_string()),
     }
 }
 
@@ -869,11 +855,7 @@ async fn converge(
         }
         (None, None) => match invalid_spec(&cvm) {
             Some(why) => Placement::Invalid(why),
-            None => {
-                let (p, refused) = place(&cvm, api, ctx).await?;
-                refused_nodes = Some(refused);
-                p
-            }
+            None => place(&cvm, ctx).await,
         },
     };
     match (&switch, &placement) {
@@ -911,13 +893,14 @@ async fn converge(
         });
         if let Some(Some((reason, message))) = refusal {
             let gone = delete_launcher(&cvm, ctx).await?;
+            // Its binding there is over, and so is any assumption of it.
+            ctx.assumed.lock().await.cvms.remove(&key(&cvm));
             warn!(cvm = %cvm.name_any(), node = %n, phase = "Scheduled", %reason, %message, pod_gone = gone, "the node refused the launcher pod: placing the CVM again without it");
-            let existing = refused_nodes.clone().unwrap_or_else(|| {
-                cvm.status
-                    .as_ref()
-                    .map(|s| s.refused_nodes.clone())
-                    .unwrap_or_default()
-            });
+            let existing = cvm
+                .status
+                .as_ref()
+                .map(|s| s.refused_nodes.clone())
+                .unwrap_or_default();
             refused_nodes = Some(launcher::refused_after(
                 &existing,
                 n,
