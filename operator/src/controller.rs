@@ -831,98 +831,141 @@ async fn released(cvm: &ConfidentialVM, ctx: &Context) -> Result<Action> {
     Ok(Action::await_change())
 }
 
-/// One pass over a CVM, deleted or not: bind it (placing it, or again off a node that
-/// refused its pod), make its launcher pod, appraise its evidence, derive and write the
-/// operator's status, tell what changed.
+/// One pass over a CVM, deleted or not: bind it, give it its launcher pod (or place it
+/// again off a node that refused the pod), appraise its evidence, then derive, write and
+/// tell its status.
 async fn converge(
     cvm: &Arc<ConfidentialVM>,
     api: &Api<ConfidentialVM>,
     ctx: &Context,
 ) -> Result<Action> {
-    let (cvm, api) = (cvm.clone(), api);
     let now = Timestamp::now();
-    let deleting = cvm.metadata.deletion_timestamp.is_some();
-
-    // The binding: this reconciler is its only writer. A live migration that switched
-    // moves it to the target; otherwise it stays where placement put it.
-    let switch = migrate::switched_binding(&cvm, &ctx.migrations.state());
-    let mut refused_nodes = None;
-    let placement = match (&switch, cvm.node_name()) {
-        (Some(sw), _) => Placement::Bound(sw.node.clone()),
-        (None, Some(n)) => Placement::Bound(n.to_string()),
-        (None, None) if deleting => {
-            Placement::Unschedulable("deleted before it was scheduled".into())
-        }
-        (None, None) => match invalid_spec(&cvm) {
-            Some(why) => Placement::Invalid(why),
-            None => place(&cvm, ctx).await,
-        },
-    };
-    match (&switch, &placement) {
-        (Some(sw), _) => bind_after_switch(&cvm, api, sw).await?,
-        (None, Placement::Bound(node)) => ensure_label(&cvm, api, node).await?,
-        (None, Placement::Unschedulable(_) | Placement::Invalid(_)) => {}
-    }
+    let placement = bind(cvm, api, ctx).await?;
+    let (placement, launcher, refused_nodes) = run_in_pod(cvm, placement, ctx, now).await?;
+    let verification = appraise(cvm, ctx, now).await;
     let node = match &placement {
         Placement::Bound(n) => Some(node_health(n, ctx)),
         Placement::Unschedulable(_) | Placement::Invalid(_) => None,
     };
-    let launcher = match (&ctx.launcher, &placement) {
-        (Some(o), Placement::Bound(node)) if !deleting => {
-            Some(ensure_launcher(&cvm, node, o, ctx).await?)
-        }
-        _ => None,
+    let st = state::derive(&Observed {
+        cvm,
+        placement,
+        node,
+        verification,
+        deleting: cvm.metadata.deletion_timestamp.is_some(),
+        launcher,
+        now: Time(now),
+    });
+    let st = match refused_nodes {
+        Some(refused_nodes) => OperatorStatus {
+            refused_nodes,
+            ..st
+        },
+        None => st,
     };
-    // A node that refused the launcher pod (or was drained under it) lets the CVM go: it
-    // is placed again without that node, once its pod there is gone.
-    let (mut placement, mut launcher) = (placement, launcher);
-    if let (Some((reading, pod)), Placement::Bound(n)) = (&launcher, &placement) {
-        let cordoned = ctx
-            .nodes
-            .get(&ObjectRef::new(n))
-            .is_some_and(|node| node_info(&node).unschedulable);
-        let refusal = switch.is_none().then(|| {
+    on_transitions(ctx, cvm, &st, now).await;
+    write_status(cvm, api, &st).await?;
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(match st.phase {
+        CvmPhase::Pending => Action::requeue(Duration::from_secs(30)),
+        CvmPhase::Terminating => Action::requeue(Duration::from_secs(5)),
+        // Re-appraise each minute: evidence ages past the policy's maxEvidenceAge
+        // without any event to say so.
+        _ => Action::requeue(Duration::from_secs(60)),
+    })
+}
+
+/// The binding: this reconciler is its only writer. A live migration that switched moves
+/// it to the target; otherwise it stays where placement put it. An invalid spec is never
+/// placed.
+async fn bind(cvm: &ConfidentialVM, api: &Api<ConfidentialVM>, ctx: &Context) -> Result<Placement> {
+    let switch = migrate::switched_binding(cvm, &ctx.migrations.state());
+    let placement = match (&switch, cvm.node_name()) {
+        (Some(sw), _) => Placement::Bound(sw.node.clone()),
+        (None, Some(n)) => Placement::Bound(n.to_string()),
+        (None, None) if cvm.metadata.deletion_timestamp.is_some() => {
+            Placement::Unschedulable("deleted before it was scheduled".into())
+        }
+        (None, None) => match invalid_spec(cvm) {
+            Some(why) => Placement::Invalid(why),
+            None => place(cvm, ctx).await,
+        },
+    };
+    match (&switch, &placement) {
+        (Some(sw), _) => bind_after_switch(cvm, api, sw).await?,
+        (None, Placement::Bound(node)) => ensure_label(cvm, api, node).await?,
+        (None, Placement::Unschedulable(_) | Placement::Invalid(_)) => {}
+    }
+    Ok(placement)
+}
+
+/// The bound CVM's launcher pod, as [`launcher::pod_action`] decides, and what it reads.
+/// A node that refused the pod (or was drained under it) lets the CVM go: the placement
+/// becomes a wait to be placed again without that node, and the refusals to record come
+/// back too.
+async fn run_in_pod(
+    cvm: &ConfidentialVM,
+    placement: Placement,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<(
+    Placement,
+    Option<launcher::PodReading>,
+    Option<Vec<cvm_crds::cvm::RefusedNode>>,
+)> {
+    let (Some(o), Placement::Bound(n)) = (&ctx.launcher, &placement) else {
+        return Ok((placement, None, None));
+    };
+    if cvm.metadata.deletion_timestamp.is_some() {
+        return Ok((placement, None, None));
+    }
+    let (reading, pod) = ensure_launcher(cvm, n, o, ctx).await?;
+    let cordoned = ctx
+        .nodes
+        .get(&ObjectRef::new(n))
+        .is_some_and(|node| node_info(&node).unschedulable);
+    // A switched migration's binding is the migration's to move, not a refusal's.
+    let switched = migrate::switched_binding(cvm, &ctx.migrations.state()).is_some();
+    let refusal = (!switched)
+        .then(|| {
             launcher::refusal(
                 pod.as_ref(),
-                reading,
+                &reading,
                 cvm.spec.run_strategy,
                 n,
                 cordoned,
                 now.as_second(),
             )
-        });
-        if let Some(Some((reason, message))) = refusal {
-            let gone = delete_launcher(&cvm, ctx).await?;
-            // Its binding there is over, and so is any assumption of it.
-            ctx.assumed.lock().await.cvms.remove(&key(&cvm));
-            warn!(cvm = %cvm.name_any(), node = %n, phase = "Scheduled", %reason, %message, pod_gone = gone, "the node refused the launcher pod: placing the CVM again without it");
-            let existing = cvm
-                .status
-                .as_ref()
-                .map(|s| s.refused_nodes.clone())
-                .unwrap_or_default();
-            refused_nodes = Some(launcher::refused_after(
-                &existing,
-                n,
-                &reason,
-                &message,
-                &Time(now),
-            ));
-            placement = Placement::Unschedulable(format!(
-                "placing it again: node {n} refused its launcher pod ({reason}: {message})"
-            ));
-            launcher = None;
-        }
-    }
-    let launcher = launcher.map(|(reading, _)| reading);
-    // The policy and the records other objects hold, from the caches: appraisal itself is
-    // a plain function.
+        })
+        .flatten();
+    let Some((reason, message)) = refusal else {
+        return Ok((placement, Some(reading), None));
+    };
+    let gone = delete_launcher(cvm, ctx).await?;
+    // Its binding there is over, and so is any assumption of it.
+    ctx.assumed.lock().await.cvms.remove(&key(cvm));
+    warn!(cvm = %cvm.name_any(), node = %n, phase = "Scheduled", %reason, %message, pod_gone = gone, "the node refused the launcher pod: placing the CVM again without it");
+    let existing = cvm
+        .status
+        .as_ref()
+        .map(|s| s.refused_nodes.clone())
+        .unwrap_or_default();
+    let refused = launcher::refused_after(&existing, n, &reason, &message, &Time(now));
+    let again = Placement::Unschedulable(format!(
+        "placing it again: node {n} refused its launcher pod ({reason}: {message})"
+    ));
+    Ok((again, None, Some(refused)))
+}
+
+/// The CVM's evidence appraised under its policy, from the caches (the appraisal itself is
+/// [`verification`], a plain function); a new result is counted and recorded.
+async fn appraise(cvm: &ConfidentialVM, ctx: &Context, now: Timestamp) -> Verification {
     let policy = cvm
         .policy_ref()
         .map(|name| (name, load_policy(name, ctx).map(|p| p.spec)));
-    let (pins, others) = (host_pin_views(ctx), other_instances(&cvm, ctx));
+    let (pins, others) = (host_pin_views(ctx), other_instances(cvm, ctx));
     let verdict = verification(
-        &cvm,
+        cvm,
         policy.as_ref().map(|(n, p)| (*n, p.as_ref())),
         verify::Records {
             host_pins: &pins,
@@ -937,34 +980,9 @@ async fn converge(
             .inc();
     }
     if let Some(a) = &verdict.appraised {
-        record_appraisal(ctx, &cvm, a).await;
+        record_appraisal(ctx, cvm, a).await;
     }
-    let st = state::derive(&Observed {
-        cvm: &cvm,
-        placement: placement.clone(),
-        node,
-        verification: verdict.verification,
-        deleting,
-        launcher,
-        now: Time(now),
-    });
-    let st = match refused_nodes {
-        Some(list) => OperatorStatus {
-            refused_nodes: list,
-            ..st
-        },
-        None => st,
-    };
-    on_transitions(ctx, &cvm, &st, now).await;
-    write_status(&cvm, api, &st).await?;
-    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
-    Ok(match st.phase {
-        CvmPhase::Pending => Action::requeue(Duration::from_secs(30)),
-        CvmPhase::Terminating => Action::requeue(Duration::from_secs(5)),
-        // Re-appraise each minute: evidence ages past the policy's maxEvidenceAge
-        // without any event to say so.
-        _ => Action::requeue(Duration::from_secs(60)),
-    })
+    verdict.verification
 }
 
 /// Makes sure the placed CVM has its launcher pod on `node` (as [`launcher::pod_action`]
