@@ -624,15 +624,28 @@ async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_on(ctx, cvm, "Reconcile", type_, reason, note).await
+}
+
+/// An event on `obj` (its note cut to the API's 1 kB); a failure to publish is logged, not
+/// returned: events inform, they decide nothing.
+pub(crate) async fn publish_on<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    action: &str,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),
         note: Some(note.chars().take(1000).collect()),
-        action: "Reconcile".into(),
+        action: action.into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&ev, &cvm.object_ref(&())).await {
-        warn!(cvm = %cvm.name_any(), error = %e, "publishing an event failed");
+    if let Err(e) = ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+        warn!(object = %obj.meta().name.as_deref().unwrap_or(""), kind = %K::kind(&()), error = %e, "publishing an event failed");
     }
 }
 

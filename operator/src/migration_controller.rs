@@ -19,9 +19,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Resource, ResourceExt};
+use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
@@ -258,20 +258,12 @@ async fn on_transitions(
         .unwrap_or("");
     let message = new.message.as_deref().unwrap_or("");
     for note in migrate::notes(old, new) {
-        let ev = Event {
-            type_: if note.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: note.reason,
-            note: Some(note.message.chars().take(1000).collect()),
-            action: "Migrate".into(),
-            secondary: None,
+        let type_ = if note.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        if let Err(e) = ctx.recorder.publish(&ev, &mig.object_ref(&())).await {
-            warn!(migration = %name, cvm = %cvm, error = %e, "publishing an event failed");
-        }
+        controller::publish_on(ctx, mig, "Migrate", type_, &note.reason, note.message).await;
     }
     if new.phase != old.phase || new.message != old.message {
         if new.phase == MigrationPhase::Failed {
