@@ -7,6 +7,7 @@
 #   gcc, libc6-dev    the static pause binary (kind.sh image)
 #   busybox-static    a static busybox for FROM-scratch test images
 #   lua5.1            runs the chart's Argo CD health script (e2e/tests/gitops.rs)
+#   xz-utils          unpacks the test guest's kernel modules (e2e/guest/build.sh)
 # Idempotent: only what is missing is installed, and apt is not touched when nothing is.
 set -euo pipefail
 
@@ -24,6 +25,7 @@ deps=(
   "/usr/lib/x86_64-linux-gnu/libc.a libc6-dev"
   "/bin/busybox busybox-static"
   "lua5.1 lua5.1"
+  "xz xz-utils"
 )
 
 have() {
