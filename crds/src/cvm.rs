@@ -93,6 +93,11 @@ pub struct ConfidentialVMSpec {
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub disks: Vec<Disk>,
 
+    /// The guest's network: the ports its services listen on. They are its launcher pod's
+    /// named ports, so that a Service selecting the CVM's labels reaches the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkSpec>,
+
     /// Node labels the chosen node must carry, in addition to the labels for the requested TEE.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
@@ -406,6 +411,57 @@ pub struct Disk {
     #[serde(default)]
     pub read_only: bool,
 }
+
+/// The guest's network.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.ports.all(p, self.ports.exists_one(q, q.port == p.port && q.protocol == p.protocol))").message("spec.network.ports: each port may be forwarded once per protocol"))]
+pub struct NetworkSpec {
+    /// Ports of the guest forwarded from its launcher pod (at most 16, names unique).
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
+    pub ports: Vec<GuestPort>,
+}
+
+/// One port of the guest.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GuestPort {
+    /// Name of the port, as a Service's `targetPort` names it (an IANA service name:
+    /// lowercase letters, digits and '-', at most 15 characters, at least one letter).
+    #[schemars(length(min = 1, max = 15), regex(pattern = PORT_NAME_PATTERN))]
+    pub name: String,
+    /// The port the guest listens on, 1 to 65535.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u32,
+    /// `TCP` (the default) or `UDP`.
+    #[serde(default)]
+    pub protocol: PortProtocol,
+}
+
+/// A port's protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[schemars(transform = crate::common::drop_description)]
+pub enum PortProtocol {
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl PortProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Tcp => "TCP",
+            PortProtocol::Udp => "UDP",
+        }
+    }
+}
+
+/// An IANA service name, as Kubernetes checks a named port.
+pub(crate) const PORT_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 
 /// When the guest should run.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

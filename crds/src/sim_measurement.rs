@@ -163,6 +163,7 @@ mod tests {
                 cmdline: Some("console=ttyS0".into()),
             },
             disks: vec![],
+            network: None,
             node_selector: Default::default(),
             run_strategy: RunStrategy::Always,
             attestation: None,

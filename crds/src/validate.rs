@@ -454,6 +454,35 @@ impl Validate for ConfidentialVMSpec {
                 e.name(&format!("{field}.persistentVolumeClaim"), pvc, 253, false);
             }
         }
+        // spec.network
+        if let Some(n) = &self.network {
+            if n.ports.len() > 16 {
+                e.range("spec.network.ports length", n.ports.len() as u64, 0, 16);
+            }
+            e.no_duplicates(
+                "spec.network.ports[].name",
+                n.ports.iter().map(|p| p.name.as_str()),
+            );
+            let forwarded: Vec<String> = n
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol.as_str()))
+                .collect();
+            e.no_duplicates("spec.network.ports", forwarded.iter().map(String::as_str));
+            for p in &n.ports {
+                let field = format!("spec.network.ports[{}]", p.name);
+                e.name(&format!("{field}.name"), &p.name, 15, true);
+                if !p.name.chars().any(|c| c.is_ascii_lowercase()) {
+                    e.push(ValidationError::Invalid {
+                        field: format!("{field}.name"),
+                        value: p.name.clone(),
+                        reason: "a port name needs at least one letter (an IANA service name)"
+                            .into(),
+                    });
+                }
+                e.range(&format!("{field}.port"), p.port.into(), 1, 65535);
+            }
+        }
         if self.node_selector.len() > 32 {
             e.range(
                 "spec.nodeSelector entries",

@@ -117,6 +117,19 @@ fn malformed_manifests_are_refused_with_the_field_named() {
             "exactly one of image or persistentVolumeClaim",
         ),
         (
+            "the same port forwarded twice",
+            |o| {
+                set(
+                    o,
+                    "/spec/network",
+                    json!({"ports": [
+                        {"name": "http", "port": 80, "protocol": "TCP"},
+                        {"name": "web", "port": 80, "protocol": "TCP"}]}),
+                )
+            },
+            "each port may be forwarded once per protocol",
+        ),
+        (
             "reattest too often",
             |o| set(o, "/spec/attestation/reattestEvery", json!("10s")),
             "spec.attestation.reattestEvery",

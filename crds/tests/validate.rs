@@ -70,6 +70,11 @@ fn cvm_spec_table() {
         ("http url", |o| set(o, "/spec/boot/kernel/url", json!("http://example.com/k")), Some("spec.boot.kernel.url")),
         ("firmware name and url", |o| set(o, "/spec/boot/firmware/url", json!("https://x/y")), Some("spec.boot.firmware: set exactly one of name or url")),
         ("disk without source", |o| unset(o, "/spec/disks/0/persistentVolumeClaim"), Some("spec.disks[root]: set exactly one of image or persistentVolumeClaim")),
+        ("ports", |o| set(o, "/spec/network", json!({"ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}, {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]})), None),
+        ("port 0", |o| set(o, "/spec/network", json!({"ports": [{"name": "http", "port": 0}]})), Some("spec.network.ports[http].port is 0: it must be between 1 and 65535")),
+        ("port twice", |o| set(o, "/spec/network", json!({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]})), Some("spec.network.ports lists \"80/TCP\" more than once")),
+        ("port name twice", |o| set(o, "/spec/network", json!({"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]})), Some("spec.network.ports[].name lists \"a\" more than once")),
+        ("numeric port name", |o| set(o, "/spec/network", json!({"ports": [{"name": "8080", "port": 80}]})), Some("needs at least one letter")),
         ("duplicate disk", |o| set(o, "/spec/disks", json!([{"name": "a", "persistentVolumeClaim": "x"}, {"name": "a", "persistentVolumeClaim": "y"}])), Some("spec.disks[].name lists \"a\" more than once")),
     ];
     for (name, mutate, want) in cases {

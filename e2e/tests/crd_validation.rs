@@ -669,6 +669,35 @@ fn malformed_cvms() -> Vec<Case> {
             r#"Duplicate value: {"name":"root"}"#,
         ),
         case(
+            "one port forwarded twice",
+            Cvm,
+            with(snp_cvm(), |o| {
+                set(
+                    o,
+                    "/spec/network",
+                    json!({"ports": [
+                        {"name": "http", "port": 80},
+                        {"name": "web", "port": 80}
+                    ]}),
+                )
+            }),
+            "spec.network",
+            "each port may be forwarded once per protocol",
+        ),
+        case(
+            "port out of range",
+            Cvm,
+            with(snp_cvm(), |o| {
+                set(
+                    o,
+                    "/spec/network",
+                    json!({"ports": [{"name": "http", "port": 70000}]}),
+                )
+            }),
+            "spec.network.ports[0].port",
+            "should be less than or equal to 65535",
+        ),
+        case(
             "disk name not a DNS label",
             Cvm,
             with(snp_cvm(), |o| {

@@ -66,6 +66,13 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
     labels.insert("app.kubernetes.io/component".into(), COMPONENT.into());
     labels.insert("app.kubernetes.io/managed-by".into(), "cvm-operator".into());
     let key = tee_resource(cvm.tee_type());
+    let ports: Vec<serde_json::Value> = cvm
+        .spec
+        .network
+        .iter()
+        .flat_map(|n| n.ports.iter())
+        .map(|p| json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol.as_str()}))
+        .collect();
     serde_json::from_value(json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -117,6 +124,10 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
                     "capabilities": {"drop": ["ALL"]},
                 },
                 "volumeMounts": [{"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR}],
+                // The guest's ports (spec.network.ports), named as a Service's
+                // targetPort names them; QEMU's user-mode network forwards them into the
+                // guest once QEMU runs in the pod.
+                "ports": ports,
             }],
             "volumes": [{"name": SOCKET_VOLUME, "emptyDir": {}}],
         },
@@ -412,6 +423,32 @@ mod tests {
         assert_eq!(
             lim["sev-snp.amd.com/esids"].0, "1",
             "extended resources need limits"
+        );
+        assert_eq!(c.ports, Some(vec![]), "no network: no ports");
+        let mut with_ports = cvm();
+        with_ports.spec.network = serde_json::from_value(
+            json!({"ports": [{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"}]}),
+        )
+        .unwrap();
+        let p = launcher_pod(&with_ports, "n1", &opts()).unwrap();
+        let ports: Vec<(String, i32, String)> = p.spec.unwrap().containers[0]
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                (
+                    p.name.clone().unwrap_or_default(),
+                    p.container_port,
+                    p.protocol.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                ("http".into(), 80, "TCP".into()),
+                ("dns".into(), 53, "UDP".into())
+            ]
         );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.privileged, None);
