@@ -92,25 +92,11 @@ pub async fn run(
         "ConfidentialVM, ConfidentialVMMigration",
         OPERATOR_RETRY_MAX,
     );
-    let (cvm_log, mig_log) = (shared_retry.clone(), shared_retry.clone());
-    let cvm_root = watcher(cvms, watcher::Config::default())
-        .backoff(shared_retry.clone())
-        .reflect_shared(cvm_writer)
-        .for_each(move |e| {
-            if let Err(e) = e {
-                cvm_log.log_failure(&e);
-            }
-            futures::future::ready(())
-        });
-    let migration_root = watcher(migrations, watcher::Config::default())
-        .backoff(shared_retry)
-        .reflect_shared(migration_writer)
-        .for_each(move |e| {
-            if let Err(e) = e {
-                mig_log.log_failure(&e);
-            }
-            futures::future::ready(())
-        });
+    let cvm_root = shared_retry
+        .clone()
+        .drive(watcher(cvms, watcher::Config::default()).reflect_shared(cvm_writer));
+    let migration_root = shared_retry
+        .drive(watcher(migrations, watcher::Config::default()).reflect_shared(migration_writer));
     let controller = Controller::for_shared_stream(cvms_for_cvms, cvm_store.clone());
     let migration_ctrl =
         Controller::for_shared_stream(migs_for_migrations, migration_store.clone());
