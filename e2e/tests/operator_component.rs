@@ -50,6 +50,37 @@ async fn plugin_reports_stopped(cvms: &Api<ConfidentialVM>, name: &str) {
     .expect("the stand-in plugin writes its share");
 }
 
+/// Applies `obj` once the CVM schema no longer holds the rule at `rule` (a path below
+/// `openAPIV3Schema`): an object stored before its CRD had that rule, as an older CRD
+/// would have let in. The API server may take a moment to serve the loosened schema.
+fn apply_past_removed_rule(sys: &System, rule: &str, obj: &serde_json::Value) {
+    let patch = json!([{
+        "op": "remove",
+        "path": format!("/spec/versions/0/schema/openAPIV3Schema{rule}"),
+    }]);
+    kubectl(
+        sys,
+        &[
+            "patch",
+            "crd",
+            "confidentialvms.cvmp.io",
+            "--type=json",
+            "-p",
+            &patch.to_string(),
+        ],
+    )
+    .expect("loosening the CRD");
+    let mut applied = apply_json(sys, obj);
+    for _ in 0..50 {
+        if applied.is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        applied = apply_json(sys, obj);
+    }
+    applied.expect("the loosened API server takes it");
+}
+
 #[tokio::test]
 async fn placement_keys_the_finalizer_and_an_invalid_spec_beside_valid_ones() {
     let mut n = SimNode::new("only", Some(Tee::SevSnp));
@@ -70,30 +101,13 @@ async fn placement_keys_the_finalizer_and_an_invalid_spec_beside_valid_ones() {
     apply_json(&sys, &cvm("b", "comp", "SEV-SNP")).unwrap();
     // An object stored before its CRD had a rule (here: the API server's rule on
     // reattestEvery removed, as an older CRD would lack it) reaches the operator invalid.
-    kubectl(
-        &sys,
-        &[
-            "patch",
-            "crd",
-            "confidentialvms.cvmp.io",
-            "--type=json",
-            "-p",
-            r#"[{"op":"remove","path":"/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/attestation/properties/reattestEvery/x-kubernetes-validations"}]"#,
-        ],
-    )
-    .expect("loosening the CRD");
     let mut bad = cvm("bad", "comp", "SEV-SNP");
     bad["spec"]["attestation"]["reattestEvery"] = json!("30s");
-    // The API server may take a moment to serve the loosened schema.
-    let mut applied = apply_json(&sys, &bad);
-    for _ in 0..50 {
-        if applied.is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        applied = apply_json(&sys, &bad);
-    }
-    applied.expect("the loosened API server takes it");
+    apply_past_removed_rule(
+        &sys,
+        "/properties/spec/properties/attestation/properties/reattestEvery/x-kubernetes-validations",
+        &bad,
+    );
     let b = wait::until(&cvms, "b", WAIT, "b waiting for a key", |c| {
         reason(c, "Scheduled") == ("False", "Unschedulable")
     })
@@ -116,29 +130,13 @@ async fn placement_keys_the_finalizer_and_an_invalid_spec_beside_valid_ones() {
 
     // One the Rust type cannot read at all (the CRD loosened: any TEE name): a status
     // saying so, and the others keep reconciling (b is bound below).
-    kubectl(
-        &sys,
-        &[
-            "patch",
-            "crd",
-            "confidentialvms.cvmp.io",
-            "--type=json",
-            "-p",
-            r#"[{"op":"remove","path":"/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/tee/properties/type/enum"}]"#,
-        ],
-    )
-    .expect("loosening the CRD");
     let mut broken = cvm("broken", "comp", "SEV-SNP");
     broken["spec"]["tee"]["type"] = json!("SEV-QUANTUM");
-    let mut applied = apply_json(&sys, &broken);
-    for _ in 0..50 {
-        if applied.is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        applied = apply_json(&sys, &broken);
-    }
-    applied.expect("the loosened API server takes it");
+    apply_past_removed_rule(
+        &sys,
+        "/properties/spec/properties/tee/properties/type/enum",
+        &broken,
+    );
     let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
         sys.cp.client().await.unwrap(),
         "comp",
