@@ -1264,22 +1264,8 @@ fn check_kill_during_launch(c: &Cluster) -> Result<Outcome> {
     let Some(kind) = &c.kind else {
         return Ok(Outcome::Skipped("no kind harness".into()));
     };
-    let chart = crate::tools::chart_dir().display().to_string();
     let delay = |ms: u64| {
-        kind.helm_ok(&[
-            "upgrade",
-            &c.release,
-            &chart,
-            "-n",
-            &c.namespace,
-            "--wait",
-            "--timeout",
-            "5m",
-            "--reuse-values",
-            "--set",
-            &format!("nodePlugin.sim.launchDelayMs={ms}"),
-        ])
-        .map_err(SuiteError::from)?;
+        helm_upgrade_setting(c, kind, &format!("nodePlugin.sim.launchDelayMs={ms}"))?;
         c.get(&[
             "rollout",
             "status",
@@ -1542,6 +1528,24 @@ fn check_leader_failover(c: &Cluster) -> Result<Outcome> {
     Ok(Outcome::Passed)
 }
 
+/// `helm upgrade --wait` of the release from the local chart, keeping its values but one.
+fn helm_upgrade_setting(c: &Cluster, kind: &Kind, set: &str) -> Result<()> {
+    kind.helm_ok(&[
+        "upgrade",
+        &c.release,
+        &crate::tools::chart_dir().display().to_string(),
+        "-n",
+        &c.namespace,
+        "--wait",
+        "--timeout",
+        "5m",
+        "--reuse-values",
+        "--set",
+        set,
+    ])?;
+    Ok(())
+}
+
 /// `helm upgrade` to a new image tag: the pods roll, every SEV-SNP/TDX CVM stays
 /// Verified and answers fresh evidence through the new pods.
 fn check_upgrade(c: &Cluster) -> Result<Outcome> {
@@ -1572,19 +1576,7 @@ fn check_upgrade(c: &Cluster) -> Result<Outcome> {
     }
     kind.load(&images.iter().map(String::as_str).collect::<Vec<_>>())?;
     let t = Instant::now();
-    kind.helm_ok(&[
-        "upgrade",
-        &c.release,
-        &crate::tools::chart_dir().display().to_string(),
-        "-n",
-        &c.namespace,
-        "--wait",
-        "--timeout",
-        "5m",
-        "--reuse-values",
-        "--set",
-        &format!("image.tag={tag}"),
-    ])?;
+    helm_upgrade_setting(c, kind, &format!("image.tag={tag}"))?;
     figure(
         "helm upgrade --wait",
         format!("{:.1} s", t.elapsed().as_secs_f64()),
