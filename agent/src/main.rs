@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use cvm_agent::server::{serve_unix, serve_vsock, EvidenceSource, ServerConfig};
+use cvm_agent::server::{serve_serial, serve_unix, serve_vsock, EvidenceSource, ServerConfig};
 use cvm_agent::tsm::{ConfigfsTsm, DEFAULT_TSM_ROOT};
 use cvm_host::agent_proto::DEFAULT_VSOCK_PORT;
 
@@ -25,6 +25,10 @@ struct Args {
     /// Listen on this unix socket instead of vsock.
     #[arg(long, env = "CVM_AGENT_UNIX")]
     unix: Option<PathBuf>,
+    /// Also serve this virtio-serial port (e.g. /dev/virtio-ports/org.cvmp.agent.0): the
+    /// channel of hosts without vsock. vsock is served too where the guest has it.
+    #[arg(long, env = "CVM_AGENT_SERIAL")]
+    serial: Option<PathBuf>,
     /// The configfs-tsm directory.
     #[arg(long, default_value = DEFAULT_TSM_ROOT, env = "CVM_AGENT_TSM_ROOT")]
     tsm_root: PathBuf,
@@ -67,6 +71,36 @@ fn instance_key(path: &std::path::Path) -> Result<cvm_attest::binding::InstanceK
             Ok(key)
         }
         Err(e) => Err(format!("reading {}: {e}", path.display())),
+    }
+}
+
+/// vsock and the virtio-serial port, whichever the guest has; fails when it has neither.
+async fn serve_guest(
+    args: &Args,
+    source: Arc<dyn EvidenceSource>,
+    cfg: ServerConfig,
+) -> std::io::Result<()> {
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, args.vsock_port);
+    let vsock = match tokio_vsock::VsockListener::bind(addr) {
+        Ok(l) => {
+            tracing::info!("listening on vsock port {}", args.vsock_port);
+            Some(serve_vsock(l, source.clone(), cfg.clone()))
+        }
+        Err(e) if args.serial.is_some() => {
+            tracing::info!("no vsock ({e}): serving the virtio-serial port only");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    let serial = args
+        .serial
+        .clone()
+        .map(|path| serve_serial(path, source, cfg));
+    match (vsock, serial) {
+        (Some(v), Some(s)) => tokio::select! { r = v => r, r = s => r },
+        (Some(v), None) => v.await,
+        (None, Some(s)) => s.await,
+        (None, None) => Ok(()),
     }
 }
 
@@ -114,16 +148,7 @@ async fn main() -> std::process::ExitCode {
                 Err(e) => Err(e),
             }
         }
-        None => {
-            let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, args.vsock_port);
-            match tokio_vsock::VsockListener::bind(addr) {
-                Ok(l) => {
-                    tracing::info!("listening on vsock port {}", args.vsock_port);
-                    serve_vsock(l, source, cfg).await
-                }
-                Err(e) => Err(e),
-            }
-        }
+        None => serve_guest(&args, source, cfg).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

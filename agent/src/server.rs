@@ -12,7 +12,7 @@ use std::time::Duration;
 use cvm_attest::binding::{InstanceKey, KeyError};
 use cvm_host::agent_proto::{
     b64_encode, read_frame, write_frame, ErrorCode, EvidenceResponse, ProtoError, ProviderInfo,
-    Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
+    ReportDataResponse, Request, Response, MAX_REQUEST_BYTES, MAX_RESPONSE_BYTES, PROTOCOL_VERSION,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
@@ -111,7 +111,7 @@ pub async fn handle(
                 Err(r) => r,
             }
         }
-        req @ Request::GetEvidence { .. } => {
+        req @ (Request::GetEvidence { .. } | Request::GetReportData { .. }) => {
             let challenge = match req.challenge() {
                 Ok(Some(c)) => c,
                 Ok(None) => return Response::error(ErrorCode::BadRequest, "not a challenge"),
@@ -120,6 +120,12 @@ pub async fn handle(
             // The caller picks purpose, subject and nonce; the key is always our own.
             let key = cfg.instance_key.public().to_vec();
             let rd = challenge.report_data(&key);
+            if matches!(req, Request::GetReportData { .. }) {
+                return Response::ReportData(ReportDataResponse {
+                    report_data: hex::encode(rd),
+                    instance_key: b64_encode(&key),
+                });
+            }
             let s = source.clone();
             match blocking(cfg.report_timeout, move || s.report(&rd)).await {
                 Ok(r) => Response::Evidence(EvidenceResponse {
@@ -207,6 +213,44 @@ pub async fn serve_unix(
     loop {
         let (stream, _) = listener.accept().await?;
         spawn_conn(stream, &slots, &source, &cfg).await;
+    }
+}
+
+/// Serves a virtio-serial port (`/dev/virtio-ports/NAME`, guests without vsock): the
+/// port is one stream for the guest's whole life, so each host connection is one session.
+/// The port reads end-of-file while no host side is connected; the agent then reopens it
+/// after a pause, which also realigns frames after a host that left mid-frame.
+pub async fn serve_serial(
+    path: std::path::PathBuf,
+    source: Arc<dyn EvidenceSource>,
+    cfg: ServerConfig,
+) -> std::io::Result<()> {
+    // No idle timeout: dropping a pending read would leave it holding the port (which
+    // opens once at a time) and eat the host's next frame. A host that leaves ends the
+    // read with end-of-file instead.
+    let cfg = ServerConfig {
+        idle_timeout: Duration::from_secs(365 * 24 * 3600),
+        ..cfg
+    };
+    let mut logged = false;
+    loop {
+        match tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .await
+        {
+            Ok(port) => {
+                if !logged {
+                    tracing::info!("serving virtio-serial port {}", path.display());
+                    logged = true;
+                }
+                serve_connection(port, source.clone(), cfg.clone()).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(e),
+            Err(e) => tracing::debug!("opening {}: {e}", path.display()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

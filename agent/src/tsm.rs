@@ -83,7 +83,12 @@ pub struct ConfigfsTsm {
     root: PathBuf,
     fs: Arc<dyn TsmFs>,
     counter: AtomicU64,
+    /// The guest TEE devices whose absence a `provider-missing` answer names.
+    devices: Vec<PathBuf>,
 }
+
+/// The SEV-SNP and TDX guest drivers' devices.
+pub const GUEST_DEVICES: [&str; 2] = ["/dev/sev-guest", "/dev/tdx_guest"];
 
 const ENXIO: i32 = 6;
 const EOPNOTSUPP: i32 = 95;
@@ -113,7 +118,41 @@ impl ConfigfsTsm {
             root: root.into(),
             fs,
             counter: AtomicU64::new(0),
+            devices: GUEST_DEVICES.iter().map(PathBuf::from).collect(),
         }
+    }
+
+    /// Checks these device paths instead of [`GUEST_DEVICES`] (tests).
+    pub fn with_devices(mut self, devices: Vec<PathBuf>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// A missing provider, with what else the guest lacks: the node plugin copies this
+    /// into the CVM's condition, so it says what the guest would need.
+    fn lacking(&self, e: TsmError) -> TsmError {
+        let TsmError::ProviderMissing(m) = e else {
+            return e;
+        };
+        let (present, absent): (Vec<&PathBuf>, Vec<&PathBuf>) =
+            self.devices.iter().partition(|d| d.exists());
+        let list = |v: &[&PathBuf]| {
+            v.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" or ")
+        };
+        let mut out = m;
+        if !absent.is_empty() {
+            out.push_str(&format!(
+                "; the guest has no {} (no SEV-SNP or TDX guest device): it does not run in a TEE",
+                list(&absent)
+            ));
+        }
+        if !present.is_empty() {
+            out.push_str(&format!("; {} exists", list(&present)));
+        }
+        TsmError::ProviderMissing(out)
     }
 
     fn report_dir(&self) -> Result<PathBuf, TsmError> {
@@ -188,12 +227,16 @@ impl ConfigfsTsm {
 
     /// The provider name (`sev_guest`, `tdx_guest`).
     pub fn provider(&self) -> Result<String, TsmError> {
-        let entry = self.new_entry()?;
-        self.provider_of(&entry.path)
+        let entry = self.new_entry().map_err(|e| self.lacking(e))?;
+        self.provider_of(&entry.path).map_err(|e| self.lacking(e))
     }
 
     /// A report whose report data is `report_data`.
     pub fn report(&self, report_data: &[u8; 64]) -> Result<TsmReport, TsmError> {
+        self.report_inner(report_data).map_err(|e| self.lacking(e))
+    }
+
+    fn report_inner(&self, report_data: &[u8; 64]) -> Result<TsmReport, TsmError> {
         let entry = self.new_entry()?;
         let e = &entry.path;
         let provider = self.provider_of(e)?;

@@ -175,6 +175,36 @@ fn missing_configfs_and_missing_provider_are_named() {
 }
 
 #[test]
+fn a_missing_provider_names_the_guest_devices_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let present = dir.path().join("sev-guest");
+    std::fs::write(&present, b"").unwrap();
+    let absent = dir.path().join("tdx_guest");
+    let e = ConfigfsTsm::new(dir.path().join("tsm"))
+        .with_devices(vec![present.clone(), absent.clone()])
+        .provider()
+        .unwrap_err();
+    let m = e.to_string();
+    assert!(m.contains("configfs is not mounted"), "{m}");
+    assert!(
+        m.contains(&format!("the guest has no {}", absent.display())),
+        "{m}"
+    );
+    assert!(m.contains(&format!("{} exists", present.display())), "{m}");
+    // Other failures are passed on as they are.
+    let (_d, tsm) = tsm_tree();
+    let fake = FakeKernel {
+        fail_outblob: true,
+        ..FakeKernel::snp()
+    };
+    let e = ConfigfsTsm::with_fs(&tsm, Arc::new(fake))
+        .with_devices(vec![absent])
+        .report(&[0; 64])
+        .unwrap_err();
+    assert!(!e.to_string().contains("the guest has no"), "{e}");
+}
+
+#[test]
 fn real_fs_on_a_plain_tree_fails_cleanly_without_a_kernel() {
     // Real file operations on a plain directory: mkdir works, but no kernel fills in the
     // attributes, so the provider is missing and the entry is cleaned up... by rmdir,
@@ -249,6 +279,26 @@ async fn client_gets_bound_evidence_from_the_agent() {
     let b = other.get_evidence(&ch).await.unwrap();
     assert_ne!(a.instance_key, b.instance_key);
     assert_ne!(a.report_data, b.report_data);
+}
+
+#[tokio::test]
+async fn report_data_is_the_binding_of_the_challenge_and_this_instance() {
+    // Without any TEE: a simulated firmware signs what the agent of a real guest binds.
+    let dir = tempfile::tempdir().unwrap();
+    let src: Arc<dyn EvidenceSource> = Arc::new(ConfigfsTsm::new(dir.path().join("none")));
+    let cfg = ServerConfig::with_new_key().unwrap();
+    let key = cfg.instance_key.public().to_vec();
+    let (_d, sock) = agent(src, cfg).await;
+    let mut c = AgentClient::connect_unix(&sock).await.unwrap();
+    let ch = Challenge::cvm("cvm-uid", Some(b"nonce"));
+    let rd = c.get_report_data(&ch).await.unwrap();
+    assert_eq!(rd.instance_key, key);
+    assert_eq!(rd.report_data, ch.report_data(&key));
+    let other = Challenge::cvm("other-uid", Some(b"nonce"));
+    assert_ne!(
+        c.get_report_data(&other).await.unwrap().report_data,
+        rd.report_data
+    );
 }
 
 #[tokio::test]

@@ -115,6 +115,9 @@ pub enum EvidenceFormat {
     TdxQuote,
     /// An SEV/SEV-ES LAUNCH_MEASURE result (HMAC-SHA-256 measurement and nonce), unsigned by hardware keys.
     SevLaunchMeasure,
+    /// No evidence: the guest agent's own words that its guest has no TEE (no configfs-tsm
+    /// provider, no SEV-SNP or TDX guest device). Never verifies.
+    NoTee,
 }
 
 /// AMD SEV-SNP TCB version components (each an SVN, higher is newer).

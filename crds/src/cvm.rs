@@ -427,6 +427,7 @@ pub struct NetworkSpec {
 /// One port of the guest.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.port != 4041").message("spec.network.ports: port 4041 is the launcher pod's readiness port; forward another"))]
 pub struct GuestPort {
     /// Name of the port, as a Service's `targetPort` names it (an IANA service name:
     /// lowercase letters, digits and '-', at most 15 characters, at least one letter).

@@ -481,6 +481,14 @@ impl Validate for ConfidentialVMSpec {
                     });
                 }
                 e.range(&format!("{field}.port"), p.port.into(), 1, 65535);
+                if p.port == u32::from(crate::wellknown::LAUNCHER_HEALTH_PORT) {
+                    e.push(ValidationError::Invalid {
+                        field: format!("{field}.port"),
+                        value: p.port.to_string(),
+                        reason: "port 4041 is the launcher pod's readiness port; forward another"
+                            .into(),
+                    });
+                }
             }
         }
         if self.node_selector.len() > 32 {

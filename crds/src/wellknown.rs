@@ -94,6 +94,10 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The launcher's readiness endpoint in its pod (HTTP, 200 while the guest runs): a guest
+/// port may not take it.
+pub const LAUNCHER_HEALTH_PORT: u16 = 4041;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -130,6 +130,17 @@ fn malformed_manifests_are_refused_with_the_field_named() {
             "each port may be forwarded once per protocol",
         ),
         (
+            "the launcher's readiness port",
+            |o| {
+                set(
+                    o,
+                    "/spec/network",
+                    json!({"ports": [{"name": "health", "port": 4041}]}),
+                )
+            },
+            "port 4041 is the launcher pod's readiness port",
+        ),
+        (
             "reattest too often",
             |o| set(o, "/spec/attestation/reattestEvery", json!("10s")),
             "spec.attestation.reattestEvery",

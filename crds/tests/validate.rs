@@ -74,6 +74,7 @@ fn cvm_spec_table() {
         ("port 0", |o| set(o, "/spec/network", json!({"ports": [{"name": "http", "port": 0}]})), Some("spec.network.ports[http].port is 0: it must be between 1 and 65535")),
         ("port twice", |o| set(o, "/spec/network", json!({"ports": [{"name": "a", "port": 80}, {"name": "b", "port": 80}]})), Some("spec.network.ports lists \"80/TCP\" more than once")),
         ("port name twice", |o| set(o, "/spec/network", json!({"ports": [{"name": "a", "port": 80}, {"name": "a", "port": 81}]})), Some("spec.network.ports[].name lists \"a\" more than once")),
+        ("readiness port", |o| set(o, "/spec/network", json!({"ports": [{"name": "h", "port": 4041}]})), Some("spec.network.ports[h].port = \"4041\" is invalid: port 4041 is the launcher pod's readiness port")),
         ("numeric port name", |o| set(o, "/spec/network", json!({"ports": [{"name": "8080", "port": 80}]})), Some("needs at least one letter")),
         ("duplicate disk", |o| set(o, "/spec/disks", json!([{"name": "a", "persistentVolumeClaim": "x"}, {"name": "a", "persistentVolumeClaim": "y"}])), Some("spec.disks[].name lists \"a\" more than once")),
     ];

@@ -698,6 +698,19 @@ fn malformed_cvms() -> Vec<Case> {
             "should be less than or equal to 65535",
         ),
         case(
+            "the launcher's readiness port",
+            Cvm,
+            with(snp_cvm(), |o| {
+                set(
+                    o,
+                    "/spec/network",
+                    json!({"ports": [{"name": "health", "port": 4041}]}),
+                )
+            }),
+            "spec.network.ports[0]",
+            "port 4041 is the launcher pod's readiness port",
+        ),
+        case(
             "disk name not a DNS label",
             Cvm,
             with(snp_cvm(), |o| {

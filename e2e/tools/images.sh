@@ -43,10 +43,32 @@ build() { # name dockerfile
   DOCKER_BUILDKIT=0 "$docker" build -q -f "$dockerfile" -t "$name:$tag" "$ctx" >/dev/null
   echo "$name:$tag"
 }
+# The launcher's root: the static launcher and Debian's QEMU with the libraries it links
+# and the firmware a direct-kernel boot reads (SeaBIOS, the linuxboot option ROMs).
+launcher_root() { # dir
+  local root="$1" qemu lib
+  qemu="$(command -v qemu-system-x86_64)" || { echo "images: error: qemu-system-x86_64 is missing (run e2e/tools/install-host-deps.sh)" >&2; exit 3; }
+  mkdir -p "$root/usr/local/bin" "$root/usr/bin" "$root/usr/share/qemu" "$root/usr/share/seabios"
+  cp "$out/cvm-launcher" "$root/usr/local/bin/"
+  cp -L "$qemu" "$root/usr/bin/qemu-system-x86_64"
+  for lib in $(ldd "$qemu" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+  for f in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
+    [ -e "/usr/share/qemu/$f" ] && cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"
+  done
+  cp -L /usr/share/seabios/*.bin "$root/usr/share/seabios/" 2>/dev/null || true
+  [ -s "$root/usr/share/seabios/bios-256k.bin" ] || { echo "images: error: /usr/share/seabios/bios-256k.bin is missing (Debian's seabios package)" >&2; exit 3; }
+}
+
 say "docker build"
 build cvm-operator "$repo/operator/Dockerfile"
 build cvm-node-plugin "$repo/node-plugin/Dockerfile"
-build cvm-launcher "$repo/node-plugin/launcher.Dockerfile"
+rm -rf "${ctx:?}"/*
+launcher_root "$ctx/root"
+DOCKER_BUILDKIT=0 "$docker" build -q -f "$repo/node-plugin/launcher.Dockerfile" -t "cvm-launcher:$tag" "$ctx" >/dev/null
+echo "cvm-launcher:$tag"
 for i in cvm-operator cvm-node-plugin cvm-launcher; do
   say "$i:$tag $("$docker" image inspect -f '{{.Size}}' "$i:$tag" | awk '{printf "%.1f MB", $1/1e6}')"
 done

@@ -241,6 +241,12 @@ async fn attest(
                 "the evidence is an SEV launch measurement, which a client cannot verify".into(),
             ))
         }
+        EvidenceFormat::NoTee => {
+            return Err(ClusterError::Input(format!(
+                "NOT confidential: the guest agent found no TEE in the guest ({})",
+                String::from_utf8_lossy(&raw)
+            )))
+        }
     };
     let affirmed = appraisal.is_affirmed();
     let mut ear = Ear::new(

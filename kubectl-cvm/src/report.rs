@@ -88,6 +88,10 @@ fn from_cvm(cvm: &ConfidentialVM, name: &str) -> Result<Raw, ClusterError> {
             "{name} holds an SEV launch measurement ({}), not a report with fields to decode",
             hex::encode(&bytes)
         ))),
+        EvidenceFormat::NoTee => Err(ClusterError::Input(format!(
+            "{name} is not confidential: its guest agent found no TEE ({})",
+            String::from_utf8_lossy(&bytes)
+        ))),
     }
 }
 

@@ -21,6 +21,29 @@ pub enum PlatformKind {
     Qemu,
 }
 
+/// What a simulated host's launcher pods run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SimGuestKind {
+    /// The launcher's stand-in process: no VM.
+    StandIn,
+    /// Real QEMU guests (TCG) booted from the CVM's kernel and initrd, with simulated
+    /// TEE evidence that binds what each guest's agent answers.
+    Qemu,
+    /// TEST ONLY: real QEMU guests with no TEE and no simulated evidence, standing in for
+    /// a host that lies or is misconfigured; only the guest agent's answer is reported.
+    TestOnlyQemuWithoutTee,
+}
+
+impl SimGuestKind {
+    fn parse_label(value: &str) -> anyhow::Result<Self> {
+        <SimGuestKind as ValueEnum>::from_str(value, false).map_err(|_| {
+            anyhow::anyhow!(
+                "{value:?} is not a guest kind: stand-in, qemu or test-only-qemu-without-tee"
+            )
+        })
+    }
+}
+
 /// Per-host agent: advertises the host's TEEs, launches the guests of the
 /// ConfidentialVMs bound to this node, and reports their evidence.
 #[derive(Debug, Parser)]
@@ -99,6 +122,17 @@ pub struct Cli {
     /// can so simulate a mixed fleet.
     #[arg(long)]
     sim_tees_label: Option<String>,
+    /// What the simulated host's launcher pods run: stand-in, qemu (real guests under
+    /// TCG, simulated evidence) or test-only-qemu-without-tee (real guests, no evidence:
+    /// a lying host, for tests).
+    #[arg(long, value_enum, default_value = "stand-in")]
+    sim_guests: SimGuestKind,
+    /// Read the guest kind from this label of the Node, where set (overrides --sim-guests).
+    #[arg(long)]
+    sim_guests_label: Option<String>,
+    /// Seconds a QEMU guest of a simulated host has to boot and its agent to answer.
+    #[arg(long, default_value_t = 90)]
+    sim_agent_timeout_secs: u64,
     /// Serve kubelet's device-plugin API in this directory (kubelet's, normally
     /// /var/lib/kubelet/device-plugins): kubelet then advertises the TEE keys and
     /// `devices.cvmp.io/kvm` in the Node's capacity and counts them for every pod. Without
@@ -262,22 +296,59 @@ fn shell_lines(args: &[String]) -> String {
 }
 
 /// The TEEs `label` of Node `node` names (`None`: no such label).
-async fn node_sim_tees(
+async fn node_label(
     client: &kube::Client,
     node: &str,
     label: &str,
-) -> anyhow::Result<Option<Vec<cvm_crds::TeeType>>> {
+) -> anyhow::Result<Option<String>> {
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
     let n = nodes
         .get(node)
         .await
         .with_context(|| format!("reading Node {node} for its {label} label"))?;
-    let Some(value) = n.metadata.labels.as_ref().and_then(|l| l.get(label)) else {
+    Ok(n.metadata.labels.and_then(|mut l| l.remove(label)))
+}
+
+async fn node_sim_tees(
+    client: &kube::Client,
+    node: &str,
+    label: &str,
+) -> anyhow::Result<Option<Vec<cvm_crds::TeeType>>> {
+    let Some(value) = node_label(client, node, label).await? else {
         return Ok(None);
     };
-    parse_tee_list(value)
+    parse_tee_list(&value)
         .map(Some)
         .with_context(|| format!("label {label}={value} of Node {node}"))
+}
+
+/// The simulated host's guests, from --sim-guests or the Node's label.
+async fn sim_guests(
+    cli: &Cli,
+    client: &kube::Client,
+    node: &str,
+) -> anyhow::Result<crate::sim::SimGuests> {
+    let mut kind = cli.sim_guests;
+    if let Some(label) = &cli.sim_guests_label {
+        if let Some(v) = node_label(client, node, label).await? {
+            kind = SimGuestKind::parse_label(&v)
+                .with_context(|| format!("label {label}={v} of Node {node}"))?;
+        }
+    }
+    let mut q = crate::sim::QemuGuests::new(&cli.artifacts_dir);
+    q.binary = cli.qemu_binary.clone();
+    q.agent_timeout = Duration::from_secs(cli.sim_agent_timeout_secs.max(1));
+    Ok(match kind {
+        SimGuestKind::StandIn => crate::sim::SimGuests::StandIn,
+        SimGuestKind::Qemu => crate::sim::SimGuests::Qemu(q),
+        SimGuestKind::TestOnlyQemuWithoutTee => {
+            tracing::warn!(node = %node, "TEST ONLY: this simulated host launches plain guests without any TEE and reports only what their agents say (a lying host); never use this outside a test cluster");
+            crate::sim::SimGuests::Qemu(crate::sim::QemuGuests {
+                without_tee: true,
+                ..q
+            })
+        }
+    })
 }
 
 /// `sev-snp.tdx` → [SEV-SNP, TDX].
@@ -424,8 +495,16 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             if let Some(seed) = &cli.sim_root_seed {
                 crate::sim::roots::seed(&sim_root_dir, seed)?;
             }
+            let guests = sim_guests(&cli, &client, &node_name).await?;
+            if guests != crate::sim::SimGuests::StandIn && cli.launcher_pods_dir.is_none() {
+                anyhow::bail!(
+                    "QEMU guests run in launcher pods: --sim-guests {:?} needs --launcher-pods-dir",
+                    cli.sim_guests
+                );
+            }
             let platform =
-                SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?;
+                SimPlatform::open_with_roots(cfg, &state_dir, &sim_root_dir, &node_name)?
+                    .with_guests(guests);
             let fps = platform.root_fingerprints();
             // Printed on stdout so scripts can pick it up to write a policy that trusts the sim.
             if let Some(s) = &fps.snp {

@@ -17,8 +17,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// The socket's file name in the launcher's socket directory.
 pub const SOCKET: &str = "launcher.sock";
+/// The guest's serial console socket (QEMU's), which `cvm-launcher console` attaches to.
+pub const CONSOLE_SOCKET: &str = "console.sock";
+/// The guest agent's virtio-serial socket (QEMU's), for hosts without vsock.
+pub const AGENT_SOCKET: &str = "agent.sock";
+/// Port of the launcher's readiness endpoint: 200 while the guest process runs.
+pub const HEALTH_PORT: u16 = cvm_crds::wellknown::LAUNCHER_HEALTH_PORT;
 /// Lines of the guest process's stderr the launcher keeps for the plugin's messages.
 const TAIL_LINES: usize = 20;
+/// Lines of the guest's console the launcher keeps: a kernel panic with its stack trace.
+const CONSOLE_LINES: usize = 60;
 /// Longest request or answer line.
 const MAX_LINE: u64 = 1 << 20;
 
@@ -103,6 +111,9 @@ pub struct GuestProcess {
     /// The last lines of its stderr.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stderr_tail: Vec<String>,
+    /// The last lines of its stdout: the guest's serial console.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console_tail: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -120,6 +131,7 @@ pub enum ProcState {
 struct Slot {
     proc: GuestProcess,
     tail: Arc<Mutex<VecDeque<String>>>,
+    console: Arc<Mutex<VecDeque<String>>>,
     /// Signalled when the process has exited.
     exited: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -140,7 +152,40 @@ fn snapshot(slot: &Slot) -> GuestProcess {
     if let Ok(t) = slot.tail.lock() {
         p.stderr_tail = t.iter().cloned().collect();
     }
+    if let Ok(t) = slot.console.lock() {
+        p.console_tail = t.iter().cloned().collect();
+    }
     p
+}
+
+/// Copies `from`'s lines to `echo` (the pod's log) and keeps the last `keep`.
+fn tail_lines(
+    from: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    keep: usize,
+    echo: fn(&str),
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        // Split on bytes: a console may print anything, not only UTF-8.
+        let mut r = BufReader::new(from);
+        let mut buf = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            buf.clear();
+            echo(&line);
+            if let Ok(mut t) = tail.lock() {
+                if t.len() == keep {
+                    t.pop_front();
+                }
+                t.push_back(line);
+            }
+        }
+    })
 }
 
 /// The soft RLIMIT_MEMLOCK of this process, in bytes (`u64::MAX`: unlimited).
@@ -235,8 +280,8 @@ async fn launch(
     let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .stdin(std::process::Stdio::null())
-        // The guest's output is the pod's log.
-        .stdout(std::process::Stdio::inherit())
+        // The guest's output is the pod's log; its last lines also go into conditions.
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(false);
     let mut child = match cmd.spawn() {
@@ -248,21 +293,18 @@ async fn launch(
         }
     };
     let tail: Arc<Mutex<VecDeque<String>>> = Arc::default();
-    let reader = child.stderr.take().map(|err| {
-        let tail = tail.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                eprintln!("{line}");
-                if let Ok(mut t) = tail.lock() {
-                    if t.len() == TAIL_LINES {
-                        t.pop_front();
-                    }
-                    t.push_back(line);
-                }
-            }
-        })
-    });
+    let console: Arc<Mutex<VecDeque<String>>> = Arc::default();
+    let mut readers = Vec::new();
+    if let Some(err) = child.stderr.take() {
+        readers.push(tail_lines(err, tail.clone(), TAIL_LINES, |l| {
+            eprintln!("{l}")
+        }));
+    }
+    if let Some(out) = child.stdout.take() {
+        readers.push(tail_lines(out, console.clone(), CONSOLE_LINES, |l| {
+            println!("{l}")
+        }));
+    }
     let (tx, rx) = tokio::sync::watch::channel(false);
     slot.proc = GuestProcess {
         state: ProcState::Running,
@@ -270,8 +312,10 @@ async fn launch(
         pid: child.id(),
         exit: None,
         stderr_tail: Vec::new(),
+        console_tail: Vec::new(),
     };
     slot.tail = tail;
+    slot.console = console;
     slot.exited = Some(rx);
     let answer = Answer::Guest(snapshot(&slot));
     drop(slot);
@@ -281,8 +325,8 @@ async fn launch(
             Ok(s) => exit_text(s),
             Err(e) => format!("lost ({e})"),
         };
-        // Its last words before its exit is told (a descendant may hold stderr: bounded).
-        if let Some(r) = reader {
+        // Its last words before its exit is told (a descendant may hold them: bounded).
+        for r in readers {
             let _ = tokio::time::timeout(Duration::from_secs(1), r).await;
         }
         let mut slot = shared.lock().await;
@@ -344,6 +388,7 @@ pub async fn serve(
     dir: &Path,
     cvm: &str,
     stop_grace: Duration,
+    health: Option<tokio::net::TcpListener>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), LauncherError> {
     let path = dir.join(SOCKET);
@@ -368,6 +413,9 @@ pub async fn serve(
     }
     tracing::info!(cvm = %cvm, socket = %path.display(), "launcher serving");
     let shared: Shared = Arc::default();
+    if let Some(h) = health {
+        tokio::spawn(serve_health(h, shared.clone()));
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -396,6 +444,56 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// The readiness endpoint: any request gets 200 while the guest process runs, else 503,
+/// so the pod is Ready (and a Service sends traffic to it) only while its guest runs.
+async fn serve_health(listener: tokio::net::TcpListener, shared: Shared) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            // Read (a bounded part of) the request so the peer's write does not fail.
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await;
+            let running = shared.lock().await.proc.state == ProcState::Running;
+            let status = if running {
+                "200 OK"
+            } else {
+                "503 Service Unavailable"
+            };
+            let body = if running {
+                "guest running\n"
+            } else {
+                "no guest running\n"
+            };
+            let reply = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes()).await;
+        });
+    }
+}
+
+/// `cvm-launcher console`: the guest's serial console on this terminal (in the pod, as
+/// `kubectl cvm console` runs it), until either side closes.
+pub async fn console(dir: &Path) -> Result<(), LauncherError> {
+    let path = dir.join(CONSOLE_SOCKET);
+    let io = |source| LauncherError::Io {
+        path: path.clone(),
+        source,
+    };
+    let stream = connect(&path).await.map_err(io)?;
+    let (mut r, mut w) = stream.into_split();
+    let mut stdin = tokio::io::stdin();
+    let mut stdout = tokio::io::stdout();
+    tokio::select! {
+        res = tokio::io::copy(&mut r, &mut stdout) => res.map(|_| ()).map_err(io),
+        res = tokio::io::copy(&mut stdin, &mut w) => res.map(|_| ()).map_err(io),
+    }
 }
 
 /// The plugin's side of one launcher: its socket directory on the host.
@@ -589,28 +687,42 @@ pub fn ended(p: &GuestProcess, launch_id: &str) -> Option<String> {
         ProcState::Running if ours => None,
         ProcState::Exited if ours => {
             let how = p.exit.as_deref().unwrap_or("ended");
-            let last = p
-                .stderr_tail
-                .iter()
-                .rev()
-                .take(3)
-                .rev()
-                .cloned()
-                .collect::<Vec<_>>();
-            Some(if last.is_empty() {
-                format!("the guest process in its launcher pod exited ({how})")
-            } else {
-                format!(
-                    "the guest process in its launcher pod exited ({how}): {}",
-                    last.join(" | ")
-                )
-            })
+            let mut m = format!("the guest process in its launcher pod exited ({how})");
+            let last = |v: &[String], n: usize| v[v.len().saturating_sub(n)..].join(" | ");
+            if !p.stderr_tail.is_empty() {
+                m.push_str(&format!(": {}", last(&p.stderr_tail, 3)));
+            }
+            m.push_str(&console_suffix(&p.console_tail));
+            Some(m)
         }
         _ => Some(
             "its launcher pod does not run this guest (the pod was replaced): relaunch it there"
                 .into(),
         ),
     }
+}
+
+/// The console's last lines for a condition message ("" without any).
+pub fn console_suffix(console: &[String]) -> String {
+    let lines: Vec<&str> = console
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let last = &lines[lines.len().saturating_sub(4)..];
+    // A panic's first line says why; its stack trace follows it.
+    let panic = lines
+        .iter()
+        .find(|l| l.contains("Kernel panic") && !last.contains(l));
+    let mut shown: Vec<&str> = panic.into_iter().copied().collect();
+    if panic.is_some() {
+        shown.push("…");
+    }
+    shown.extend(last);
+    format!("; the console's last lines: {}", shown.join(" | "))
 }
 
 /// `cvm-launcher --stand-in`: the stand-in guest of a simulated host. Runs until SIGTERM.
@@ -639,7 +751,7 @@ mod tests {
         let d = dir.to_path_buf();
         let c = cvm.to_string();
         let server = tokio::spawn(async move {
-            serve(&d, &c, Duration::from_secs(2), async {
+            serve(&d, &c, Duration::from_secs(2), None, async {
                 let _ = rx.await;
             })
             .await

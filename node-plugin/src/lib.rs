@@ -10,6 +10,7 @@
 //!
 //! To run plugins in-process (tests, `cvm-dev`), call [`spawn_sim_plugin`] once per node.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod deviceplugin;

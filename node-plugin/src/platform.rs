@@ -77,6 +77,9 @@ pub struct GuestRequest {
     pub initrd: Option<ArtifactRef>,
     pub cmdline: Option<String>,
     pub disks: Vec<Disk>,
+    /// Guest ports forwarded from the launcher pod's address (spec.network.ports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<(cvm_crds::cvm::PortProtocol, u16)>,
     /// SNP guest policy, SEV policy or TDX attributes (see [`measure::launch_policy`]).
     pub launch_policy: u64,
     /// SNP HOST_DATA (32 bytes) or TDX MRCONFIGID (48 bytes), decoded.
@@ -121,6 +124,14 @@ impl GuestRequest {
             initrd: spec.boot.initrd.clone(),
             cmdline: spec.boot.cmdline.clone(),
             disks: spec.disks.clone(),
+            // The CRD bounds ports to 1-65535; an object past those rules forwards nothing
+            // it cannot name.
+            ports: spec
+                .network
+                .iter()
+                .flat_map(|n| &n.ports)
+                .filter_map(|p| Some((p.protocol, u16::try_from(p.port).ok()?)))
+                .collect(),
             launch_policy: measure::launch_policy(spec),
             host_data,
             expected_measurement: measure::simulated_measurement_bytes(spec),
@@ -178,6 +189,10 @@ pub enum PlatformError {
     State { path: String, message: String },
     #[error("evidence: {0}")]
     Evidence(String),
+    /// The guest runs but its agent does not answer (it did not boot, or runs no agent);
+    /// the message carries the console's last lines where the backend has them.
+    #[error("{0}")]
+    AgentSilent(String),
     #[error("launch failed: {0}")]
     Launch(String),
     /// QEMU refused or lost the guest; `reason` is the QEMU backend's own CamelCase word
@@ -206,6 +221,7 @@ impl PlatformError {
             PlatformError::NotRunning { .. } => "GuestNotRunning",
             PlatformError::State { .. } => "StateStoreError",
             PlatformError::Evidence(_) => "EvidenceError",
+            PlatformError::AgentSilent(_) => "GuestAgentSilent",
             PlatformError::Launch(_) => "LaunchFailed",
             PlatformError::Qemu { reason, .. } => reason,
             PlatformError::MigrationUnsupported(_) => "Unsupported",

@@ -22,7 +22,8 @@ use cvm_crds::cvm::{ArtifactRef, GuestState};
 use cvm_crds::{EvidenceFormat, TeeType};
 use cvm_host::detect::DetectReport;
 use cvm_host::qemu::{
-    command_line, HostCaps, QemuError, QemuGuestSpec, QemuProcess, QmpClient, StartOptions,
+    command_line, GuestDevices, HostCaps, QemuError, QemuGuestSpec, QemuProcess, QmpClient,
+    StartOptions,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -138,9 +139,13 @@ struct QemuGuest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pid: Option<u32>,
     qmp_socket: PathBuf,
-    /// vsock context ID of the guest agent (SEV-SNP and TDX).
+    /// vsock context ID of the guest agent (SEV-SNP and TDX, hosts with vhost-vsock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vsock_cid: Option<u32>,
+    /// The guest agent's virtio-serial socket on the host (SEV-SNP and TDX, hosts without
+    /// vhost-vsock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent_socket: Option<PathBuf>,
     /// The launcher pod running this QEMU (its socket dir on the host); `None`: QEMU is
     /// this plugin's child. `pid` is then in the pod's PID namespace, for logs only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -509,7 +514,17 @@ impl QemuPlatform {
                 total,
             });
         }
-        let vsock_cid = matches!(req.tee, TeeType::SevSnp | TeeType::Tdx).then(|| {
+        let agent = matches!(req.tee, TeeType::SevSnp | TeeType::Tdx);
+        let vsock = agent && self.opts.host_root.join("dev/vhost-vsock").exists();
+        let agent_socket = (agent && !vsock).then(|| match &req.launcher {
+            Some(dir) => dir.join(crate::launcher::AGENT_SOCKET),
+            None => self
+                .opts
+                .state_dir
+                .join(SOCKET_DIR)
+                .join(format!("{}.agent.sock", req.uid)),
+        });
+        let vsock_cid = vsock.then(|| {
             let used: std::collections::BTreeSet<u32> =
                 file.guests.values().filter_map(|g| g.vsock_cid).collect();
             (FIRST_GUEST_CID..)
@@ -532,6 +547,7 @@ impl QemuPlatform {
             pid: None,
             qmp_socket,
             vsock_cid,
+            agent_socket,
             launcher: req.launcher.clone(),
         };
         file.guests.insert(req.uid.clone(), g.clone());
@@ -582,20 +598,25 @@ impl QemuPlatform {
             qmp_socket,
         };
         let mut args = command_line(&spec, &self.host_caps).map_err(|e| qemu_error(&e, req.tee))?;
-        if let Some(cid) = g.vsock_cid {
-            // The guest agent answers on vsock; this is how the plugin reaches it.
-            args.extend([
-                "-device".to_string(),
-                format!("vhost-vsock-pci,guest-cid={cid}"),
-            ]);
-        }
+        // In a launcher pod the console is the pod's log and `kubectl cvm console`'s; the
+        // agent's serial socket is QEMU's view of the pod directory the plugin reaches.
+        let in_pod = |name: &str| self.opts.launcher_dir_in_pod.join(name);
+        let devices = GuestDevices {
+            ports: req.ports.clone(),
+            console_socket: pod.map(|_| in_pod(crate::launcher::CONSOLE_SOCKET)),
+            console_log: pod.map(|_| PathBuf::from("/dev/stdout")),
+            agent_socket: match (&g.agent_socket, pod) {
+                (Some(_), Some(_)) => Some(in_pod(crate::launcher::AGENT_SOCKET)),
+                (s, None) => s.clone(),
+                (None, Some(_)) => None,
+            },
+            vsock_cid: g.vsock_cid,
+            confidential: true,
+        };
+        args.extend(devices.args().map_err(|e| qemu_error(&e, req.tee))?);
         Ok(args)
     }
 
-    /// Resolves an artifact and checks its digest when the spec gives one. With a launcher
-    /// pod (`pod`: its directory on the host) the checked bytes are copied into the pod's
-    /// directory, and the path returned is QEMU's view of the copy: QEMU reads exactly
-    /// what was checked, and the pod needs no hostPath.
     async fn artifact(
         &self,
         dir: &Path,
@@ -603,48 +624,7 @@ impl QemuPlatform {
         a: &ArtifactRef,
         pod: Option<&Path>,
     ) -> Result<PathBuf, PlatformError> {
-        let path = artifact_path(dir, what, a).map_err(PlatformError::Launch)?;
-        let p = path.clone();
-        let want = a.sha256.clone();
-        let what = what.to_string();
-        let staged = pod.map(|_| self.opts.launcher_dir_in_pod.join("artifacts").join(&what));
-        let stage_to = pod.map(|d| d.join("artifacts").join(&what));
-        // Hashing a kernel or initrd is disk and CPU work: keep it off the async workers.
-        tokio::task::spawn_blocking(move || -> Result<(), PlatformError> {
-            let bytes = std::fs::read(&p).map_err(|e| {
-                PlatformError::Launch(format!(
-                    "{what} artifact {} is not readable ({e}): put it in --artifacts-dir",
-                    p.display()
-                ))
-            })?;
-            if let Some(want) = want {
-                let got = hex::encode(Sha256::digest(&bytes));
-                if !got.eq_ignore_ascii_case(&want) {
-                    return Err(PlatformError::Launch(format!(
-                        "{what} artifact {} has SHA-256 {got}, the spec asks for {want}",
-                        p.display()
-                    )));
-                }
-            }
-            if let Some(to) = stage_to {
-                let write = |r: std::io::Result<()>| {
-                    r.map_err(|e| {
-                        PlatformError::Launch(format!(
-                            "cannot copy the {what} into the launcher pod ({}): {e}",
-                            to.display()
-                        ))
-                    })
-                };
-                if let Some(parent) = to.parent() {
-                    write(std::fs::create_dir_all(parent))?;
-                }
-                write(std::fs::write(&to, &bytes))?;
-            }
-            Ok(())
-        })
-        .await
-        .map_err(|e| PlatformError::Launch(format!("checking the {}: {e}", path.display())))??;
-        Ok(staged.unwrap_or(path))
+        stage_artifact(dir, what, a, pod, &self.opts.launcher_dir_in_pod).await
     }
 
     /// Starts QEMU paused, checks it, records its pid, reads the SEV measurement, lets it
@@ -844,29 +824,36 @@ impl QemuPlatform {
         challenge: &Challenge,
     ) -> Result<RawEvidence, PlatformError> {
         let tee = g.info.tee;
-        let cid = g.vsock_cid.ok_or_else(|| {
-            PlatformError::Evidence(format!("guest {} has no vsock device", g.info.uid))
-        })?;
-        let port = self.opts.agent_port;
         let who = format!("{}/{}", g.info.namespace, g.info.name);
-        let unreachable = |detail: String| {
-            PlatformError::Evidence(format!(
-                "the guest agent of {who} is unreachable at vsock:{cid}:{port} ({detail}): is cvm-agent running in the guest?"
-            ))
-        };
         let timeout = self.opts.agent_timeout;
-        let client = tokio::time::timeout(
-            timeout,
-            cvm_host::agent_client::AgentClient::connect_vsock(cid, port),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
-        .map_err(|e| unreachable(e.to_string()))?;
-        let ev = client
-            .with_timeout(timeout)
-            .get_evidence(&challenge.binding)
+        let ev = if let Some(sock) = &g.agent_socket {
+            crate::agent::over_serial(sock, &who, timeout, |mut c| async move {
+                c.get_evidence(&challenge.binding).await
+            })
+            .await?
+        } else {
+            let cid = g.vsock_cid.ok_or_else(|| {
+                PlatformError::Evidence(format!("guest {} has no agent channel", g.info.uid))
+            })?;
+            let port = self.opts.agent_port;
+            let unreachable = |detail: String| {
+                PlatformError::Evidence(format!(
+                    "the guest agent of {who} is unreachable at vsock:{cid}:{port} ({detail}): is cvm-agent running in the guest?"
+                ))
+            };
+            let client = tokio::time::timeout(
+                timeout,
+                cvm_host::agent_client::AgentClient::connect_vsock(cid, port),
+            )
             .await
-            .map_err(|e| PlatformError::Evidence(format!("guest agent of {who}: {e}")))?;
+            .map_err(|_| unreachable(format!("no connection within {timeout:?}")))?
+            .map_err(|e| unreachable(e.to_string()))?;
+            client
+                .with_timeout(timeout)
+                .get_evidence(&challenge.binding)
+                .await
+                .map_err(|e| PlatformError::Evidence(format!("guest agent of {who}: {e}")))?
+        };
         match tee {
             TeeType::SevSnp => {
                 let report = cvm_attest::snp::report::SnpReport::parse(&ev.outblob)
@@ -906,6 +893,61 @@ impl QemuPlatform {
             ))),
         }
     }
+}
+
+/// Resolves an artifact and checks its digest when the spec gives one. With a launcher
+/// pod (`pod`: its directory on the host) the checked bytes are copied into the pod's
+/// directory, and the path returned is QEMU's view of the copy: QEMU reads exactly
+/// what was checked, and the pod needs no hostPath.
+pub async fn stage_artifact(
+    dir: &Path,
+    what: &str,
+    a: &ArtifactRef,
+    pod: Option<&Path>,
+    dir_in_pod: &Path,
+) -> Result<PathBuf, PlatformError> {
+    let path = artifact_path(dir, what, a).map_err(PlatformError::Launch)?;
+    let p = path.clone();
+    let want = a.sha256.clone();
+    let what = what.to_string();
+    let staged = pod.map(|_| dir_in_pod.join("artifacts").join(&what));
+    let stage_to = pod.map(|d| d.join("artifacts").join(&what));
+    // Hashing a kernel or initrd is disk and CPU work: keep it off the async workers.
+    tokio::task::spawn_blocking(move || -> Result<(), PlatformError> {
+        let bytes = std::fs::read(&p).map_err(|e| {
+            PlatformError::Launch(format!(
+                "{what} artifact {} is not readable ({e}): put it in --artifacts-dir",
+                p.display()
+            ))
+        })?;
+        if let Some(want) = want {
+            let got = hex::encode(Sha256::digest(&bytes));
+            if !got.eq_ignore_ascii_case(&want) {
+                return Err(PlatformError::Launch(format!(
+                    "{what} artifact {} has SHA-256 {got}, the spec asks for {want}",
+                    p.display()
+                )));
+            }
+        }
+        if let Some(to) = stage_to {
+            let write = |r: std::io::Result<()>| {
+                r.map_err(|e| {
+                    PlatformError::Launch(format!(
+                        "cannot copy the {what} into the launcher pod ({}): {e}",
+                        to.display()
+                    ))
+                })
+            };
+            if let Some(parent) = to.parent() {
+                write(std::fs::create_dir_all(parent))?;
+            }
+            write(std::fs::write(&to, &bytes))?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| PlatformError::Launch(format!("checking the {}: {e}", path.display())))??;
+    Ok(staged.unwrap_or(path))
 }
 
 fn stderr_suffix(lines: &[String]) -> String {

@@ -59,6 +59,8 @@ fn snp_host_tree(root: &Path) {
         put(root, &format!("sys/module/kvm_amd/parameters/{p}"), b"Y\n");
     }
     put(root, "dev/sev", b"");
+    // The agent's channel is vsock where the host has vhost-vsock.
+    put(root, "dev/vhost-vsock", b"");
     put(root, "sys/fs/cgroup/misc.capacity", b"sev 8\nsev_es 4\n");
 }
 
@@ -812,5 +814,157 @@ async fn the_launchers_locked_memory_limit_is_set_by_the_plugin_or_the_launch_re
         }
         // Where the plugin may raise limits (CAP_SYS_RESOURCE), it did: QEMU then refuses SNP.
         Ok(g) => panic!("an SNP guest started without SNP: {g:?}"),
+    }
+}
+
+// ---- a real guest on a simulated host ----
+
+/// The test guest (e2e/guest/build.sh: Debian's 6.12 kernel, busybox, cvm-agent), built
+/// or taken from the cache.
+fn test_guest() -> Option<PathBuf> {
+    qemu()?;
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../e2e/guest/build.sh"
+        ))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running e2e/guest/build.sh");
+    assert!(out.status.success(), "e2e/guest/build.sh failed");
+    let text = String::from_utf8(out.stdout).unwrap();
+    Some(PathBuf::from(text.trim().lines().last().unwrap()))
+}
+
+fn guest_request(uid: &str, name: &str, pod: &Pod) -> GuestRequest {
+    let spec: cvm_crds::ConfidentialVMSpec = serde_yaml::from_str(
+        "tee: {type: SEV-SNP}\nresources: {vcpus: 1, memoryMiB: 256}\nboot: {firmware: {name: ovmf-snp}, kernel: {name: vmlinuz}, initrd: {name: initrd.img}, cmdline: console=ttyS0 panic=-1}\n",
+    )
+    .unwrap();
+    let mut cvm = ConfidentialVM::new(name, spec);
+    cvm.metadata.uid = Some(uid.into());
+    cvm.metadata.namespace = Some("ns".into());
+    GuestRequest {
+        launcher: Some(pod.dir.clone()),
+        ..GuestRequest::from_cvm(&cvm).unwrap()
+    }
+}
+
+fn sim_host(
+    dir: &Path,
+    guest: &Path,
+    pod: &Pod,
+    without_tee: bool,
+) -> cvm_node_plugin::sim::SimPlatform {
+    use cvm_node_plugin::sim::{QemuGuests, SimGuests, SimPlatform};
+    let cfg: cvm_node_plugin::config::SimConfig = serde_yaml::from_str("tees: [SEV-SNP]").unwrap();
+    let mut q = QemuGuests::new(guest);
+    q.binary = qemu().unwrap();
+    q.dir_in_pod = pod.in_pod.clone();
+    q.without_tee = without_tee;
+    SimPlatform::open_with_roots(cfg, &dir.join("state"), &dir.join("roots"), "node-a")
+        .unwrap()
+        .with_guests(SimGuests::Qemu(q))
+}
+
+#[tokio::test]
+async fn a_real_guest_on_a_simulated_host_is_attested_as_the_instance_its_agent_names() {
+    use cvm_attest::snp::report::SnpReport;
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Pod::start("ns/g").await;
+    let p = sim_host(dir.path(), &guest, &pod, false);
+    let uid = "dddddddd-0000-0000-0000-000000000004";
+    let g = p.launch(&guest_request(uid, "g", &pod)).await.unwrap();
+    assert_eq!(g.state, GuestState::Running);
+    let client = cvm_node_plugin::launcher::LauncherClient::new(&pod.dir);
+    let qemu_pid = client.status().await.unwrap().pid.unwrap();
+    let _guard = KillOnDrop(vec![qemu_pid]);
+    // The kernel and initrd QEMU boots are the checked copies in the pod's directory.
+    assert_eq!(
+        std::fs::read(pod.dir.join("artifacts/kernel")).unwrap(),
+        std::fs::read(guest.join("vmlinuz")).unwrap()
+    );
+
+    // The first evidence waits for the boot; the report binds the agent's own key.
+    let c = challenge_for(Some("c0ffee"), uid, None).unwrap();
+    let ev = p.evidence(uid, &c).await.unwrap();
+    let key = ev.instance_key.clone().unwrap();
+    assert_eq!(key.len(), 32);
+    let report = SnpReport::parse(&ev.report).unwrap();
+    assert_eq!(report.report_data, c.binding.report_data(&key));
+    // The guest's console is the launcher's: its boot is there, up to the init's words.
+    let console = client.status().await.unwrap().console_tail.join("\n");
+    assert!(console.contains("cvm-guest: ready"), "{console}");
+    // The same running guest answers with the same key.
+    let again = p.evidence(uid, &c).await.unwrap();
+    assert_eq!(again.instance_key.as_deref(), Some(&key[..]));
+
+    // A relaunch boots another instance: another key.
+    p.stop(uid).await.unwrap();
+    let g2 = p.launch(&guest_request(uid, "g", &pod)).await.unwrap();
+    assert_ne!(g2.launch_id, g.launch_id);
+    let relaunched = p.evidence(uid, &c).await.unwrap();
+    assert_ne!(relaunched.instance_key.as_deref(), Some(&key[..]));
+    p.stop(uid).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_host_without_a_tee_reports_what_the_guest_agent_found_and_nothing_signed() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Pod::start("ns/plain").await;
+    let p = sim_host(dir.path(), &guest, &pod, true);
+    let uid = "eeeeeeee-0000-0000-0000-000000000005";
+    p.launch(&guest_request(uid, "plain", &pod)).await.unwrap();
+    let client = cvm_node_plugin::launcher::LauncherClient::new(&pod.dir);
+    let _guard = KillOnDrop(vec![client.status().await.unwrap().pid.unwrap()]);
+    let c = challenge_for(Some("c0ffee"), uid, None).unwrap();
+    let ev = p.evidence(uid, &c).await.unwrap();
+    assert_eq!(ev.format, cvm_crds::EvidenceFormat::NoTee);
+    assert!(ev.cert_chain.is_none() && ev.instance_key.is_none());
+    let words = String::from_utf8(ev.report).unwrap();
+    // The 6.12 guest has configfs-tsm but no provider, and no SEV or TDX guest device.
+    assert!(words.contains("no TSM provider is registered"), "{words}");
+    assert!(words.contains("/dev/sev-guest"), "{words}");
+    p.stop(uid).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unbootable_guest_ends_its_launch_with_the_console_s_words() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    // A kernel that boots into an initrd without init: the kernel panics (panic=-1 and
+    // -no-reboot end QEMU), and the launch ends with the panic on the console.
+    let arts = dir.path().join("arts");
+    std::fs::create_dir_all(&arts).unwrap();
+    std::fs::copy(guest.join("vmlinuz"), arts.join("vmlinuz")).unwrap();
+    std::fs::write(arts.join("initrd.img"), b"not an initramfs").unwrap();
+    let pod = Pod::start("ns/bad").await;
+    let p = sim_host(dir.path(), &arts, &pod, false);
+    let uid = "ffffffff-0000-0000-0000-000000000006";
+    p.launch(&guest_request(uid, "bad", &pod)).await.unwrap();
+    let c = challenge_for(None, uid, None).unwrap();
+    // The agent never answers: the error ends, naming the console's last lines.
+    let e = p.evidence(uid, &c).await.unwrap_err();
+    assert_eq!(e.reason(), "QemuExited", "{e}");
+    assert!(e.to_string().contains("Kernel panic"), "{e}");
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let listed = p.list().await.unwrap();
+        if let Some(g) = listed
+            .iter()
+            .find(|g| g.uid == uid && g.state == GuestState::Failed)
+        {
+            let m = g.message.clone().unwrap_or_default();
+            assert!(m.contains("exited"), "{m}");
+            assert!(m.contains("Kernel panic") || m.contains("VFS"), "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never failed: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

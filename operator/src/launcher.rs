@@ -19,6 +19,9 @@ use serde_json::json;
 /// Label naming a launcher pod's CVM (in the CVM's namespace).
 pub const LABEL_CVM: &str = "cvmp.io/cvm";
 use cvm_crds::wellknown::LAUNCHER_DIR as SOCKET_DIR;
+/// The launcher's readiness port (`cvm_node_plugin::launcher::HEALTH_PORT`); no guest
+/// port may take it (spec.network.ports).
+pub use cvm_crds::wellknown::LAUNCHER_HEALTH_PORT as HEALTH_PORT;
 
 /// How launcher pods are made (operator flags).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,13 +110,27 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
                 "runAsNonRoot": true,
                 "runAsUser": 65532,
                 "seccompProfile": {"type": "RuntimeDefault"},
+                // QEMU, unprivileged, forwards the guest's ports (80 too) from the pod's
+                // address; a safe sysctl, scoped to the pod's network namespace.
+                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
             },
             "containers": [{
                 "name": "launcher",
                 "image": o.image,
                 "imagePullPolicy": o.pull_policy,
                 "command": ["/usr/local/bin/cvm-launcher"],
-                "args": [format!("--socket-dir={SOCKET_DIR}"), format!("--cvm={ns}/{name}")],
+                "args": [
+                    format!("--socket-dir={SOCKET_DIR}"),
+                    format!("--cvm={ns}/{name}"),
+                    format!("--health-port={HEALTH_PORT}"),
+                ],
+                // Ready only while the guest runs: a Service that selects the CVM sends
+                // traffic to its guest, and follows it when it moves.
+                "readinessProbe": {
+                    "httpGet": {"path": "/ready", "port": HEALTH_PORT},
+                    "periodSeconds": 2,
+                    "failureThreshold": 1,
+                },
                 "resources": {
                     "requests": {"cpu": cpu, "memory": memory, key: "1", RESOURCE_KVM: "1"},
                     "limits": {"memory": memory, key: "1", RESOURCE_KVM: "1"},

@@ -615,6 +615,8 @@ pub enum VerdictReason {
     AwaitingEvidence,
     /// spec.attestation.policyRef names no AttestationPolicy.
     PolicyNotFound,
+    /// The guest runs without any TEE (its agent says so): a plain VM, never a pass.
+    NotConfidential,
 }
 
 impl VerdictReason {
@@ -627,6 +629,7 @@ impl VerdictReason {
             VerdictReason::OwnerVerificationRequired => "OwnerVerificationRequired",
             VerdictReason::AwaitingEvidence => "AwaitingEvidence",
             VerdictReason::PolicyNotFound => "PolicyNotFound",
+            VerdictReason::NotConfidential => "NotConfidential",
         }
     }
 }
@@ -639,6 +642,13 @@ pub fn verdict_text(r: &AttestationResult) -> (bool, VerdictReason, String) {
         .filter(|f| f.severity == Some(cvm_crds::cvm::FindingSeverity::Contraindicated))
         .map(|f| f.message.as_str())
         .collect();
+    if let Some(f) = r
+        .findings
+        .iter()
+        .find(|f| f.check == crate::verify::CHECK_NOT_CONFIDENTIAL)
+    {
+        return (false, VerdictReason::NotConfidential, f.message.clone());
+    }
     if r.findings
         .iter()
         .any(|f| f.check == crate::verify::CHECK_OWNER_VERIFICATION)

@@ -33,6 +33,8 @@ pub const VERIFIER: &str = "cvm-operator";
 
 /// Check name of the finding that SEV and SEV-ES evidence cannot be verified by the operator.
 pub const CHECK_OWNER_VERIFICATION: &str = "owner-verification-required";
+/// The node reported that its guest has no TEE at all.
+pub const CHECK_NOT_CONFIDENTIAL: &str = "not-confidential";
 
 /// What the report data must bind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +168,20 @@ pub fn appraise(input: &Input<'_>) -> Appraised {
                 tdx_appraise(input, &raw, instance_key.as_deref(), &mut proven)
             }
             (TeeType::Sev | TeeType::SevEs, EvidenceFormat::SevLaunchMeasure) => sev(input),
+            (_, EvidenceFormat::NoTee) => Appraisal::from_findings(
+                vec![f(
+                    CHECK_NOT_CONFIDENTIAL,
+                    Claim::Hardware,
+                    format!(
+                        "the guest is not confidential: its agent found no TEE ({})",
+                        String::from_utf8_lossy(&raw)
+                            .chars()
+                            .take(1024)
+                            .collect::<String>()
+                    ),
+                )],
+                vec![],
+            ),
             (tee, fmt) => Appraisal::from_findings(
                 vec![AFinding::mismatch(
                     "evidence-format-mismatch",
@@ -1362,6 +1378,34 @@ mod tests {
         ev.instance_key = Some("not base64!".into());
         let a = run(&c, &spec, &ev, &[], &[]);
         assert_eq!(checks(&a.result), vec!["instance-key-undecodable"]);
+    }
+
+    #[test]
+    fn a_guest_without_a_tee_is_not_confidential_whatever_the_policy_trusts() {
+        let c = cvm();
+        let words = "no TSM provider is registered; the guest has no /dev/sev-guest";
+        let ev = Evidence {
+            format: EvidenceFormat::NoTee,
+            report: base64::engine::general_purpose::STANDARD.encode(words),
+            cert_chain: None,
+            collateral: Default::default(),
+            nonce: None,
+            collected_at: Time(now()),
+            launch_measurement: None,
+            instance_key: None,
+            epoch: None,
+        };
+        for spec in [AttestationPolicySpec::default(), policy(&platform(4), None)] {
+            let a = run(&c, &spec, &ev, &[], &[]);
+            assert!(!verified(&a));
+            let (ok, reason, msg) = crate::state::verdict_text(&a.result);
+            assert!(!ok, "{msg}");
+            assert_eq!(reason, crate::state::VerdictReason::NotConfidential);
+            assert!(
+                msg.contains("not confidential") && msg.contains(words),
+                "{msg}"
+            );
+        }
     }
 
     #[test]

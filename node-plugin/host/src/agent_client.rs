@@ -133,11 +133,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
                 code: e.code,
                 message: e.message,
             }),
-            Response::Evidence(_) => Err(AgentClientError::UnexpectedResponse {
+            other => Err(AgentClientError::UnexpectedResponse {
                 asked: "get-provider-info",
-                got: "evidence",
+                got: other.kind(),
             }),
         }
+    }
+
+    /// Asks for the `report_data` the agent binds for `challenge` and its instance key
+    /// (simulated TEEs only: they sign it in the firmware's place), and checks the binding.
+    pub async fn get_report_data(
+        &mut self,
+        challenge: &Challenge,
+    ) -> Result<GuestReportData, AgentClientError> {
+        let resp = match self.call(&Request::get_report_data(challenge)).await? {
+            Response::ReportData(r) => r,
+            Response::Error(e) => {
+                return Err(AgentClientError::Agent {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+            other => {
+                return Err(AgentClientError::UnexpectedResponse {
+                    asked: "get-report-data",
+                    got: other.kind(),
+                })
+            }
+        };
+        let instance_key = b64_decode("instanceKey", &resp.instance_key)?;
+        let report_data = checked_report_data(challenge, &instance_key, &resp.report_data)?;
+        Ok(GuestReportData {
+            report_data,
+            instance_key,
+        })
     }
 
     /// Asks for fresh evidence bound to `challenge` and checks the binding.
@@ -153,22 +182,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
                     message: e.message,
                 })
             }
-            Response::ProviderInfo(_) => {
+            other => {
                 return Err(AgentClientError::UnexpectedResponse {
                     asked: "get-evidence",
-                    got: "provider-info",
+                    got: other.kind(),
                 })
             }
         };
         let instance_key = b64_decode("instanceKey", &resp.instance_key)?;
-        let expected = challenge.report_data(&instance_key);
-        let got = hex::decode(&resp.report_data).unwrap_or_default();
-        if got.as_slice() != expected.as_slice() {
-            return Err(AgentClientError::ReportDataMismatch {
-                expected: hex::encode(&expected[..8]),
-                got: resp.report_data.chars().take(16).collect(),
-            });
-        }
+        let expected = checked_report_data(challenge, &instance_key, &resp.report_data)?;
         let outblob = b64_decode("outblob", &resp.outblob)?;
         if outblob.is_empty() {
             return Err(AgentClientError::EmptyReport(resp.provider));
@@ -186,6 +208,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
             generation: resp.generation,
         })
     }
+}
+
+/// What `get-report-data` answered, checked against the challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestReportData {
+    pub report_data: [u8; 64],
+    pub instance_key: Vec<u8>,
+}
+
+/// The binding of `challenge` and `instance_key`, if `got` (hex) is exactly it.
+fn checked_report_data(
+    challenge: &Challenge,
+    instance_key: &[u8],
+    got: &str,
+) -> Result<[u8; 64], AgentClientError> {
+    let expected = challenge.report_data(instance_key);
+    if hex::decode(got).unwrap_or_default().as_slice() != expected.as_slice() {
+        return Err(AgentClientError::ReportDataMismatch {
+            expected: hex::encode(&expected[..8]),
+            got: got.chars().take(16).collect(),
+        });
+    }
+    Ok(expected)
 }
 
 #[cfg(test)]

@@ -54,6 +54,18 @@ pub enum Request {
         #[serde(default)]
         epoch: String,
     },
+    /// The `report_data` the agent would write for this challenge, and its instance key,
+    /// without a report. Only a simulated TEE asks this: it stands in for the firmware and
+    /// signs what the agent in a real (non-confidential) guest computed, so the simulated
+    /// report still names that guest instance. A real host asks for `get-evidence`.
+    GetReportData {
+        purpose: String,
+        subject: String,
+        #[serde(default)]
+        nonce: String,
+        #[serde(default)]
+        epoch: String,
+    },
 }
 
 /// A response as the agent sends it.
@@ -62,7 +74,18 @@ pub enum Request {
 pub enum Response {
     ProviderInfo(ProviderInfo),
     Evidence(EvidenceResponse),
+    ReportData(ReportDataResponse),
     Error(ErrorResponse),
+}
+
+/// Answer to [`Request::GetReportData`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportDataResponse {
+    /// The 64 bytes `get-evidence` would write to `inblob`, hex.
+    pub report_data: String,
+    /// The agent's instance public key (Ed25519, 32 bytes), base64.
+    pub instance_key: String,
 }
 
 /// Answer to [`Request::GetProviderInfo`].
@@ -282,9 +305,7 @@ impl Request {
     /// Decodes and validates a request body.
     pub fn decode(body: &[u8]) -> Result<Self, ProtoError> {
         let req: Request = decode(body, "request")?;
-        if let Request::GetEvidence { .. } = &req {
-            req.challenge()?;
-        }
+        req.challenge()?;
         Ok(req)
     }
 
@@ -298,14 +319,39 @@ impl Request {
         }
     }
 
-    /// The validated challenge of a `get-evidence` request (`None` for other requests).
+    /// A `get-report-data` request for this challenge.
+    pub fn get_report_data(c: &Challenge) -> Self {
+        match Self::get_evidence(c) {
+            Request::GetEvidence {
+                purpose,
+                subject,
+                nonce,
+                epoch,
+            } => Request::GetReportData {
+                purpose,
+                subject,
+                nonce,
+                epoch,
+            },
+            other => other,
+        }
+    }
+
+    /// The validated challenge of a `get-evidence` or `get-report-data` request (`None`
+    /// for other requests).
     pub fn challenge(&self) -> Result<Option<Challenge>, ProtoError> {
-        let Request::GetEvidence {
+        let (Request::GetEvidence {
             purpose,
             subject,
             nonce,
             epoch,
-        } = self
+        }
+        | Request::GetReportData {
+            purpose,
+            subject,
+            nonce,
+            epoch,
+        }) = self
         else {
             return Ok(None);
         };
@@ -338,6 +384,16 @@ impl Request {
 }
 
 impl Response {
+    /// The wire `type`, for messages about an unexpected answer.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::ProviderInfo(_) => "provider-info",
+            Response::Evidence(_) => "evidence",
+            Response::ReportData(_) => "report-data",
+            Response::Error(_) => "error",
+        }
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, ProtoError> {
         encode(self)
     }

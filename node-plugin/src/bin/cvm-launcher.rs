@@ -1,18 +1,21 @@
 //! `cvm-launcher --socket-dir DIR --cvm NAMESPACE/NAME`: the process of a CVM's launcher
 //! pod (see `cvm_node_plugin::launcher`). Runs until SIGTERM, then stops its guest.
 //! `cvm-launcher --stand-in`: the stand-in guest it runs on simulated hosts.
+//! `cvm-launcher console [--socket-dir=DIR]`: the guest's serial console on this terminal
+//! (what `kubectl cvm console` runs in the pod).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str =
-    "usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME [--stop-grace-seconds=N]";
+const USAGE: &str = "usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME [--stop-grace-seconds=N] [--health-port=N] | cvm-launcher console [--socket-dir=DIR]";
 
 fn main() -> ExitCode {
     let mut socket_dir: Option<PathBuf> = None;
     let mut cvm: Option<String> = None;
     let mut stand_in = false;
+    let mut console = false;
+    let mut health_port: Option<u16> = None;
     // kubelet's default grace is 30 s: QEMU gets most of it to shut the guest down.
     let mut grace = Duration::from_secs(20);
     for arg in std::env::args().skip(1) {
@@ -30,8 +33,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
+        } else if let Some(v) = arg.strip_prefix("--health-port=") {
+            match v.parse() {
+                Ok(p) => health_port = Some(p),
+                Err(_) => {
+                    eprintln!("cvm-launcher: --health-port={v:?} is not a port number");
+                    return ExitCode::from(2);
+                }
+            }
         } else if arg == "--stand-in" {
             stand_in = true;
+        } else if arg == "console" {
+            console = true;
         } else {
             eprintln!("cvm-launcher: unknown argument {arg:?}; {USAGE}");
             return ExitCode::from(2);
@@ -53,12 +66,34 @@ fn main() -> ExitCode {
         ));
         return ExitCode::SUCCESS;
     }
+    if console {
+        let dir = socket_dir.unwrap_or_else(|| PathBuf::from(cvm_crds::wellknown::LAUNCHER_DIR));
+        return match rt.block_on(cvm_node_plugin::launcher::console(&dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cvm-launcher: the guest's console: {e} (is the guest running?)");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (Some(dir), Some(cvm)) = (socket_dir, cvm) else {
         eprintln!("cvm-launcher: --socket-dir=DIR and --cvm=NAMESPACE/NAME are required; {USAGE}");
         return ExitCode::from(2);
     };
     tracing_subscriber::fmt().json().init();
     let result = rt.block_on(async {
+        let health = match health_port {
+            Some(p) => match tokio::net::TcpListener::bind(("0.0.0.0", p)).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    return Err(cvm_node_plugin::launcher::LauncherError::Bind {
+                        path: PathBuf::from(format!("tcp port {p}")),
+                        source: e,
+                    })
+                }
+            },
+            None => None,
+        };
         let stop = async {
             use tokio::signal::unix::{signal, SignalKind};
             match (
@@ -71,7 +106,7 @@ fn main() -> ExitCode {
                 _ => std::future::pending::<()>().await,
             }
         };
-        cvm_node_plugin::launcher::serve(&dir, &cvm, grace, stop).await
+        cvm_node_plugin::launcher::serve(&dir, &cvm, grace, health, stop).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 //! transfer moves no memory: it records which node the guest was sent to (`sentTo`), or
 //! fails when the config says `failSends`.
 
+pub mod guest;
 pub mod roots;
 pub mod snp;
 
@@ -27,6 +28,7 @@ use crate::platform::{
 };
 use crate::store;
 use cvm_crds::wire::COLLATERAL_TDX_QUOTE_V3;
+pub use guest::{QemuGuests, SimGuests};
 pub use roots::{RootFingerprints, SimRoots};
 
 /// Name of the guest state file inside `--state-dir`.
@@ -87,6 +89,8 @@ pub struct SimPlatform {
     /// Where a send leaves the guest's transferred state for the target (the simulated
     /// wire; `None`: sends move nothing).
     transfers: Option<PathBuf>,
+    /// What runs in the launcher pods.
+    guest_mode: SimGuests,
 }
 
 /// What a simulated send moves: in a real migration the guest's memory, and with it the
@@ -151,7 +155,21 @@ impl SimPlatform {
             path,
             guests: Mutex::new(file),
             transfers: None,
+            guest_mode: SimGuests::StandIn,
         })
+    }
+
+    /// Runs these guests in the launcher pods (the stand-in process by default).
+    pub fn with_guests(mut self, mode: SimGuests) -> Self {
+        self.guest_mode = mode;
+        self
+    }
+
+    fn qemu_guests(&self) -> Option<&QemuGuests> {
+        match &self.guest_mode {
+            SimGuests::Qemu(q) => Some(q),
+            SimGuests::StandIn => None,
+        }
     }
 
     /// Loads roots for `config` from `root_dir` (creating them on first use) and opens
@@ -267,16 +285,29 @@ impl SimPlatform {
                 .get(&req.uid)
                 .map(|g| g.info.launch_id.clone())
                 .unwrap_or_default();
-            let started = crate::launcher::LauncherClient::new(dir)
-                .launch(&launch_id, crate::launcher::Program::StandIn, None)
-                .await;
+            let program = match self.qemu_guests() {
+                None => Ok(crate::launcher::Program::StandIn),
+                Some(q) => q
+                    .argv(req, dir)
+                    .await
+                    .map(|argv| crate::launcher::Program::Exec { argv }),
+            };
+            let started = match program {
+                Ok(p) => crate::launcher::LauncherClient::new(dir)
+                    .launch(&launch_id, p, None)
+                    .await
+                    .map_err(|e| {
+                        PlatformError::Launch(format!(
+                            "the launcher pod did not start the guest: {e}"
+                        ))
+                    }),
+                Err(e) => Err(e),
+            };
             if let Err(e) = started {
                 let mut file = self.lock();
                 file.guests.remove(&req.uid);
                 let _ = self.persist(&file);
-                return Err(PlatformError::Launch(format!(
-                    "the launcher pod did not start the guest: {e}"
-                )));
+                return Err(e);
             }
         }
         self.finish_launch(&req.uid)
@@ -302,6 +333,14 @@ impl SimPlatform {
             let Ok(p) = client.status().await else {
                 continue;
             };
+            if p.state == crate::launcher::ProcState::None && self.qemu_guests().is_some() {
+                // The launch request is not kept: the guest is launched again.
+                ended.push((
+                    uid,
+                    "a plugin restart interrupted the launch before QEMU started".into(),
+                ));
+                continue;
+            }
             if p.state == crate::launcher::ProcState::None {
                 // A launch a plugin restart interrupted before the pod ran it: finish it.
                 if let Err(e) = client
@@ -327,6 +366,46 @@ impl SimPlatform {
             }
         }
         self.persist(&file)
+    }
+
+    /// Why the agent of a QEMU guest did not answer: its QEMU ended (the guest is then
+    /// Failed, with QEMU's and the console's last words), or it runs silently (with the
+    /// console's last lines, which say why: a panic, a missing init).
+    async fn agent_failure(&self, g: &SimGuest, dir: &Path, e: PlatformError) -> PlatformError {
+        // A channel that broke is most often a QEMU that is exiting: give its launcher a
+        // moment to see the exit.
+        let client = crate::launcher::LauncherClient::new(dir);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let p = loop {
+            let Ok(p) = client.status().await else {
+                return e;
+            };
+            if crate::launcher::ended(&p, &g.info.launch_id).is_some()
+                || std::time::Instant::now() >= deadline
+            {
+                break p;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        if let Some(why) = crate::launcher::ended(&p, &g.info.launch_id) {
+            let mut file = self.lock();
+            if let Some(held) = file.guests.get_mut(&g.info.uid) {
+                held.info.state = GuestState::Failed;
+                held.info.message = Some(why.clone());
+            }
+            let _ = self.persist(&file);
+            return PlatformError::Qemu {
+                reason: "QemuExited",
+                message: why,
+            };
+        }
+        match e {
+            PlatformError::AgentSilent(m) => PlatformError::AgentSilent(format!(
+                "{m}{}",
+                crate::launcher::console_suffix(&p.console_tail)
+            )),
+            other => other,
+        }
     }
 
     fn begin_launch(
@@ -421,7 +500,19 @@ impl SimPlatform {
         // As the guest agent does: the guest adds its own key to the challenge.
         let key = g.instance_key()?;
         let report_data = challenge.binding.report_data(key.public());
-        let instance_key = Some(key.public().to_vec());
+        self.issue_for(g, report_data, key.public().to_vec())
+    }
+
+    /// SNP or TDX evidence whose report data is `report_data`, naming `instance_key`:
+    /// what the simulated firmware signs for the guest's agent.
+    fn issue_for(
+        &self,
+        g: &SimGuest,
+        report_data: [u8; 64],
+        instance_key: Vec<u8>,
+    ) -> Result<RawEvidence, PlatformError> {
+        let info = &g.info;
+        let instance_key = Some(instance_key);
         match info.tee {
             TeeType::Sev | TeeType::SevEs => Err(PlatformError::Evidence(
                 "unreachable: SEV evidence handled above".into(),
@@ -552,8 +643,32 @@ impl Platform for SimPlatform {
                 "guest {uid} was sent to node {target}: its evidence comes from there"
             )));
         }
-        // Signing is CPU work of a few milliseconds; not worth a blocking-pool hop.
-        self.issue(&g, challenge)
+        let agent = match (self.qemu_guests(), &g.launcher) {
+            (Some(q), Some(dir)) if matches!(g.info.tee, TeeType::SevSnp | TeeType::Tdx) => {
+                let who = format!("{}/{}", g.info.namespace, g.info.name);
+                match guest::ask_agent(q, dir, &who, &challenge.binding).await {
+                    Ok(a) => Some(a),
+                    Err(e) => return Err(self.agent_failure(&g, dir, e).await),
+                }
+            }
+            _ => None,
+        };
+        match agent {
+            Some(guest::AgentAnswer::NoTee(words)) => Ok(RawEvidence {
+                format: EvidenceFormat::NoTee,
+                report: words.into_bytes(),
+                cert_chain: None,
+                collateral: Vec::new(),
+                measurement: Vec::new(),
+                instance_key: None,
+            }),
+            Some(guest::AgentAnswer::ReportData {
+                report_data,
+                instance_key,
+            }) => self.issue_for(&g, report_data, instance_key),
+            // Signing is CPU work of a few milliseconds; not worth a blocking-pool hop.
+            None => self.issue(&g, challenge),
+        }
     }
 
     async fn prepare_incoming(&self, req: &GuestRequest) -> Result<GuestInfo, PlatformError> {

@@ -10,6 +10,7 @@
 //! classic pflash firmware. The guest always starts paused (`-S`) so the node plugin can
 //! read the launch measurement over QMP before anything runs.
 
+pub mod devices;
 pub mod process;
 pub mod qmp;
 
@@ -19,6 +20,7 @@ use base64::Engine as _;
 use cvm_crds::{ConfidentialVM, TeeType};
 use serde::{Deserialize, Serialize};
 
+pub use devices::{plain_command_line, GuestDevices, PlainGuest, AGENT_PORT_NAME};
 pub use process::{QemuProcess, StartOptions};
 pub use qmp::{QmpClient, QmpError};
 
