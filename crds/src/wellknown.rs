@@ -98,6 +98,17 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
 /// port may not take it.
 pub const LAUNCHER_HEALTH_PORT: u16 = 4041;
 
+/// The launcher pod's name: deterministic, so a CVM never has two (a create of an
+/// existing name fails instead).
+pub fn launcher_pod_name(cvm_name: &str) -> String {
+    const SUFFIX: &str = "-launcher";
+    // Pod names are DNS subdomains (253); CVM names fit with room for the suffix, but
+    // keep the result valid whatever the input.
+    let keep = 253 - SUFFIX.len();
+    let base: String = cvm_name.chars().take(keep).collect();
+    format!("{}{SUFFIX}", base.trim_end_matches(['-', '.']))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

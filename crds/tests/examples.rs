@@ -33,6 +33,7 @@ fn examples_are_valid() {
         "tdx-cvm.yaml",
         "sev-es-cvm.yaml",
         "attestation-policy.yaml",
+        "../e2e/guest/plain-guest-cvm.yaml",
     ] {
         let path = examples_dir().join(name);
         let text =
@@ -51,7 +52,7 @@ fn examples_are_valid() {
             kinds.push(kind);
         }
     }
-    assert_eq!(kinds.iter().filter(|k| *k == "ConfidentialVM").count(), 3);
+    assert_eq!(kinds.iter().filter(|k| *k == "ConfidentialVM").count(), 4);
     assert_eq!(
         kinds.iter().filter(|k| *k == "AttestationPolicy").count(),
         2

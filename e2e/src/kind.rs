@@ -15,6 +15,33 @@ pub const RELEASE: &str = "cvm-operator";
 pub const NAMESPACE: &str = "cvm-system";
 /// The Node label the simulated plugin reads its TEEs from (the chart's default).
 pub const SIM_TEES_LABEL: &str = "sim.cvmp.io/tees";
+/// The Node label the simulated plugin reads its guests' kind from (the chart's default).
+pub const SIM_GUESTS_LABEL: &str = "sim.cvmp.io/guests";
+/// Where a node's plugin finds boot artifacts (the chart's `nodePlugin.artifactsDir`).
+pub const ARTIFACTS_DIR: &str = "/var/lib/cvm/artifacts";
+
+/// What a node's launcher pods run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GuestKind {
+    /// The launcher's stand-in process (no VM).
+    #[default]
+    StandIn,
+    /// Real QEMU guests (TCG) with simulated TEE evidence.
+    Qemu,
+    /// Test only: real QEMU guests, no TEE and no evidence (a lying host).
+    QemuWithoutTee,
+}
+
+impl GuestKind {
+    /// The label value the plugin reads.
+    pub fn label_value(self) -> &'static str {
+        match self {
+            GuestKind::StandIn => "stand-in",
+            GuestKind::Qemu => "qemu",
+            GuestKind::QemuWithoutTee => "test-only-qemu-without-tee",
+        }
+    }
+}
 
 /// Errors of the kind harness: each says what to install or fix.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +74,8 @@ pub struct KindOptions {
     pub fleet: Vec<Vec<Tee>>,
     /// Tag of the images built from this tree.
     pub image_tag: String,
+    /// What each node's launcher pods run, in the fleet's order (missing: stand-in).
+    pub guests: Vec<GuestKind>,
 }
 
 impl KindOptions {
@@ -57,6 +86,7 @@ impl KindOptions {
             dir: dir.to_path_buf(),
             fleet: vec![vec![Tee::SevSnp], vec![Tee::SevSnp], vec![Tee::Tdx]],
             image_tag: "dev".into(),
+            guests: Vec::new(),
         }
     }
 }
@@ -157,6 +187,20 @@ pub fn docker_host() -> Result<String> {
 }
 
 /// Deletes the kind cluster `name` if it exists.
+/// The test guest's directory (vmlinuz, initrd.img): `e2e/guest/build.sh`, cached by
+/// content.
+pub fn build_guest() -> Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let mut cmd = Command::new("bash");
+    cmd.arg(&path).stdin(Stdio::null()).stderr(Stdio::inherit());
+    let out = run(cmd, path.display().to_string())?;
+    out.lines()
+        .last()
+        .map(|l| PathBuf::from(l.trim()))
+        .filter(|p| p.join("vmlinuz").is_file())
+        .ok_or_else(|| KindError::Harness(format!("{} printed no guest directory", path.display())))
+}
+
 pub fn delete_cluster(name: &str) -> Result<()> {
     let host = docker_host()?;
     script("kind.sh", &["delete", name], Some(&host)).map(|_| ())
@@ -223,6 +267,31 @@ impl Kind {
                 "topology.kubernetes.io/zone=zone-a",
                 "--overwrite",
             ])?;
+        }
+        let qemu_nodes: Vec<(&String, GuestKind)> = kind
+            .nodes
+            .iter()
+            .zip(opts.guests.iter().copied())
+            .filter(|(_, g)| *g != GuestKind::StandIn)
+            .collect();
+        if !qemu_nodes.is_empty() {
+            let t = Instant::now();
+            let guest = build_guest()?;
+            for (node, g) in &qemu_nodes {
+                kind.kubectl_ok(&[
+                    "label",
+                    "node",
+                    node,
+                    &format!("{SIM_GUESTS_LABEL}={}", g.label_value()),
+                    "--overwrite",
+                ])?;
+                kind.node_exec(node, &["mkdir", "-p", ARTIFACTS_DIR])?;
+                for f in ["vmlinuz", "initrd.img"] {
+                    let from = guest.join(f).display().to_string();
+                    kind.docker(&["cp", &from, &format!("{node}:{ARTIFACTS_DIR}/{f}")])?;
+                }
+            }
+            step("test guest (built or cached) on the QEMU nodes", t);
         }
         let t = Instant::now();
         kind.load(&images.iter().map(String::as_str).collect::<Vec<_>>())?;

@@ -55,6 +55,13 @@ launcher_root() { # dir
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
+  # Debian builds TCG's accelerator as a module (accel-tcg-x86_64.so): hosts without KVM
+  # (the test nodes) need it.
+  local mods=/usr/lib/x86_64-linux-gnu/qemu
+  if [ -d "$mods" ]; then
+    mkdir -p "$root$mods"
+    cp -L "$mods"/accel-*.so "$root$mods/" 2>/dev/null || true
+  fi
   for f in kvmvapic.bin linuxboot.bin linuxboot_dma.bin multiboot.bin multiboot_dma.bin pvh.bin; do
     [ -e "/usr/share/qemu/$f" ] && cp -L "/usr/share/qemu/$f" "$root/usr/share/qemu/"
   done

@@ -66,6 +66,9 @@ enum Command {
     /// Stop a CVM's guest, wait until it is stopped, and start a new one.
     #[command(after_help = power::RESTART_EXAMPLES)]
     Restart(power::RestartArgs),
+    /// Attach to a CVM's serial console (in its launcher pod, through kubectl exec).
+    #[command(after_help = crate::console::EXAMPLES)]
+    Console(crate::console::ConsoleArgs),
     /// Work with attestation evidence files.
     Evidence {
         #[command(subcommand)]
@@ -124,6 +127,7 @@ where
         Command::Start(a) => power::run_start(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Stop(a) => power::run_stop(&cli.kube, &a).map_err(|e| e.to_string()),
         Command::Restart(a) => power::run_restart(&cli.kube, &a).map_err(|e| e.to_string()),
+        Command::Console(a) => crate::console::run(&cli.kube, &a),
         Command::Evidence {
             command: EvidenceCommand::Verify(a),
         } => evidence::run(&a)

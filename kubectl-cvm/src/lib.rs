@@ -8,6 +8,7 @@
 pub mod attest;
 pub mod cli;
 pub mod cluster;
+pub mod console;
 pub mod evidence;
 pub mod measure;
 pub mod measure_cmd;

@@ -429,15 +429,22 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn simulated_measurement_matches_the_examples_expected_value() {
-    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/sev-snp-cvm.yaml");
-    let o = run(&["measure", "--simulated", "--cvm", s(&example)]);
-    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
-    let text = std::fs::read_to_string(&example).unwrap();
-    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let want = v["spec"]["attestation"]["expectedMeasurements"][0]
-        .as_str()
-        .unwrap();
-    assert_eq!(out(&o), want);
+    for file in [
+        "examples/sev-snp-cvm.yaml",
+        "e2e/guest/plain-guest-cvm.yaml",
+    ] {
+        let example = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(file);
+        let o = run(&["measure", "--simulated", "--cvm", s(&example)]);
+        assert_eq!(o.status.code(), Some(0), "{file}: {}", err(&o));
+        let text = std::fs::read_to_string(&example).unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+        let want = v["spec"]["attestation"]["expectedMeasurements"][0]
+            .as_str()
+            .unwrap();
+        assert_eq!(out(&o), want, "{file}");
+    }
 }
 
 #[test]
@@ -448,6 +455,7 @@ fn every_subcommand_has_help_with_an_example() {
         vec!["attest", "--help"],
         vec!["report", "--help"],
         vec!["status", "--help"],
+        vec!["console", "--help"],
         vec!["evidence", "verify", "--help"],
     ] {
         let o = run(&sub);

@@ -488,13 +488,26 @@ pub async fn console(dir: &Path) -> Result<(), LauncherError> {
     };
     let stream = connect(&path).await.map_err(io)?;
     let (mut r, mut w) = stream.into_split();
+    let out = async move {
+        let mut stdout = tokio::io::stdout();
+        tokio::io::copy(&mut r, &mut stdout).await
+    };
+    tokio::pin!(out);
     let mut stdin = tokio::io::stdin();
-    let mut stdout = tokio::io::stdout();
     tokio::select! {
-        res = tokio::io::copy(&mut r, &mut stdout) => res.map(|_| ()).map_err(io),
-        res = tokio::io::copy(&mut stdin, &mut w) => res.map(|_| ()).map_err(io),
+        res = &mut out => res.map(|_| ()).map_err(io),
+        res = tokio::io::copy(&mut stdin, &mut w) => {
+            res.map_err(io)?;
+            // Input ended (a pipe): QEMU drops what its serial port has not taken yet
+            // when the client leaves, so the guest gets a moment to read it and answer.
+            let _ = tokio::time::timeout(CONSOLE_LINGER, &mut out).await;
+            Ok(())
+        }
     }
 }
+
+/// How long `console` keeps the connection after its input ended.
+const CONSOLE_LINGER: Duration = Duration::from_secs(3);
 
 /// The plugin's side of one launcher: its socket directory on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]

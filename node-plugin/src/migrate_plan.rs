@@ -383,6 +383,7 @@ mod tests {
             halted: false,
             launcher_down: false,
             launcher_dir: None,
+            relaunch_held: false,
             restart: Restart::Always,
             wanted: wanted.clone(),
             reported: plan::Reported {

@@ -56,6 +56,9 @@ pub struct BoundCvm {
     pub launcher_down: bool,
     /// Its running launcher's socket directory on the host (the guest is launched there).
     pub launcher_dir: Option<std::path::PathBuf>,
+    /// Its last launches failed and the back-off since the latest has not passed
+    /// ([`relaunch_backoff`]): no relaunch now.
+    pub relaunch_held: bool,
     /// When a guest that ended on its own is started again (from `spec.runStrategy`).
     pub restart: Restart,
     pub wanted: EvidenceKey,
@@ -89,6 +92,7 @@ impl BoundCvm {
             halted: cvm.spec.run_strategy == RunStrategy::Halted,
             launcher_down: false,
             launcher_dir: None,
+            relaunch_held: false,
             restart: Restart::of(cvm.spec.run_strategy),
             wanted: EvidenceKey {
                 nonce: cvm.nonce().map(str::to_string),
@@ -228,6 +232,17 @@ impl Action {
     }
 }
 
+/// How long a guest whose last `failures` launches failed in a row waits before the next:
+/// `base` (the resync interval) doubled per further failure, at most 10 minutes, so a
+/// guest that cannot boot is not relaunched in a tight loop.
+pub fn relaunch_backoff(failures: u32, base: std::time::Duration) -> std::time::Duration {
+    let cap = std::time::Duration::from_secs(600);
+    let doublings = failures.saturating_sub(1).min(16);
+    base.saturating_mul(1 << doublings)
+        .min(cap)
+        .max(base.min(cap))
+}
+
 /// What one bound CVM needs, given the guest held for it (if any) and the evidence key
 /// its latest evidence answered. `None`: nothing to do.
 pub fn decide(
@@ -268,7 +283,7 @@ pub fn decide(
         // A launch that failed is retried only when the caller says so (on a timer), so
         // that the failure's own status write does not trigger the next attempt.
         let failed = cvm.reported.guest_state == Some(GuestState::Failed);
-        let retry = retry_failed && cvm.restart != Restart::Never;
+        let retry = retry_failed && !cvm.relaunch_held && cvm.restart != Restart::Never;
         return (!failed || retry).then_some(Action::Launch);
     };
     match held.state {
@@ -284,7 +299,8 @@ pub fn decide(
             if cvm.reported.guest_state != Some(GuestState::Failed) {
                 Some(Action::ReportFailed)
             } else {
-                (retry_failed && cvm.restart != Restart::Never).then_some(Action::Relaunch)
+                (retry_failed && !cvm.relaunch_held && cvm.restart != Restart::Never)
+                    .then_some(Action::Relaunch)
             }
         }
         GuestState::Running => {
@@ -338,6 +354,38 @@ pub fn plan(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn relaunches_back_off_exponentially_up_to_ten_minutes() {
+        let base = Duration::from_secs(30);
+        let waits: Vec<u64> = (1..=7)
+            .map(|n| relaunch_backoff(n, base).as_secs())
+            .collect();
+        assert_eq!(waits, vec![30, 60, 120, 240, 480, 600, 600]);
+        assert_eq!(relaunch_backoff(u32::MAX, base).as_secs(), 600);
+    }
+
+    #[test]
+    fn a_held_back_failed_guest_is_not_relaunched_even_on_the_timer() {
+        let mut cvm = cvm("u");
+        cvm.reported.guest_state = Some(GuestState::Failed);
+        let failed = HeldGuest {
+            uid: "u".into(),
+            namespace: "ns".into(),
+            name: "u".into(),
+            state: GuestState::Failed,
+        };
+        assert_eq!(
+            decide(&cvm, Some(&failed), None, true),
+            Some(Action::Relaunch)
+        );
+        assert_eq!(decide(&cvm, None, None, true), Some(Action::Launch));
+        cvm.relaunch_held = true;
+        assert_eq!(decide(&cvm, Some(&failed), None, true), None);
+        assert_eq!(decide(&cvm, None, None, true), None);
+    }
+
     use super::*;
 
     fn key(nonce: Option<&str>, reattest: Option<&str>) -> EvidenceKey {
@@ -484,6 +532,7 @@ mod tests {
             halted: false,
             launcher_down: false,
             launcher_dir: None,
+            relaunch_held: false,
             restart: Restart::Always,
             wanted: key(Some("aa"), None),
             reported: Reported::default(),

@@ -116,6 +116,9 @@ pub struct NodePlugin<P: Platform> {
     opts: Options,
     metrics: Metrics,
     answered: Mutex<BTreeMap<String, EvidenceKey>>,
+    /// Launches that failed in a row per CVM UID, and when the latest did: the relaunch
+    /// back-off ([`plan::relaunch_backoff`]). In memory: a plugin restart retries at once.
+    failures: Mutex<BTreeMap<String, (u32, Instant)>>,
 }
 
 /// The socket directory of the CVM's launcher, if its pod runs here and the launcher
@@ -158,6 +161,7 @@ impl<P: Platform> NodePlugin<P> {
             opts,
             metrics,
             answered: Mutex::new(answered),
+            failures: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -345,6 +349,14 @@ impl<P: Platform> NodePlugin<P> {
                 b.launcher_dir = up;
             }
         }
+        {
+            let failures = self.lock_failures();
+            for b in bound.iter_mut() {
+                if let Some((n, at)) = failures.get(&b.uid) {
+                    b.relaunch_held = at.elapsed() < plan::relaunch_backoff(*n, self.opts.resync);
+                }
+            }
+        }
         let answered = self.lock_answered().clone();
         let receiving = migrate_plan::receiving(node, &migrations, &held_plain);
         let owned = held
@@ -362,8 +374,14 @@ impl<P: Platform> NodePlugin<P> {
             .set(count(held.len() - owned));
         let actions = plan::plan(&held_plain, &bound, &answered, retry_failed, &receiving);
         let guests: BTreeMap<&str, &GuestInfo> = held.iter().map(|g| (g.uid.as_str(), g)).collect();
+        // The views with what this pass learnt (the launcher's directory): a launch goes
+        // to the pod the plan saw running.
+        let seen: BTreeMap<&str, &BoundCvm> = bound.iter().map(|b| (b.uid.as_str(), b)).collect();
         let runs = actions.into_iter().map(|(uid, action)| {
-            let cvm = by_uid.get(&uid).map(|(c, b)| (c.clone(), b.clone()));
+            let cvm = by_uid.get(&uid).map(|(c, b)| {
+                let b = seen.get(uid.as_str()).map_or_else(|| b.clone(), |s| (*s).clone());
+                (c.clone(), b)
+            });
             let guest = guests.get(uid.as_str()).map(|g| (*g).clone());
             async move {
                 let who = cvm
@@ -418,6 +436,11 @@ impl<P: Platform> NodePlugin<P> {
     fn lock_answered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, EvidenceKey>> {
         // Each update is one insert or remove: a poisoned lock holds consistent data.
         self.answered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_failures(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (u32, Instant)>> {
+        // Each update is one insert or remove: a poisoned lock holds consistent data.
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn record_answered(&self, uid: &str, key: Option<EvidenceKey>) -> Result<(), ActionError> {
@@ -533,7 +556,24 @@ impl<P: Platform> NodePlugin<P> {
                 info!(cvm = %bound.key, node = %self.opts.node, phase = "adopt", migration, "adopting the guest received by live migration: reporting this node's evidence, bound to the migration");
             }
         }
-        let raw = self.platform.evidence(&bound.uid, &challenge).await?;
+        let raw = match self.platform.evidence(&bound.uid, &challenge).await {
+            Ok(r) => r,
+            // The guest's own failures are the owner's to read in its conditions: a QEMU
+            // that ended (the guest failed), an agent that does not answer.
+            Err(e @ PlatformError::Qemu { .. }) => {
+                self.report_failed(cvm, e.reason(), e.to_string()).await?;
+                return Err(e.into());
+            }
+            Err(e @ PlatformError::AgentSilent(_)) => {
+                let caps = self.platform.capabilities();
+                let facts = status::facts(&caps, guest, GuestState::Running, None);
+                let cond = status::launched_condition(cvm, false, e.reason(), e.to_string(), now());
+                self.write_status(cvm, &status::apply_patch(&facts, None, &cond))
+                    .await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let ev = wire::encode(&raw, &challenge, now());
         let caps = self.platform.capabilities();
         let facts = status::facts(&caps, guest, GuestState::Running, None);
@@ -551,6 +591,7 @@ impl<P: Platform> NodePlugin<P> {
         self.write_status(cvm, &status::apply_patch(&facts, Some(&ev), &cond))
             .await?;
         self.metrics.evidence_issued.inc();
+        self.lock_failures().remove(&bound.uid);
         self.record_answered(&bound.uid, Some(bound.wanted.clone()))
     }
 
@@ -584,6 +625,13 @@ impl<P: Platform> NodePlugin<P> {
         reason: &str,
         message: String,
     ) -> Result<(), ActionError> {
+        if let Some(uid) = &cvm.metadata.uid {
+            let mut f = self.lock_failures();
+            let n = f.get(uid).map_or(0, |(n, _)| *n).saturating_add(1);
+            f.insert(uid.clone(), (n, Instant::now()));
+            let wait = plan::relaunch_backoff(n, self.opts.resync);
+            info!(cvm = %cvm.name_any(), node = %self.opts.node, phase = "backoff", failures = n, wait_secs = wait.as_secs(), "launch failed; the next attempt waits");
+        }
         let caps = self.platform.capabilities();
         let facts = status::facts_without_guest(&caps, GuestState::Failed, Some(message.clone()));
         let cond = status::launched_condition(cvm, false, reason, message, now());

@@ -968,3 +968,161 @@ async fn an_unbootable_guest_ends_its_launch_with_the_console_s_words() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test]
+async fn a_silent_guest_and_a_port_clash_are_named_with_the_guest_s_and_qemu_s_words() {
+    let Some(guest) = test_guest() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pod = Pod::start("ns/silent").await;
+    let mut p = sim_host(dir.path(), &guest, &pod, false);
+    // A guest whose init runs no agent: it boots and stays silent.
+    let mut q = cvm_node_plugin::sim::QemuGuests::new(&guest);
+    q.binary = qemu().unwrap();
+    q.dir_in_pod = pod.in_pod.clone();
+    q.agent_timeout = Duration::from_secs(10);
+    p = p.with_guests(cvm_node_plugin::sim::SimGuests::Qemu(q));
+    let uid = "abababab-0000-0000-0000-000000000007";
+    let req = GuestRequest {
+        cmdline: Some("console=ttyS0 panic=-1 rdinit=/bin/busybox sleep 3600".into()),
+        ..guest_request(uid, "silent", &pod)
+    };
+    p.launch(&req).await.unwrap();
+    let client = cvm_node_plugin::launcher::LauncherClient::new(&pod.dir);
+    let _guard = KillOnDrop(vec![client.status().await.unwrap().pid.unwrap()]);
+    let c = challenge_for(None, uid, None).unwrap();
+    let e = p.evidence(uid, &c).await.unwrap_err();
+    assert_eq!(e.reason(), "GuestAgentSilent", "{e}");
+    let m = e.to_string();
+    assert!(
+        m.contains("did not answer") && m.contains("within 10s"),
+        "{m}"
+    );
+    assert!(m.contains("the console's last lines"), "{m}");
+    p.stop(uid).await.unwrap();
+
+    // A guest port another process holds: QEMU refuses to start, in its own words.
+    let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let pod2 = Pod::start("ns/clash").await;
+    let p2 = sim_host(dir.path().join("2").as_path(), &guest, &pod2, false);
+    let uid2 = "abababab-0000-0000-0000-000000000008";
+    let req2 = GuestRequest {
+        ports: vec![(cvm_crds::cvm::PortProtocol::Tcp, port)],
+        ..guest_request(uid2, "clash", &pod2)
+    };
+    p2.launch(&req2).await.unwrap();
+    let e = p2.evidence(uid2, &c).await.unwrap_err();
+    assert_eq!(e.reason(), "QemuExited", "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("hostfwd=tcp::{port}-:{port}")),
+        "{e}"
+    );
+    drop(held);
+}
+
+// ---- the QEMU that knows SEV-SNP ----
+
+/// bookworm-backports' QEMU 10.0 (e2e/tools/qemu-backports.sh), unpacked in the cache.
+fn backports_qemu() -> Option<PathBuf> {
+    qemu()?;
+    let out = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../e2e/tools/qemu-backports.sh"
+        ))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running e2e/tools/qemu-backports.sh");
+    assert!(out.status.success(), "e2e/tools/qemu-backports.sh failed");
+    let dir = String::from_utf8(out.stdout).unwrap();
+    Some(PathBuf::from(dir.trim().lines().last().unwrap()).join("qemu-system-x86_64"))
+}
+
+/// Our SEV-SNP command line (with the devices a launcher pod's guest gets), as QEMU runs it.
+fn snp_command_line(dir: &Path) -> Vec<String> {
+    use cvm_host::qemu::{command_line, GuestDevices, QemuGuestSpec};
+    for f in ["ovmf-snp.fd", "vmlinuz", "initrd.img"] {
+        std::fs::write(dir.join(f), [0u8; 4096]).unwrap();
+    }
+    let spec = QemuGuestSpec {
+        name: "ns/snp".into(),
+        tee: TeeType::SevSnp,
+        vcpus: 1,
+        memory_mib: 256,
+        cpu_model: None,
+        firmware: dir.join("ovmf-snp.fd"),
+        kernel: Some(dir.join("vmlinuz")),
+        initrd: Some(dir.join("initrd.img")),
+        cmdline: Some("console=ttyS0".into()),
+        policy: 0x30000,
+        host_data: Some(vec![0xab; 32]),
+        kernel_hashes: true,
+        quote_generation_socket: None,
+        qmp_socket: dir.join("qmp.sock"),
+    };
+    let caps = HostCaps {
+        cbitpos: Some(51),
+        reduced_phys_bits: Some(1),
+    };
+    let mut args = command_line(&spec, &caps).unwrap();
+    let devices = GuestDevices {
+        ports: vec![(cvm_crds::cvm::PortProtocol::Tcp, 8080)],
+        console_socket: Some(dir.join("console.sock")),
+        console_log: None,
+        agent_socket: Some(dir.join("agent.sock")),
+        vsock_cid: None,
+        confidential: true,
+    };
+    args.extend(devices.args().unwrap());
+    args
+}
+
+fn qemu_stderr(bin: &Path, args: &[String]) -> String {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running QEMU");
+    assert!(!out.status.success(), "no KVM here: QEMU must stop");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn qemu_10_takes_our_sev_snp_command_line_and_stops_only_for_lack_of_kvm() {
+    let Some(bin) = backports_qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let args = snp_command_line(dir.path());
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains("version 10.0"));
+    let err = qemu_stderr(&bin, &args);
+    // Every option parsed (the sev-snp-guest object with host-data and kernel-hashes, the
+    // memfd backend, the virtio devices with iommu_platform): KVM is all it lacks.
+    assert!(
+        err.contains("-accel kvm") && err.contains("SEV-SNP not supported by KVM")
+            || err.contains("Could not access KVM kernel module"),
+        "{err}"
+    );
+    assert!(!err.contains("invalid object type"), "{err}");
+    assert!(
+        !err.contains("Property") && !err.contains("not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn debian_stable_s_qemu_is_told_too_old_for_sev_snp_in_words_that_say_so() {
+    let Some(bin) = qemu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let err = qemu_stderr(&bin, &snp_command_line(dir.path()));
+    assert!(err.contains("sev-snp-guest"), "{err}");
+    let e = cvm_host::qemu::QemuError::ExitedEarly {
+        status: "exit code 1".into(),
+        stderr: err.lines().map(String::from).collect(),
+    };
+    let words = cvm_node_plugin::qemu::explain(&e, TeeType::SevSnp);
+    assert!(words.contains("SEV-SNP needs QEMU 9.1 or newer"), "{words}");
+}

@@ -36,16 +36,7 @@ pub struct LauncherOptions {
     pub memory_overhead_mib: u32,
 }
 
-/// The launcher pod's name: deterministic, so a CVM never has two (a create of an
-/// existing name fails instead).
-pub fn pod_name(cvm_name: &str) -> String {
-    const SUFFIX: &str = "-launcher";
-    // Pod names are DNS subdomains (253); CVM names fit with room for the suffix, but
-    // keep the result valid whatever the input.
-    let keep = 253 - SUFFIX.len();
-    let base: String = cvm_name.chars().take(keep).collect();
-    format!("{}{SUFFIX}", base.trim_end_matches(['-', '.']))
-}
+pub use cvm_crds::wellknown::launcher_pod_name as pod_name;
 
 /// The pod of `cvm` on `node`. `None` when the CVM lacks what an owner reference needs
 /// (its UID: never for an object read from the API server).

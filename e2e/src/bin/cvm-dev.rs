@@ -2,7 +2,8 @@
 //! per simulated TEE host, the chart installed with `helm install --wait` from images built
 //! here); with `--processes`, a real control plane with the components as local processes.
 //!
-//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx] [--no-examples] [--processes]
+//!   cvm-dev up [--dir DIR] [--nodes N] [--tee sev-snp,tdx] [--qemu-nodes N]
+//!              [--qemu-nodes-without-tee M] [--no-examples] [--processes]
 //!   cvm-dev down --dir DIR
 //!
 //! It is also the multi-call binary the local system runs: `cvm-dev operator …` is the
@@ -54,6 +55,16 @@ enum Cmd {
         /// no kubelet: seconds to start) instead of a kind cluster.
         #[arg(long)]
         processes: bool,
+        /// N more kind nodes (SEV-SNP) whose launcher pods boot real QEMU guests (TCG, the
+        /// test guest of e2e/guest) with simulated TEE evidence: all real but the TEE.
+        /// Node label sim.cvmp.io/guests=qemu; e2e/guest/plain-guest-cvm.yaml runs there.
+        #[arg(long, default_value_t = 0, conflicts_with = "processes")]
+        qemu_nodes: usize,
+        /// TEST ONLY: M more kind nodes that launch plain QEMU guests without any TEE and
+        /// report only what the guest agent says, standing in for a host that lies or is
+        /// misconfigured (label sim.cvmp.io/guests=test-only-qemu-without-tee).
+        #[arg(long, default_value_t = 0, conflicts_with = "processes")]
+        qemu_nodes_without_tee: usize,
     },
     /// Stop a `cvm-dev up` started elsewhere with the same --dir.
     Down {
@@ -99,8 +110,16 @@ fn main() -> ExitCode {
             tee,
             no_examples,
             processes: false,
+            qemu_nodes,
+            qemu_nodes_without_tee,
             ..
-        } => up_kind(dir, nodes, tee, !no_examples),
+        } => up_kind(
+            dir,
+            nodes,
+            tee,
+            (qemu_nodes, qemu_nodes_without_tee),
+            !no_examples,
+        ),
         Cmd::Up {
             dir,
             nodes,
@@ -196,8 +215,14 @@ fn up(
 }
 
 /// `cvm-dev up`: the fleet as kind nodes, the chart installed from local images.
-fn up_kind(dir: PathBuf, count: usize, tees: Vec<Tee>, examples: bool) -> Result<(), String> {
-    use cvm_e2e::kind::{Kind, KindOptions};
+fn up_kind(
+    dir: PathBuf,
+    count: usize,
+    tees: Vec<Tee>,
+    (qemu, without_tee): (usize, usize),
+    examples: bool,
+) -> Result<(), String> {
+    use cvm_e2e::kind::{GuestKind, Kind, KindOptions};
     cvm_e2e::kind::available()?;
     claim_dir(&dir)?;
     let dir = dir
@@ -212,6 +237,14 @@ fn up_kind(dir: PathBuf, count: usize, tees: Vec<Tee>, examples: bool) -> Result
         return Err("--nodes and --tee must name at least one node and one TEE".into());
     }
     opts.fleet = (0..count).map(|i| vec![tees[i % tees.len()]]).collect();
+    // The QEMU nodes come after the simulated ones, all SEV-SNP (what the test guest's CVM
+    // asks for).
+    opts.guests = std::iter::repeat_n(GuestKind::StandIn, count)
+        .chain(std::iter::repeat_n(GuestKind::Qemu, qemu))
+        .chain(std::iter::repeat_n(GuestKind::QemuWithoutTee, without_tee))
+        .collect();
+    opts.fleet
+        .extend(std::iter::repeat_n(vec![Tee::SevSnp], qemu + without_tee));
     let kind = Kind::up(&opts).map_err(|e| e.to_string())?;
     std::fs::write(pid_file(&dir), std::process::id().to_string())
         .map_err(|e| format!("writing {}: {e}", pid_file(&dir).display()))?;
@@ -221,6 +254,11 @@ fn up_kind(dir: PathBuf, count: usize, tees: Vec<Tee>, examples: bool) -> Result
     if examples {
         if let Err(e) = demo(&kind) {
             eprintln!("cvm-dev: {e}; the cluster keeps running");
+        }
+        if qemu > 0 {
+            if let Err(e) = demo_guest(&kind) {
+                eprintln!("cvm-dev: {e}; the cluster keeps running");
+            }
         }
     }
     let signals = Signals::install()?;
@@ -318,6 +356,21 @@ fn demo(sys: &impl cvm_e2e::demo::KubectlCmd) -> Result<(), String> {
     eprint!(
         "{}",
         cvm_e2e::demo::kubectl(sys, &["get", "cvm", "-o", "wide"])?
+    );
+    Ok(())
+}
+
+/// The test guest's CVM on a QEMU node: apply e2e/guest/plain-guest-cvm.yaml and wait
+/// for its verdict.
+fn demo_guest(sys: &impl cvm_e2e::demo::KubectlCmd) -> Result<(), String> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/plain-guest-cvm.yaml");
+    cvm_e2e::demo::kubectl(sys, &["apply", "-f", &file.display().to_string()])?;
+    eprintln!("cvm-dev: applied e2e/guest/plain-guest-cvm.yaml; waiting for its real guest to boot and be Verified");
+    let t0 = Instant::now();
+    cvm_e2e::demo::wait_verified(sys, &["plain-guest".to_string()], 240)?;
+    eprintln!(
+        "cvm-dev: plain-guest Verified in {:.1} s (`kubectl logs plain-guest-launcher` shows its boot)",
+        t0.elapsed().as_secs_f64()
     );
     Ok(())
 }

@@ -81,6 +81,13 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     tracing_subscriber::fmt().json().init();
+    // QEMU makes its console and agent sockets in the pod's directory as this user; the
+    // node plugin reaches them from the host as root without CAP_DAC_OVERRIDE, so they
+    // must be writable by others (only the pod and the host's root see the directory).
+    // SAFETY: umask(2) only sets this process's file mode mask.
+    unsafe {
+        libc::umask(0);
+    }
     let result = rt.block_on(async {
         let health = match health_port {
             Some(p) => match tokio::net::TcpListener::bind(("0.0.0.0", p)).await {

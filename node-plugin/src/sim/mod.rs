@@ -646,7 +646,26 @@ impl Platform for SimPlatform {
         let agent = match (self.qemu_guests(), &g.launcher) {
             (Some(q), Some(dir)) if matches!(g.info.tee, TeeType::SevSnp | TeeType::Tdx) => {
                 let who = format!("{}/{}", g.info.namespace, g.info.name);
-                match guest::ask_agent(q, dir, &who, &challenge.binding).await {
+                // The agent is waited for as long as its guest runs: a QEMU that exits
+                // (a kernel that cannot boot, a port it cannot forward) ends the wait.
+                let ended = async {
+                    let client = crate::launcher::LauncherClient::new(dir);
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                        if let Ok(p) = client.status().await {
+                            if crate::launcher::ended(&p, &g.info.launch_id).is_some() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let asked = tokio::select! {
+                    r = guest::ask_agent(q, dir, &who, &challenge.binding) => r,
+                    () = ended => Err(PlatformError::AgentSilent(format!(
+                        "the guest of {who} ended before its agent answered"
+                    ))),
+                };
+                match asked {
                     Ok(a) => Some(a),
                     Err(e) => return Err(self.agent_failure(&g, dir, e).await),
                 }

@@ -142,7 +142,9 @@ pub fn plain_command_line(
     };
     push("-name", format!("guest={}", opt_value(&g.name)));
     push("-machine", "q35".into());
-    push("-accel", "tcg".into());
+    // A bounded translation cache: TCG's default (1 GiB) would count against the launcher
+    // pod's memory limit as it fills.
+    push("-accel", "tcg,tb-size=64".into());
     // QEMU 7.2's TCG corrupts Linux 6.12's slab allocator through cmpxchg16b; without cx16
     // the kernel does not use it.
     push("-cpu", "max,cx16=off".into());
@@ -237,7 +239,7 @@ mod tests {
         };
         let args = plain_command_line(&g, &GuestDevices::default()).unwrap();
         let a = joined(&args);
-        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=64"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
         assert!(!a.contains("confidential-guest-support"), "{a}");
         // It runs at once: no launch measurement to read before.
