@@ -23,7 +23,11 @@ agent="$repo/target/$target/release/cvm-agent"
 
 key="$( { echo "$KERNEL_VERSION $KERNEL_PKG_VERSION"; sha256sum "$here/init" "$here/build.sh" /bin/busybox "$agent" | cut -d' ' -f1; } | sha256sum | cut -c1-12)"
 out="$cache/guest-$KERNEL_VERSION-$key"
-if [ -s "$out/initrd.img" ] && [ -s "$out/vmlinuz" ]; then
+# Tests build it from parallel threads: one builds, the others wait and reuse.
+mkdir -p "$cache"
+exec 9>"$cache/guest.lock"
+flock 9
+if [ -s "$out/initrd.img" ] && [ -s "$out/vmlinuz" ] && [ -s "$out/rootdisk.img" ]; then
   echo "$out"
   exit 0
 fi
@@ -62,6 +66,11 @@ done
 mkdir -p "$out.tmp"
 (cd "$root" && find . | sort | busybox cpio -o -H newc 2>/dev/null) | gzip -9 > "$out.tmp/initrd.img"
 cp "$work/kernel/boot/vmlinuz-$KERNEL_VERSION" "$out.tmp/vmlinuz"
+# The small writable root disk later work attaches (the guest serves its /content at
+# /data): ext4, made from a directory, no mount and no root needed.
+mkdir -p "$work/disk"
+echo "cvm test guest data" > "$work/disk/content"
+mkfs.ext4 -q -F -L cvm-data -d "$work/disk" "$out.tmp/rootdisk.img" 16M
 rm -rf "$out" && mv "$out.tmp" "$out"
 log "built $out ($(du -sh "$out" | cut -f1))"
 echo "$out"

@@ -291,6 +291,20 @@ impl Kind {
                     kind.docker(&["cp", &from, &format!("{node}:{ARTIFACTS_DIR}/{f}")])?;
                 }
             }
+            // Its containerDisk image too, as a registry would serve it to the nodes.
+            let image = run(
+                {
+                    let mut c = Command::new("bash");
+                    c.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/image.sh"))
+                        .arg(&guest)
+                        .env("DOCKER_HOST", &kind.docker_host)
+                        .stdin(Stdio::null())
+                        .stderr(Stdio::inherit());
+                    c
+                },
+                "e2e/guest/image.sh".into(),
+            )?;
+            kind.load(&[image.trim()])?;
             step("test guest (built or cached) on the QEMU nodes", t);
         }
         let t = Instant::now();

@@ -26,6 +26,7 @@ deps=(
   "/bin/busybox busybox-static"
   "lua5.1 lua5.1"
   "xz xz-utils"
+  "/usr/sbin/mkfs.ext4 e2fsprogs"
 )
 
 have() {

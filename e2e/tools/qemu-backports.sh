@@ -13,6 +13,9 @@ cache="${CVM_TOOLS_CACHE:-$HOME/.cache/cvm-operator}"
 key="$(echo "$VERSION $(sha256sum "$0" | cut -c1-12)" | sha256sum | cut -c1-12)"
 out="$cache/qemu-backports-$key"
 log() { echo "qemu-backports: $*" >&2; }
+mkdir -p "$cache"
+exec 9>"$cache/qemu-backports.lock"
+flock 9
 if [ -x "$out/qemu-system-x86_64" ]; then
   echo "$out"
   exit 0
