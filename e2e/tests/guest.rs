@@ -158,7 +158,7 @@ fn the_test_guest_boots_serves_its_boot_id_and_finds_no_tee() {
             "{tsm}"
         );
         if let Some(stdin) = g.child.stdin.as_mut() {
-            let _ = stdin.write_all(b"poweroff\n");
+            let _ = stdin.write_all(b"poweroff -f\n");
         }
         ids.push(id);
     }

@@ -498,8 +498,7 @@ async fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let guests = sim_guests(&cli, &client, &node_name).await?;
             if guests != crate::sim::SimGuests::StandIn && cli.launcher_pods_dir.is_none() {
                 anyhow::bail!(
-                    "QEMU guests run in launcher pods: --sim-guests {:?} needs --launcher-pods-dir",
-                    cli.sim_guests
+                    "this node's QEMU guests run in launcher pods: give --launcher-pods-dir (kubelet's pod directory), or --sim-guests stand-in"
                 );
             }
             let platform =

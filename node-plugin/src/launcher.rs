@@ -451,6 +451,8 @@ pub async fn serve(
 async fn serve_health(listener: tokio::net::TcpListener, shared: Shared) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let shared = shared.clone();
