@@ -373,6 +373,7 @@ pub struct BootSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.name) != has(self.url)").message("set exactly one of name (an artifact the node plugin provides) or url"))]
 #[x_kube(validation = Rule::new("!has(self.url) || has(self.sha256)").field_path(".sha256").message("sha256 is required with url: the content must be pinned so the measurement is the one you expect"))]
+#[x_kube(validation = Rule::new("!has(self.url) || !self.url.startsWith('oci://') || self.url.matches('^oci://[^#]+#/[^#]*[^#/]$')").field_path(".url").message("an oci:// url names the image and the file in it: oci://IMAGE#/PATH, e.g. oci://example.com/guests/debian:13#/boot/vmlinuz"))]
 pub struct ArtifactRef {
     /// Name of an artifact in the node plugin's catalog, e.g. `ovmf-snp` or `tdvf`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -381,7 +382,11 @@ pub struct ArtifactRef {
         regex(pattern = "^[a-z0-9]([-a-z0-9._]*[a-z0-9])?$")
     )]
     pub name: Option<String>,
-    /// `https://` or `oci://` location of the artifact; requires `sha256`.
+    /// Where the artifact comes from; requires `sha256`. `oci://IMAGE#/PATH` is the file
+    /// PATH in the container image IMAGE (as KubeVirt's kernel boot and containerDisk
+    /// images carry them): the launcher pod copies it out of the image before the guest
+    /// starts, and the node plugin checks its digest. An `https://` URL names a file the
+    /// node's artifact directory holds by its last path segment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 2048), regex(pattern = "^(https|oci)://[^\\s]+$"))]
     pub url: Option<String>,
@@ -390,6 +395,22 @@ pub struct ArtifactRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 64, max = 64), regex(pattern = HEX_PATTERN))]
     pub sha256: Option<String>,
+}
+
+impl ArtifactRef {
+    /// `(IMAGE, PATH)` of an `oci://IMAGE#/PATH` url: the file PATH in container image
+    /// IMAGE. `None` for other artifacts and for an oci url without a path (which the
+    /// CRD refuses).
+    pub fn image_file(&self) -> Option<(&str, &str)> {
+        let rest = self.url.as_deref()?.strip_prefix("oci://")?;
+        let (image, path) = rest.split_once('#')?;
+        (!image.is_empty()
+            && !path.contains('#')
+            && path.starts_with('/')
+            && path.len() > 1
+            && !path.ends_with('/'))
+        .then_some((image, path))
+    }
 }
 
 /// A disk attached to the guest.

@@ -252,6 +252,13 @@ impl Errors {
                         .into(),
                 });
             }
+            if url.starts_with("oci://") && a.image_file().is_none() {
+                self.push(ValidationError::Invalid {
+                    field: format!("{field}.url"),
+                    value: url.clone(),
+                    reason: "an oci:// url names the image and the file in it: oci://IMAGE#/PATH, e.g. oci://example.com/guests/debian:13#/boot/vmlinuz".into(),
+                });
+            }
             if a.sha256.is_none() {
                 self.push(ValidationError::Requires {
                     field: format!("{field}.url"),

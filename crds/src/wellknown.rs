@@ -51,6 +51,12 @@ pub const LAUNCHER_SOCKET_VOLUME: &str = "launcher";
 /// both reach.
 pub const LAUNCHER_DIR: &str = "/var/run/cvm-launcher";
 
+/// The directory in the launcher's emptyDir where the pod's init containers put the boot
+/// artifacts they copy out of container images (`oci://IMAGE#/PATH`), one file per
+/// artifact named by what it is (`firmware`, `kernel`, `initrd`); the node plugin checks
+/// their digests there.
+pub const LAUNCHER_IMAGE_ARTIFACTS: &str = "image-artifacts";
+
 /// The `Launched=False` reason a node plugin gives when a guest stopped because its
 /// launcher pod went away (deleted, evicted, drained): the operator does not replace the
 /// pod of a `runStrategy: Manual` CVM that stopped so.

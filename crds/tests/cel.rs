@@ -112,6 +112,17 @@ fn malformed_manifests_are_refused_with_the_field_named() {
             "sha256 is required with url",
         ),
         (
+            "oci url without the file in the image",
+            |o| {
+                set(
+                    o,
+                    "/spec/boot/kernel/url",
+                    json!("oci://example.com/guests/debian:13"),
+                )
+            },
+            "oci://IMAGE#/PATH",
+        ),
+        (
             "disk with two sources",
             |o| set(o, "/spec/disks/0/image", json!({"name": "img"})),
             "exactly one of image or persistentVolumeClaim",

@@ -105,6 +105,8 @@ pub struct Kind {
     pub nodes: Vec<String>,
     /// What each step took, in order: what `cvm-dev up` prints.
     pub timings: Vec<(String, Duration)>,
+    /// The test guest's image (`e2e/guest/image.sh`) loaded into the QEMU nodes, if any.
+    pub guest_image: Option<String>,
 }
 
 fn tools_dir() -> PathBuf {
@@ -254,6 +256,7 @@ impl Kind {
             image_tag: opts.image_tag.clone(),
             nodes: node_names(&opts.name, opts.fleet.len().max(1)),
             timings: Vec::new(),
+            guest_image: None,
         };
         // Labels first: a simulated plugin reads its TEEs from its Node when it starts.
         for (node, tees) in kind.nodes.iter().zip(&opts.fleet) {
@@ -274,6 +277,7 @@ impl Kind {
             .zip(opts.guests.iter().copied())
             .filter(|(_, g)| *g != GuestKind::StandIn)
             .collect();
+        let mut guest_image = None;
         if !qemu_nodes.is_empty() {
             let t = Instant::now();
             let guest = build_guest()?;
@@ -305,6 +309,7 @@ impl Kind {
                 "e2e/guest/image.sh".into(),
             )?;
             kind.load(&[image.trim()])?;
+            guest_image = Some(image.trim().to_string());
             step("test guest (built or cached) on the QEMU nodes", t);
         }
         let t = Instant::now();
@@ -313,7 +318,11 @@ impl Kind {
         let t = Instant::now();
         kind.install_chart("install", &[])?;
         step("helm install --wait", t);
-        Ok(Kind { timings, ..kind })
+        Ok(Kind {
+            timings,
+            guest_image,
+            ..kind
+        })
     }
 
     /// `helm install|upgrade` of the chart with the simulated platform and this cluster's

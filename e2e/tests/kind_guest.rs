@@ -356,6 +356,83 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     k.kubectl_ok(&["delete", "cvm", "plain-warm", "--wait=true"])
         .expect("delete plain-warm");
 
+    // Boot artifacts out of a container image (the guest's containerDisk image on the
+    // nodes): the pod's init containers copy them, the plugin checks their digests.
+    let image = k
+        .guest_image
+        .clone()
+        .expect("the QEMU nodes have the guest's image");
+    let guest = cvm_e2e::kind::build_guest().expect("the test guest");
+    let from_image = |name: &str, initrd_sha: &str| {
+        let mut v: serde_json::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&cvm_file).unwrap()).unwrap();
+        v["metadata"]["name"] = name.into();
+        v["metadata"]["labels"]["app"] = name.into();
+        let kernel_sha = v["spec"]["boot"]["kernel"]["sha256"].clone();
+        v["spec"]["boot"]["kernel"] = serde_json::json!({"url": format!("oci://{image}#/disk/vmlinuz"), "sha256": kernel_sha});
+        v["spec"]["boot"]["initrd"] = serde_json::json!({"url": format!("oci://{image}#/disk/initrd.img"), "sha256": initrd_sha});
+        let spec: cvm_crds::cvm::ConfidentialVMSpec =
+            serde_json::from_value(v["spec"].clone()).unwrap();
+        v["spec"]["attestation"]["expectedMeasurements"] =
+            serde_json::json!([cvm_crds::sim_measurement::simulated_measurement(&spec)]);
+        let f = dir.path().join(format!("{name}.json"));
+        std::fs::write(&f, v.to_string()).unwrap();
+        k.kubectl_ok(&["apply", "-f", &f.display().to_string()])
+            .unwrap_or_else(|e| panic!("apply {name}: {e}"));
+    };
+    let initrd_sha = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(guest.join("initrd.img")).unwrap(),
+        ))
+    };
+    let bad_sha = "0".repeat(64);
+    from_image("plain-image", &initrd_sha);
+    from_image("plain-image-bad", &bad_sha);
+    until("plain-image Verified", 240, || {
+        let v = jsonpath(
+            k,
+            &["cvm", "plain-image"],
+            "{.status.conditions[?(@.type==\"Verified\")].status}",
+        );
+        (v == "True").then_some(()).ok_or(v)
+    });
+    let inits = jsonpath(
+        k,
+        &["pod", "plain-image-launcher"],
+        "{.spec.initContainers[*].name}",
+    );
+    assert_eq!(inits, "install-launcher boot-image-0");
+    // The wrong initrd digest refuses the launch, naming both digests.
+    let msg = until("plain-image-bad's launch refused", 240, || {
+        let m = jsonpath(
+            k,
+            &["cvm", "plain-image-bad"],
+            "{.status.conditions[?(@.type==\"Launched\")].message}",
+        );
+        m.contains(&bad_sha).then_some(m.clone()).ok_or(m)
+    });
+    assert!(
+        msg.contains(&initrd_sha) && msg.contains("/disk/initrd.img of image"),
+        "{msg}"
+    );
+    assert_ne!(
+        jsonpath(
+            k,
+            &["cvm", "plain-image-bad"],
+            "{.status.conditions[?(@.type==\"Verified\")].status}",
+        ),
+        "True"
+    );
+    k.kubectl_ok(&[
+        "delete",
+        "cvm",
+        "plain-image",
+        "plain-image-bad",
+        "--wait=true",
+    ])
+    .expect("delete the image CVMs");
+
     // The console reaches the guest: its init powers off when told so, and the pod stops
     // being Ready with it.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvm-dev"))

@@ -11,6 +11,7 @@
 //! To run plugins in-process (tests, `cvm-dev`), call [`spawn_sim_plugin`] once per node.
 
 pub mod agent;
+pub mod boot_image;
 pub mod cli;
 pub mod config;
 pub mod deviceplugin;

@@ -906,26 +906,48 @@ pub async fn stage_artifact(
     pod: Option<&Path>,
     dir_in_pod: &Path,
 ) -> Result<PathBuf, PlatformError> {
-    let path = artifact_path(dir, what, a).map_err(PlatformError::Launch)?;
-    let p = path.clone();
     let want = a.sha256.clone();
+    let (path, staged, stage_to) = match (a.image_file(), pod) {
+        // Copied out of its image by the pod's init container (boot_image): checked where
+        // it lies, and QEMU reads it there.
+        (Some(_), Some(pod)) => {
+            let name = Path::new(cvm_crds::wellknown::LAUNCHER_IMAGE_ARTIFACTS).join(what);
+            (pod.join(&name), Some(dir_in_pod.join(&name)), None)
+        }
+        (Some((image, file)), None) => {
+            return Err(PlatformError::Launch(format!(
+                "the {what} comes from image {image} ({file}), which only a launcher pod copies out: run this node's plugin with --launcher-pods-dir"
+            )))
+        }
+        (None, _) => (
+            artifact_path(dir, what, a).map_err(PlatformError::Launch)?,
+            pod.map(|_| dir_in_pod.join("artifacts").join(what)),
+            pod.map(|d| d.join("artifacts").join(what)),
+        ),
+    };
+    let p = path.clone();
+    let from_image = a.image_file().map(|(i, f)| format!("{f} of image {i}"));
     let what = what.to_string();
-    let staged = pod.map(|_| dir_in_pod.join("artifacts").join(&what));
-    let stage_to = pod.map(|d| d.join("artifacts").join(&what));
     // Hashing a kernel or initrd is disk and CPU work: keep it off the async workers.
     tokio::task::spawn_blocking(move || -> Result<(), PlatformError> {
         let bytes = std::fs::read(&p).map_err(|e| {
-            PlatformError::Launch(format!(
-                "{what} artifact {} is not readable ({e}): put it in --artifacts-dir",
-                p.display()
-            ))
+            PlatformError::Launch(match &from_image {
+                Some(src) => format!(
+                    "the {what} ({src}) is not in the launcher pod at {} ({e}): its boot-image init container did not copy it",
+                    p.display()
+                ),
+                None => format!(
+                    "{what} artifact {} is not readable ({e}): put it in --artifacts-dir",
+                    p.display()
+                ),
+            })
         })?;
         if let Some(want) = want {
             let got = hex::encode(Sha256::digest(&bytes));
             if !got.eq_ignore_ascii_case(&want) {
+                let src = from_image.unwrap_or_else(|| p.display().to_string());
                 return Err(PlatformError::Launch(format!(
-                    "{what} artifact {} has SHA-256 {got}, the spec asks for {want}",
-                    p.display()
+                    "{what} artifact {src} has SHA-256 {got}, the spec asks for {want}"
                 )));
             }
         }
@@ -1154,6 +1176,101 @@ mod tests {
             assert!(e.contains("give the artifact a name"), "{bad}: {e}");
         }
         assert!(artifact_path(d, "firmware", &art(None, None)).is_err());
+    }
+
+    fn pinned(name: Option<&str>, url: Option<&str>, sha: &str) -> ArtifactRef {
+        serde_json::from_value(serde_json::json!({"name": name, "url": url, "sha256": sha}))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn artifacts_are_checked_against_their_digests_wherever_they_come_from() {
+        let d = tempfile::tempdir().unwrap();
+        let (node_dir, pod) = (d.path().join("artifacts"), d.path().join("pod"));
+        std::fs::create_dir_all(&node_dir).unwrap();
+        std::fs::write(node_dir.join("vmlinuz"), b"kernel").unwrap();
+        let good = hex::encode(Sha256::digest(b"kernel"));
+        let bad = "0".repeat(64);
+        let in_pod = Path::new("/var/run/cvm-launcher");
+
+        // From the node's artifact directory, copied into the pod.
+        let a = pinned(Some("vmlinuz"), None, &good);
+        let p = stage_artifact(&node_dir, "kernel", &a, Some(&pod), in_pod)
+            .await
+            .unwrap();
+        assert_eq!(p, in_pod.join("artifacts/kernel"));
+        assert_eq!(
+            std::fs::read(pod.join("artifacts/kernel")).unwrap(),
+            b"kernel"
+        );
+        let e = stage_artifact(
+            &node_dir,
+            "kernel",
+            &pinned(Some("vmlinuz"), None, &bad),
+            Some(&pod),
+            in_pod,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(&good) && e.contains(&bad), "both digests: {e}");
+
+        // From a container image: what the init container copied, checked in place.
+        let url = "oci://guests/test:1#/disk/vmlinuz";
+        let e = stage_artifact(
+            &node_dir,
+            "kernel",
+            &pinned(None, Some(url), &good),
+            Some(&pod),
+            in_pod,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("did not copy it") && e.contains("/disk/vmlinuz of image guests/test:1"),
+            "{e}"
+        );
+        std::fs::create_dir_all(pod.join("image-artifacts")).unwrap();
+        std::fs::write(pod.join("image-artifacts/kernel"), b"kernel").unwrap();
+        let p = stage_artifact(
+            &node_dir,
+            "kernel",
+            &pinned(None, Some(url), &good),
+            Some(&pod),
+            in_pod,
+        )
+        .await
+        .unwrap();
+        assert_eq!(p, in_pod.join("image-artifacts/kernel"));
+        let e = stage_artifact(
+            &node_dir,
+            "kernel",
+            &pinned(None, Some(url), &bad),
+            Some(&pod),
+            in_pod,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("/disk/vmlinuz of image guests/test:1")
+                && e.contains(&good)
+                && e.contains(&bad),
+            "{e}"
+        );
+        // Without a launcher pod nothing copies it out.
+        let e = stage_artifact(
+            &node_dir,
+            "kernel",
+            &pinned(None, Some(url), &good),
+            None,
+            in_pod,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--launcher-pods-dir"), "{e}");
     }
 
     #[test]

@@ -67,7 +67,11 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
         .flat_map(|n| n.ports.iter())
         .map(|p| json!({"name": p.name, "containerPort": p.port, "protocol": p.protocol.as_str()}))
         .collect();
-    serde_json::from_value(json!({
+    let mut volumes = vec![json!({"name": SOCKET_VOLUME, "emptyDir": {}})];
+    if !boot_images(cvm).is_empty() {
+        volumes.push(json!({"name": TOOLS_VOLUME, "emptyDir": {}}));
+    }
+    let mut pod = json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
@@ -137,10 +141,91 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
                 // guest once QEMU runs in the pod.
                 "ports": ports,
             }],
-            "volumes": [{"name": SOCKET_VOLUME, "emptyDir": {}}],
+            "volumes": volumes,
         },
-    }))
-    .ok()
+    });
+    let inits = init_containers(cvm, o);
+    if !inits.is_empty() {
+        pod["spec"]["initContainers"] = serde_json::Value::Array(inits);
+    }
+    serde_json::from_value(pod).ok()
+}
+
+/// The emptyDir that carries the static `cvm-launcher` into boot-image init containers.
+const TOOLS_VOLUME: &str = "cvm-tools";
+const TOOLS_DIR: &str = "/var/run/cvm-tools";
+
+/// The boot artifacts that come from container images, grouped by image in spec order:
+/// `(image, [(what, path in the image)])`.
+pub fn boot_images(cvm: &ConfidentialVM) -> Vec<(String, Vec<(&'static str, String)>)> {
+    let b = &cvm.spec.boot;
+    let mut out: Vec<(String, Vec<(&'static str, String)>)> = Vec::new();
+    let arts = [
+        ("firmware", Some(&b.firmware)),
+        ("kernel", b.kernel.as_ref()),
+        ("initrd", b.initrd.as_ref()),
+    ];
+    for (what, a) in arts {
+        let Some((image, path)) = a.and_then(|a| a.image_file()) else {
+            continue;
+        };
+        match out.iter_mut().find(|(i, _)| i == image) {
+            Some((_, files)) => files.push((what, path.to_string())),
+            None => out.push((image.to_string(), vec![(what, path.to_string())])),
+        }
+    }
+    out
+}
+
+/// Init containers that copy the boot artifacts out of their images (KubeVirt's kernel
+/// boot): the first puts the static launcher in an emptyDir, then each image runs it to
+/// copy its files into the launcher's directory, where the node plugin checks their
+/// digests before QEMU reads them. An image needs no shell, only the files.
+fn init_containers(cvm: &ConfidentialVM, o: &LauncherOptions) -> Vec<serde_json::Value> {
+    let images = boot_images(cvm);
+    if images.is_empty() {
+        return Vec::new();
+    }
+    let security = json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    });
+    let mut out = vec![json!({
+        "name": "install-launcher",
+        "image": o.image,
+        "imagePullPolicy": o.pull_policy,
+        "command": ["/usr/local/bin/cvm-launcher", "install", format!("--to={TOOLS_DIR}")],
+        "securityContext": security,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [{"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR}],
+    })];
+    let into = format!(
+        "--into={SOCKET_DIR}/{}",
+        cvm_crds::wellknown::LAUNCHER_IMAGE_ARTIFACTS
+    );
+    for (i, (image, files)) in images.iter().enumerate() {
+        let mut command = vec![
+            format!("{TOOLS_DIR}/cvm-launcher"),
+            "copy-artifacts".to_string(),
+            into.clone(),
+        ];
+        command.extend(files.iter().map(|(what, path)| format!("{what}={path}")));
+        out.push(json!({
+            "name": format!("boot-image-{i}"),
+            "image": image,
+            // A boot image is pinned by the digests of its files: a tag is enough.
+            "imagePullPolicy": "IfNotPresent",
+            "command": command,
+            "securityContext": security,
+            "terminationMessagePolicy": "FallbackToLogsOnError",
+            "volumeMounts": [
+                {"name": TOOLS_VOLUME, "mountPath": TOOLS_DIR, "readOnly": true},
+                {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
+            ],
+        }));
+    }
+    out
 }
 
 /// The node a launcher pod is pinned to (its required hostname affinity).
@@ -330,6 +415,23 @@ pub fn read_pod(pod: Option<&Pod>) -> PodReading {
     };
     let phase = st.phase.as_deref().unwrap_or("Pending");
     if phase == "Failed" {
+        // A boot image whose files could not be copied: its own words.
+        let init_failed = st.init_container_statuses.iter().flatten().find_map(|c| {
+            let t = c.state.as_ref()?.terminated.as_ref()?;
+            (t.exit_code != 0).then(|| PodReading::Refused {
+                reason: "BootImageFailed".into(),
+                message: format!(
+                    "init container {} ({}) exited {}: {}",
+                    c.name,
+                    c.image,
+                    t.exit_code,
+                    t.message.as_deref().unwrap_or("no message").trim()
+                ),
+            })
+        });
+        if let Some(r) = init_failed {
+            return r;
+        }
         return PodReading::Refused {
             reason: st.reason.clone().unwrap_or_else(|| "Failed".into()),
             message: st
@@ -346,9 +448,10 @@ pub fn read_pod(pod: Option<&Pod>) -> PodReading {
     }
     // An image kubelet cannot pull or run: its waiting reason.
     let waiting = st
-        .container_statuses
+        .init_container_statuses
         .iter()
         .flatten()
+        .chain(st.container_statuses.iter().flatten())
         .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
         .find(|w| {
             matches!(
@@ -461,6 +564,79 @@ mod tests {
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.privileged, None);
         assert_eq!(sc.allow_privilege_escalation, Some(false));
+    }
+
+    #[test]
+    fn boot_artifacts_from_an_image_are_copied_by_init_containers() {
+        let plain = launcher_pod(&cvm(), "n1", &opts()).unwrap();
+        assert_eq!(plain.spec.as_ref().unwrap().init_containers, None);
+        let mut c = cvm();
+        c.spec.boot = serde_json::from_value(json!({
+            "firmware": {"name": "ovmf"},
+            "kernel": {"url": "oci://guests/debian:13#/boot/vmlinuz", "sha256": "a".repeat(64)},
+            "initrd": {"url": "oci://guests/debian:13#/boot/initrd.img", "sha256": "b".repeat(64)},
+        }))
+        .unwrap();
+        let pod = launcher_pod(&c, "n1", &opts()).unwrap();
+        let spec = pod.spec.unwrap();
+        let inits = spec.init_containers.unwrap();
+        let names: Vec<&str> = inits.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["install-launcher", "boot-image-0"], "one per image");
+        assert_eq!(inits[0].image.as_deref(), Some("cvm-launcher:dev"));
+        assert_eq!(inits[1].image.as_deref(), Some("guests/debian:13"));
+        assert_eq!(
+            inits[1].command.as_deref().unwrap(),
+            [
+                "/var/run/cvm-tools/cvm-launcher",
+                "copy-artifacts",
+                "--into=/var/run/cvm-launcher/image-artifacts",
+                "kernel=/boot/vmlinuz",
+                "initrd=/boot/initrd.img",
+            ]
+        );
+        let vols: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(vols, [SOCKET_VOLUME, TOOLS_VOLUME]);
+        // The boot image's copy writes where the plugin reads: the launcher's emptyDir.
+        let mounts = inits[1].volume_mounts.as_ref().unwrap();
+        assert!(mounts
+            .iter()
+            .any(|m| m.name == SOCKET_VOLUME && m.mount_path == SOCKET_DIR));
+    }
+
+    #[test]
+    fn a_boot_image_that_fails_is_the_reason_in_its_own_words() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-launcher"},
+            "status": {"phase": "Failed", "initContainerStatuses": [
+                {"name": "install-launcher", "image": "cvm-launcher:dev", "imageID": "", "ready": false,
+                 "restartCount": 0, "state": {"terminated": {"exitCode": 0}}},
+                {"name": "boot-image-0", "image": "guests/debian:13", "imageID": "", "ready": false,
+                 "restartCount": 0, "state": {"terminated": {"exitCode": 1,
+                 "message": "kernel: /boot/vmlinuz is not in the image\n"}}}]}
+        }))
+        .unwrap();
+        assert_eq!(
+            read_pod(Some(&pod)),
+            PodReading::Refused {
+                reason: "BootImageFailed".into(),
+                message: "init container boot-image-0 (guests/debian:13) exited 1: kernel: /boot/vmlinuz is not in the image".into()
+            }
+        );
+        let pulling: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "web-launcher"},
+            "status": {"phase": "Pending", "initContainerStatuses": [
+                {"name": "boot-image-0", "image": "guests/debian:13", "imageID": "", "ready": false,
+                 "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}}}]}
+        }))
+        .unwrap();
+        assert!(
+            matches!(read_pod(Some(&pulling)), PodReading::Refused { reason, .. } if reason == "ErrImageNeverPull")
+        );
     }
 
     #[test]

@@ -3,14 +3,70 @@
 //! `cvm-launcher --stand-in`: the stand-in guest it runs on simulated hosts.
 //! `cvm-launcher console [--socket-dir=DIR]`: the guest's serial console on this terminal
 //! (what `kubectl cvm console` runs in the pod).
+//! `cvm-launcher install --to=DIR` and `cvm-launcher copy-artifacts --into=DIR
+//! WHAT=/PATH...`: the launcher pod's init containers that copy boot artifacts out of
+//! container images (see `cvm_node_plugin::boot_image`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-const USAGE: &str = "usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME [--stop-grace-seconds=N] [--health-port=N] | cvm-launcher console [--socket-dir=DIR]";
+const USAGE: &str = "usage: cvm-launcher --socket-dir=DIR --cvm=NAMESPACE/NAME [--stop-grace-seconds=N] [--health-port=N] | cvm-launcher console [--socket-dir=DIR] | cvm-launcher install --to=DIR | cvm-launcher copy-artifacts --into=DIR WHAT=/PATH...";
+
+/// `install` and `copy-artifacts`: run in init containers, in images that may hold
+/// nothing but files, so they touch no runtime and print one line.
+fn boot_image(args: &[String]) -> ExitCode {
+    use cvm_node_plugin::boot_image as b;
+    let result = match args.first().map(String::as_str) {
+        Some("install") => match args.get(1).and_then(|a| a.strip_prefix("--to=")) {
+            Some(to) if args.len() == 2 => b::install(std::path::Path::new(to))
+                .map(|p| println!("cvm-launcher: installed {}", p.display())),
+            _ => {
+                eprintln!("cvm-launcher: install takes --to=DIR; {USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            let Some(into) = args.get(1).and_then(|a| a.strip_prefix("--into=")) else {
+                eprintln!("cvm-launcher: copy-artifacts takes --into=DIR first; {USAGE}");
+                return ExitCode::from(2);
+            };
+            let files: Result<Vec<_>, _> = args[2..].iter().map(|a| b::parse_file_arg(a)).collect();
+            match files {
+                Ok(files) if !files.is_empty() => {
+                    b::copy_artifacts(std::path::Path::new(into), &files).map(|()| {
+                        let names: Vec<&str> = files.iter().map(|(w, _)| w.as_str()).collect();
+                        println!("cvm-launcher: copied {} into {into}", names.join(", "));
+                    })
+                }
+                Ok(_) => {
+                    eprintln!(
+                        "cvm-launcher: copy-artifacts needs at least one WHAT=/PATH; {USAGE}"
+                    );
+                    return ExitCode::from(2);
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The last line of the log is the pod's termination message: the CVM's reason.
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if matches!(
+        argv.first().map(String::as_str),
+        Some("install" | "copy-artifacts")
+    ) {
+        return boot_image(&argv);
+    }
     let mut socket_dir: Option<PathBuf> = None;
     let mut cvm: Option<String> = None;
     let mut stand_in = false;
