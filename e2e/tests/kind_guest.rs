@@ -363,14 +363,14 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
         .clone()
         .expect("the QEMU nodes have the guest's image");
     let guest = cvm_e2e::kind::build_guest().expect("the test guest");
-    let from_image = |name: &str, initrd_sha: &str| {
+    let from_image = |name: &str, initrd_sha: &str, initrd_path: &str| {
         let mut v: serde_json::Value =
             serde_yaml::from_str(&std::fs::read_to_string(&cvm_file).unwrap()).unwrap();
         v["metadata"]["name"] = name.into();
         v["metadata"]["labels"]["app"] = name.into();
         let kernel_sha = v["spec"]["boot"]["kernel"]["sha256"].clone();
         v["spec"]["boot"]["kernel"] = serde_json::json!({"url": format!("oci://{image}#/disk/vmlinuz"), "sha256": kernel_sha});
-        v["spec"]["boot"]["initrd"] = serde_json::json!({"url": format!("oci://{image}#/disk/initrd.img"), "sha256": initrd_sha});
+        v["spec"]["boot"]["initrd"] = serde_json::json!({"url": format!("oci://{image}#{initrd_path}"), "sha256": initrd_sha});
         let spec: cvm_crds::cvm::ConfidentialVMSpec =
             serde_json::from_value(v["spec"].clone()).unwrap();
         v["spec"]["attestation"]["expectedMeasurements"] =
@@ -387,8 +387,9 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
         ))
     };
     let bad_sha = "0".repeat(64);
-    from_image("plain-image", &initrd_sha);
-    from_image("plain-image-bad", &bad_sha);
+    from_image("plain-image", &initrd_sha, "/disk/initrd.img");
+    from_image("plain-image-bad", &bad_sha, "/disk/initrd.img");
+    from_image("plain-image-nofile", &initrd_sha, "/boot/initrd.img");
     until("plain-image Verified", 240, || {
         let v = jsonpath(
             k,
@@ -424,11 +425,29 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
         ),
         "True"
     );
+    // A file the image does not hold: the init container's words are the CVM's reason
+    // for leaving the node.
+    let refused = until("plain-image-nofile refused", 240, || {
+        let r = jsonpath(
+            k,
+            &["cvm", "plain-image-nofile"],
+            "{.status.refusedNodes[0].reason} {.status.refusedNodes[0].message}",
+        );
+        r.starts_with("BootImageFailed")
+            .then_some(r.clone())
+            .ok_or(r)
+    });
+    assert!(
+        refused.contains("/boot/initrd.img is not in the image")
+            && refused.contains("spec.boot.initrd.url"),
+        "{refused}"
+    );
     k.kubectl_ok(&[
         "delete",
         "cvm",
         "plain-image",
         "plain-image-bad",
+        "plain-image-nofile",
         "--wait=true",
     ])
     .expect("delete the image CVMs");
