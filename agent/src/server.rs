@@ -111,7 +111,7 @@ pub async fn handle(
                 Err(r) => r,
             }
         }
-        req @ (Request::GetEvidence { .. } | Request::GetReportData { .. }) => {
+        req @ (Request::GetEvidence(_) | Request::GetReportData(_)) => {
             let challenge = match req.challenge() {
                 Ok(Some(c)) => c,
                 Ok(None) => return Response::error(ErrorCode::BadRequest, "not a challenge"),
@@ -120,7 +120,7 @@ pub async fn handle(
             // The caller picks purpose, subject and nonce; the key is always our own.
             let key = cfg.instance_key.public().to_vec();
             let rd = challenge.report_data(&key);
-            if matches!(req, Request::GetReportData { .. }) {
+            if matches!(req, Request::GetReportData(_)) {
                 return Response::ReportData(ReportDataResponse {
                     report_data: hex::encode(rd),
                     instance_key: b64_encode(&key),

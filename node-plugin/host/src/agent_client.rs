@@ -68,6 +68,21 @@ pub struct AgentClient<S> {
     timeout: Duration,
 }
 
+/// The error for an answer other than the one `asked` for: the agent's own error, or an
+/// unexpected response type.
+fn not_answered(asked: &'static str, r: Response) -> AgentClientError {
+    match r {
+        Response::Error(e) => AgentClientError::Agent {
+            code: e.code,
+            message: e.message,
+        },
+        other => AgentClientError::UnexpectedResponse {
+            asked,
+            got: other.kind(),
+        },
+    }
+}
+
 impl AgentClient<UnixStream> {
     /// Connects over a unix socket (tests, or a host-side vsock proxy).
     pub async fn connect_unix(path: &Path) -> Result<Self, AgentClientError> {
@@ -129,14 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
     pub async fn provider_info(&mut self) -> Result<ProviderInfo, AgentClientError> {
         match self.call(&Request::GetProviderInfo).await? {
             Response::ProviderInfo(info) => Ok(info),
-            Response::Error(e) => Err(AgentClientError::Agent {
-                code: e.code,
-                message: e.message,
-            }),
-            other => Err(AgentClientError::UnexpectedResponse {
-                asked: "get-provider-info",
-                got: other.kind(),
-            }),
+            other => Err(not_answered("get-provider-info", other)),
         }
     }
 
@@ -148,18 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
     ) -> Result<GuestReportData, AgentClientError> {
         let resp = match self.call(&Request::get_report_data(challenge)).await? {
             Response::ReportData(r) => r,
-            Response::Error(e) => {
-                return Err(AgentClientError::Agent {
-                    code: e.code,
-                    message: e.message,
-                })
-            }
-            other => {
-                return Err(AgentClientError::UnexpectedResponse {
-                    asked: "get-report-data",
-                    got: other.kind(),
-                })
-            }
+            other => return Err(not_answered("get-report-data", other)),
         };
         let instance_key = b64_decode("instanceKey", &resp.instance_key)?;
         let report_data = checked_report_data(challenge, &instance_key, &resp.report_data)?;
@@ -176,18 +173,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AgentClient<S> {
     ) -> Result<GuestEvidence, AgentClientError> {
         let resp = match self.call(&Request::get_evidence(challenge)).await? {
             Response::Evidence(ev) => ev,
-            Response::Error(e) => {
-                return Err(AgentClientError::Agent {
-                    code: e.code,
-                    message: e.message,
-                })
-            }
-            other => {
-                return Err(AgentClientError::UnexpectedResponse {
-                    asked: "get-evidence",
-                    got: other.kind(),
-                })
-            }
+            other => return Err(not_answered("get-evidence", other)),
         };
         let instance_key = b64_decode("instanceKey", &resp.instance_key)?;
         let expected = checked_report_data(challenge, &instance_key, &resp.report_data)?;

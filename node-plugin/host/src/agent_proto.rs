@@ -42,30 +42,39 @@ pub enum Request {
     GetProviderInfo,
     /// Fresh evidence whose `report_data` binds purpose, subject, nonce and the agent's
     /// own instance key (`cvm_attest::binding`).
-    GetEvidence {
-        /// `cvm` or `migration`.
-        purpose: String,
-        /// UID of the CVM (or migration) the report is for, 1 to [`MAX_SUBJECT_CHARS`].
-        subject: String,
-        /// The owner's challenge, lowercase hex, 0 to [`MAX_NONCE_BYTES`] bytes.
-        #[serde(default)]
-        nonce: String,
-        /// UID of the live migration that last moved the CVM (empty: none).
-        #[serde(default)]
-        epoch: String,
-    },
+    GetEvidence(ChallengeFields),
     /// The `report_data` the agent would write for this challenge, and its instance key,
     /// without a report. Only a simulated TEE asks this: it stands in for the firmware and
     /// signs what the agent in a real (non-confidential) guest computed, so the simulated
     /// report still names that guest instance. A real host asks for `get-evidence`.
-    GetReportData {
-        purpose: String,
-        subject: String,
-        #[serde(default)]
-        nonce: String,
-        #[serde(default)]
-        epoch: String,
-    },
+    GetReportData(ChallengeFields),
+}
+
+/// The challenge of a `get-evidence` or `get-report-data` request, as on the wire
+/// (validated by [`Request::challenge`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeFields {
+    /// `cvm` or `migration`.
+    pub purpose: String,
+    /// UID of the CVM (or migration) the report is for, 1 to [`MAX_SUBJECT_CHARS`].
+    pub subject: String,
+    /// The owner's challenge, lowercase hex, 0 to [`MAX_NONCE_BYTES`] bytes.
+    #[serde(default)]
+    pub nonce: String,
+    /// UID of the live migration that last moved the CVM (empty: none).
+    #[serde(default)]
+    pub epoch: String,
+}
+
+impl ChallengeFields {
+    fn of(c: &Challenge) -> Self {
+        ChallengeFields {
+            purpose: c.purpose.as_str().into(),
+            subject: c.subject_uid.clone(),
+            nonce: hex::encode(&c.nonce),
+            epoch: c.epoch.clone(),
+        }
+    }
 }
 
 /// A response as the agent sends it.
@@ -311,50 +320,26 @@ impl Request {
 
     /// A `get-evidence` request for this challenge.
     pub fn get_evidence(c: &Challenge) -> Self {
-        Request::GetEvidence {
-            purpose: c.purpose.as_str().into(),
-            subject: c.subject_uid.clone(),
-            nonce: hex::encode(&c.nonce),
-            epoch: c.epoch.clone(),
-        }
+        Request::GetEvidence(ChallengeFields::of(c))
     }
 
     /// A `get-report-data` request for this challenge.
     pub fn get_report_data(c: &Challenge) -> Self {
-        match Self::get_evidence(c) {
-            Request::GetEvidence {
-                purpose,
-                subject,
-                nonce,
-                epoch,
-            } => Request::GetReportData {
-                purpose,
-                subject,
-                nonce,
-                epoch,
-            },
-            other => other,
-        }
+        Request::GetReportData(ChallengeFields::of(c))
     }
 
     /// The validated challenge of a `get-evidence` or `get-report-data` request (`None`
     /// for other requests).
     pub fn challenge(&self) -> Result<Option<Challenge>, ProtoError> {
-        let (Request::GetEvidence {
-            purpose,
-            subject,
-            nonce,
-            epoch,
-        }
-        | Request::GetReportData {
-            purpose,
-            subject,
-            nonce,
-            epoch,
-        }) = self
-        else {
+        let (Request::GetEvidence(f) | Request::GetReportData(f)) = self else {
             return Ok(None);
         };
+        let ChallengeFields {
+            purpose,
+            subject,
+            nonce,
+            epoch,
+        } = f;
         let purpose = Purpose::parse(purpose).ok_or_else(|| ProtoError::Invalid {
             field: "purpose",
             detail: format!("{purpose:?}; must be \"cvm\" or \"migration\""),
