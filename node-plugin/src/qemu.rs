@@ -898,7 +898,9 @@ impl QemuPlatform {
 /// Resolves an artifact and checks its digest when the spec gives one. With a launcher
 /// pod (`pod`: its directory on the host) the checked bytes are copied into the pod's
 /// directory, and the path returned is QEMU's view of the copy: QEMU reads exactly
-/// what was checked, and the pod needs no hostPath.
+/// what was checked, and the pod needs no hostPath. An artifact from a container image
+/// (`oci://IMAGE#/PATH`) is already in the pod, where its init container copied it: it is
+/// checked there and not copied again.
 pub async fn stage_artifact(
     dir: &Path,
     what: &str,
@@ -1192,10 +1194,14 @@ mod tests {
         let good = hex::encode(Sha256::digest(b"kernel"));
         let bad = "0".repeat(64);
         let in_pod = Path::new("/var/run/cvm-launcher");
+        let stage = |a: ArtifactRef, pod: Option<PathBuf>| {
+            let node_dir = node_dir.clone();
+            async move { stage_artifact(&node_dir, "kernel", &a, pod.as_deref(), in_pod).await }
+        };
+        let refused = |r: Result<PathBuf, PlatformError>| r.unwrap_err().to_string();
 
         // From the node's artifact directory, copied into the pod.
-        let a = pinned(Some("vmlinuz"), None, &good);
-        let p = stage_artifact(&node_dir, "kernel", &a, Some(&pod), in_pod)
+        let p = stage(pinned(Some("vmlinuz"), None, &good), Some(pod.clone()))
             .await
             .unwrap();
         assert_eq!(p, in_pod.join("artifacts/kernel"));
@@ -1203,56 +1209,23 @@ mod tests {
             std::fs::read(pod.join("artifacts/kernel")).unwrap(),
             b"kernel"
         );
-        let e = stage_artifact(
-            &node_dir,
-            "kernel",
-            &pinned(Some("vmlinuz"), None, &bad),
-            Some(&pod),
-            in_pod,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = refused(stage(pinned(Some("vmlinuz"), None, &bad), Some(pod.clone())).await);
         assert!(e.contains(&good) && e.contains(&bad), "both digests: {e}");
 
         // From a container image: what the init container copied, checked in place.
         let url = "oci://guests/test:1#/disk/vmlinuz";
-        let e = stage_artifact(
-            &node_dir,
-            "kernel",
-            &pinned(None, Some(url), &good),
-            Some(&pod),
-            in_pod,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = refused(stage(pinned(None, Some(url), &good), Some(pod.clone())).await);
         assert!(
             e.contains("did not copy it") && e.contains("/disk/vmlinuz of image guests/test:1"),
             "{e}"
         );
         std::fs::create_dir_all(pod.join("image-artifacts")).unwrap();
         std::fs::write(pod.join("image-artifacts/kernel"), b"kernel").unwrap();
-        let p = stage_artifact(
-            &node_dir,
-            "kernel",
-            &pinned(None, Some(url), &good),
-            Some(&pod),
-            in_pod,
-        )
-        .await
-        .unwrap();
+        let p = stage(pinned(None, Some(url), &good), Some(pod.clone()))
+            .await
+            .unwrap();
         assert_eq!(p, in_pod.join("image-artifacts/kernel"));
-        let e = stage_artifact(
-            &node_dir,
-            "kernel",
-            &pinned(None, Some(url), &bad),
-            Some(&pod),
-            in_pod,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = refused(stage(pinned(None, Some(url), &bad), Some(pod.clone())).await);
         assert!(
             e.contains("/disk/vmlinuz of image guests/test:1")
                 && e.contains(&good)
@@ -1260,16 +1233,7 @@ mod tests {
             "{e}"
         );
         // Without a launcher pod nothing copies it out.
-        let e = stage_artifact(
-            &node_dir,
-            "kernel",
-            &pinned(None, Some(url), &good),
-            None,
-            in_pod,
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = refused(stage(pinned(None, Some(url), &good), None).await);
         assert!(e.contains("--launcher-pods-dir"), "{e}");
     }
 

@@ -130,11 +130,7 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
                     "requests": {"cpu": cpu, "memory": memory, key: "1", RESOURCE_KVM: "1"},
                     "limits": {"memory": memory, key: "1", RESOURCE_KVM: "1"},
                 },
-                "securityContext": {
-                    "allowPrivilegeEscalation": false,
-                    "readOnlyRootFilesystem": true,
-                    "capabilities": {"drop": ["ALL"]},
-                },
+                "securityContext": container_security(),
                 "volumeMounts": [{"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR}],
                 // The guest's ports (spec.network.ports), named as a Service's
                 // targetPort names them; QEMU's user-mode network forwards them into the
@@ -149,6 +145,15 @@ pub fn launcher_pod(cvm: &ConfidentialVM, node: &str, o: &LauncherOptions) -> Op
         pod["spec"]["initContainers"] = serde_json::Value::Array(inits);
     }
     serde_json::from_value(pod).ok()
+}
+
+/// Every launcher pod container's: no privilege, nothing written outside its volumes.
+fn container_security() -> serde_json::Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
 }
 
 /// The emptyDir that carries the static `cvm-launcher` into boot-image init containers.
@@ -186,11 +191,7 @@ fn init_containers(cvm: &ConfidentialVM, o: &LauncherOptions) -> Vec<serde_json:
     if images.is_empty() {
         return Vec::new();
     }
-    let security = json!({
-        "allowPrivilegeEscalation": false,
-        "readOnlyRootFilesystem": true,
-        "capabilities": {"drop": ["ALL"]},
-    });
+    let security = container_security();
     let mut out = vec![json!({
         "name": "install-launcher",
         "image": o.image,
