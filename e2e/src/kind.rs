@@ -450,6 +450,23 @@ impl KubectlCmd for Kind {
     }
 }
 
+/// For the kind tests: whether to run `what` here. Without what kind needs, it is a
+/// skip with the reason on stderr, except under `CI=true`, where CI must run it: a
+/// failure naming `what` and what is missing.
+pub fn run_or_skip(what: &str) -> bool {
+    match available() {
+        Ok(()) => true,
+        Err(why) => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI must run {what}: {why}"
+            );
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
+}
+
 /// Whether this machine can run kind clusters: a Debian dockerd and debootstrap (the
 /// harness installs both with `e2e/tools/install-host-deps.sh`). `Err` says what is
 /// missing.

@@ -617,6 +617,19 @@ fn malformed_cvms() -> Vec<Case> {
             "sha256 is required with url",
         ),
         case(
+            "oci kernel url without the file in the image",
+            Cvm,
+            with(snp_cvm(), |o| {
+                set(
+                    o,
+                    "/spec/boot/kernel/url",
+                    json!("oci://example.com/guests/debian:13"),
+                )
+            }),
+            "spec.boot.kernel.url",
+            "oci://IMAGE#/PATH",
+        ),
+        case(
             "plain-http kernel url",
             Cvm,
             with(snp_cvm(), |o| {

@@ -49,6 +49,33 @@ fn jsonpath(k: &Kind, what: &[&str], path: &str) -> String {
 }
 
 /// The node plugins' logs, for a failure's message.
+/// A field of one of the object's conditions (empty when it has none of that type).
+fn condition(k: &Kind, what: &[&str], ty: &str, field: &str) -> String {
+    jsonpath(
+        k,
+        what,
+        &format!("{{.status.conditions[?(@.type==\"{ty}\")].{field}}}"),
+    )
+}
+
+/// Waits until `cvm`'s launcher pod runs and then until its agent first answered (the
+/// evidence in its status); returns both times since `applied`.
+fn pod_running_then_first_answer(k: &Kind, cvm: &str, applied: Instant) -> (Duration, Duration) {
+    let pod = format!("{cvm}-launcher");
+    until(&format!("{pod} runs"), 120, || {
+        match jsonpath(k, &["pod", &pod], "{.status.phase}").as_str() {
+            "Running" => Ok(()),
+            other => Err(other.to_string()),
+        }
+    });
+    let running = applied.elapsed();
+    until(&format!("{cvm}'s agent answers"), 240, || {
+        let e = jsonpath(k, &["cvm", cvm], "{.status.evidence.collectedAt}");
+        (!e.is_empty()).then_some(()).ok_or(e)
+    });
+    (running, applied.elapsed())
+}
+
 fn plugin_logs(k: &Kind) -> String {
     k.kubectl_ok(&[
         "-n",
@@ -128,12 +155,7 @@ fn bare_qemu_to_first_answer(guest: &Path) -> Duration {
 
 #[test]
 fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
-    if let Err(why) = cvm_e2e::kind::available() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI must run the kind guest test: {why}"
-        );
-        eprintln!("skipped: {why}");
+    if !cvm_e2e::kind::run_or_skip("the kind guest test") {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -160,24 +182,9 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     k.kubectl_ok(&["apply", "-f", &cvm_file.display().to_string()])
         .expect("apply the guest's CVM");
     let pod = "plain-guest-launcher";
-    until("the launcher pod runs", 120, || {
-        match jsonpath(k, &["pod", pod], "{.status.phase}").as_str() {
-            "Running" => Ok(()),
-            other => Err(other.to_string()),
-        }
-    });
-    let pod_running = applied.elapsed();
-    until("the agent's first answer (evidence)", 240, || {
-        let e = jsonpath(k, &["cvm", "plain-guest"], "{.status.evidence.collectedAt}");
-        (!e.is_empty()).then_some(()).ok_or(e)
-    });
-    let first_answer = applied.elapsed();
+    let (pod_running, first_answer) = pod_running_then_first_answer(k, "plain-guest", applied);
     until("plain-guest Verified", 240, || {
-        let s = jsonpath(
-            k,
-            &["cvm", "plain-guest"],
-            "{.status.conditions[?(@.type==\"Verified\")].status}",
-        );
+        let s = condition(k, &["cvm", "plain-guest"], "Verified", "status");
         (s == "True").then_some(()).ok_or(s)
     });
     let verified = applied.elapsed();
@@ -199,11 +206,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     );
     assert!(log.contains("cvm-guest: ready"), "{log}");
     assert_eq!(
-        jsonpath(
-            k,
-            &["pod", pod],
-            "{.status.conditions[?(@.type==\"Ready\")].status}"
-        ),
+        condition(k, &["pod", pod], "Ready", "status"),
         "True",
         "Ready while the guest runs"
     );
@@ -282,19 +285,11 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     k.kubectl_ok(&["apply", "-f", &lying_file.display().to_string()])
         .expect("apply the lying host's CVM");
     let (reason, message) = until("plain-lying's verdict", 240, || {
-        let r = jsonpath(
-            k,
-            &["cvm", "plain-lying"],
-            "{.status.conditions[?(@.type==\"Verified\")].reason}",
-        );
+        let r = condition(k, &["cvm", "plain-lying"], "Verified", "reason");
         if r == "NotConfidential" {
             Ok((
                 r,
-                jsonpath(
-                    k,
-                    &["cvm", "plain-lying"],
-                    "{.status.conditions[?(@.type==\"Verified\")].message}",
-                ),
+                condition(k, &["cvm", "plain-lying"], "Verified", "message"),
             ))
         } else {
             Err(r)
@@ -302,11 +297,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     });
     assert_eq!(reason, "NotConfidential");
     assert_eq!(
-        jsonpath(
-            k,
-            &["cvm", "plain-lying"],
-            "{.status.conditions[?(@.type==\"Verified\")].status}"
-        ),
+        condition(k, &["cvm", "plain-lying"], "Verified", "status"),
         "False"
     );
     assert!(
@@ -329,18 +320,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     let applied = Instant::now();
     k.kubectl_ok(&["apply", "-f", &warm_file.display().to_string()])
         .expect("apply a second CVM");
-    until("plain-warm's pod runs", 120, || {
-        match jsonpath(k, &["pod", "plain-warm-launcher"], "{.status.phase}").as_str() {
-            "Running" => Ok(()),
-            other => Err(other.to_string()),
-        }
-    });
-    let warm_pod = applied.elapsed();
-    until("plain-warm's agent answers", 240, || {
-        let e = jsonpath(k, &["cvm", "plain-warm"], "{.status.evidence.collectedAt}");
-        (!e.is_empty()).then_some(()).ok_or(e)
-    });
-    let warm_answer = applied.elapsed();
+    let (warm_pod, warm_answer) = pod_running_then_first_answer(k, "plain-warm", applied);
     let bare = bare_qemu_to_first_answer(&cvm_e2e::kind::build_guest().expect("the test guest"));
     println!(
         "figure: real guest (TCG), settled cluster: apply -> launcher pod Running {:.1} s, -> the agent's first answer {:.1} s",
@@ -391,11 +371,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     from_image("plain-image-bad", &bad_sha, "/disk/initrd.img");
     from_image("plain-image-nofile", &initrd_sha, "/boot/initrd.img");
     until("plain-image Verified", 240, || {
-        let v = jsonpath(
-            k,
-            &["cvm", "plain-image"],
-            "{.status.conditions[?(@.type==\"Verified\")].status}",
-        );
+        let v = condition(k, &["cvm", "plain-image"], "Verified", "status");
         (v == "True").then_some(()).ok_or(v)
     });
     let inits = jsonpath(
@@ -406,11 +382,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     assert_eq!(inits, "install-launcher boot-image-0");
     // The wrong initrd digest refuses the launch, naming both digests.
     let msg = until("plain-image-bad's launch refused", 240, || {
-        let m = jsonpath(
-            k,
-            &["cvm", "plain-image-bad"],
-            "{.status.conditions[?(@.type==\"Launched\")].message}",
-        );
+        let m = condition(k, &["cvm", "plain-image-bad"], "Launched", "message");
         m.contains(&bad_sha).then_some(m.clone()).ok_or(m)
     });
     assert!(
@@ -418,11 +390,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
         "{msg}"
     );
     assert_ne!(
-        jsonpath(
-            k,
-            &["cvm", "plain-image-bad"],
-            "{.status.conditions[?(@.type==\"Verified\")].status}",
-        ),
+        condition(k, &["cvm", "plain-image-bad"], "Verified", "status"),
         "True"
     );
     // A file the image does not hold: the init container's words are the CVM's reason
@@ -480,11 +448,7 @@ fn a_real_guest_boots_in_its_pod_is_verified_and_a_plain_vm_is_not() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("console-42"), "{said}");
     until("the pod not Ready once its guest is off", 60, || {
-        let s = jsonpath(
-            k,
-            &["pod", pod],
-            "{.status.conditions[?(@.type==\"Ready\")].status}",
-        );
+        let s = condition(k, &["pod", pod], "Ready", "status");
         (s != "True").then_some(()).ok_or(s)
     });
 

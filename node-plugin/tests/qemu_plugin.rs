@@ -823,17 +823,24 @@ async fn the_launchers_locked_memory_limit_is_set_by_the_plugin_or_the_launch_re
 /// or taken from the cache.
 fn test_guest() -> Option<PathBuf> {
     qemu()?;
+    Some(repo_script_dir("e2e/guest/build.sh"))
+}
+
+/// Runs the repository's script (progress on stderr) and returns the directory it
+/// printed last: where it built or cached what it makes.
+fn repo_script_dir(script: &str) -> PathBuf {
     let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../e2e/guest/build.sh"
-        ))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(script),
+        )
         .stderr(std::process::Stdio::inherit())
         .output()
-        .expect("running e2e/guest/build.sh");
-    assert!(out.status.success(), "e2e/guest/build.sh failed");
+        .unwrap_or_else(|e| panic!("running {script}: {e}"));
+    assert!(out.status.success(), "{script} failed");
     let text = String::from_utf8(out.stdout).unwrap();
-    Some(PathBuf::from(text.trim().lines().last().unwrap()))
+    PathBuf::from(text.trim().lines().last().unwrap())
 }
 
 fn guest_request(uid: &str, name: &str, pod: &Pod) -> GuestRequest {
@@ -1026,17 +1033,7 @@ async fn a_silent_guest_and_a_port_clash_are_named_with_the_guest_s_and_qemu_s_w
 /// bookworm-backports' QEMU 10.0 (e2e/tools/qemu-backports.sh), unpacked in the cache.
 fn backports_qemu() -> Option<PathBuf> {
     qemu()?;
-    let out = std::process::Command::new("bash")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../e2e/tools/qemu-backports.sh"
-        ))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("running e2e/tools/qemu-backports.sh");
-    assert!(out.status.success(), "e2e/tools/qemu-backports.sh failed");
-    let dir = String::from_utf8(out.stdout).unwrap();
-    Some(PathBuf::from(dir.trim().lines().last().unwrap()).join("qemu-system-x86_64"))
+    Some(repo_script_dir("e2e/tools/qemu-backports.sh").join("qemu-system-x86_64"))
 }
 
 /// Our SEV-SNP command line (with the devices a launcher pod's guest gets), as QEMU runs it.
