@@ -10,7 +10,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 KERNEL_VERSION="6.12.95+deb12-cloud-amd64"
 KERNEL_PKG_VERSION="6.12.95-1~bpo12+1"
-cache="${CVM_CACHE_DIR:-$HOME/.cache/cvm-operator}"
+cache="${CVM_TOOLS_CACHE:-$HOME/.cache/cvm-operator}"
 target=x86_64-unknown-linux-gnu
 log() { echo "guest: $*" >&2; }
 
