@@ -263,6 +263,7 @@ pub fn run(c: &Cluster) -> Result<Report> {
                     report.skipped.push((name, why));
                 }
                 Err(e) => {
+                    diagnose(c, name);
                     return Err(SuiteError::Check(format!("check {name} failed: {e}")));
                 }
             }
@@ -274,6 +275,55 @@ pub fn run(c: &Cluster) -> Result<Report> {
     result?;
     report.took = t0.elapsed();
     Ok(report)
+}
+
+/// What the cluster looked like when a check failed, so a failure in CI can be read
+/// after its cluster is gone: the suite's CVMs (status in full), every pod, the suite's
+/// events, and the last lines of the operator's and the plugins' logs.
+fn diagnose(c: &Cluster, check: &str) {
+    println!("suite: {check} failed; the cluster at that moment:");
+    let ns = c.namespace.as_str();
+    let labels = format!("app.kubernetes.io/instance={}", c.release);
+    let dumps: [(&str, Vec<&str>); 6] = [
+        ("CVMs", vec!["get", "cvm", "-A", "-o", "wide"]),
+        (
+            "suite CVMs",
+            vec!["get", "cvm", "-n", SUITE_NAMESPACE, "-o", "yaml"],
+        ),
+        ("pods", vec!["get", "pods", "-A", "-o", "wide"]),
+        ("nodes", vec!["get", "nodes", "-o", "wide"]),
+        (
+            "suite events",
+            vec![
+                "get",
+                "events",
+                "-n",
+                SUITE_NAMESPACE,
+                "--sort-by=.lastTimestamp",
+            ],
+        ),
+        (
+            "operator and plugin logs",
+            vec![
+                "logs",
+                "-n",
+                ns,
+                "-l",
+                &labels,
+                "--prefix",
+                "--tail=60",
+                "--max-log-requests=10",
+            ],
+        ),
+    ];
+    for (what, args) in dumps {
+        let text = c.get(&args).unwrap_or_else(|e| format!("({e})"));
+        println!(
+            "--- {what}: kubectl {}\n{}",
+            args.join(" "),
+            text.trim_end()
+        );
+    }
 }
 
 fn needs_kind(c: &Cluster, why: &str) -> Option<Outcome> {
