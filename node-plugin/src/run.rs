@@ -106,6 +106,15 @@ impl ActionError {
     }
 }
 
+/// What one pass saw that decides when the next runs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// A launcher pod runs whose launcher does not answer yet.
+    pub launcher_starting: bool,
+    /// An action failed (it is retried on the next pass).
+    pub failed: bool,
+}
+
 /// A migration step that did not run because the fresh object no longer asks for it.
 const SKIPPED: bool = false;
 
@@ -121,10 +130,27 @@ pub struct NodePlugin<P: Platform> {
     failures: Mutex<BTreeMap<String, (u32, Instant)>>,
 }
 
-/// The socket directory of the CVM's launcher, if its pod runs here and the launcher
-/// answers for the CVM.
-async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> Option<PathBuf> {
-    let (ns, name) = b.key.split_once('/')?;
+/// How often a pass is repeated while a launcher pod runs but its launcher does not
+/// answer yet: nothing else wakes the loop when the launcher comes up (the pod is Running
+/// already and Ready only once its guest runs).
+pub const LAUNCHER_POLL: Duration = Duration::from_millis(500);
+
+/// What a pass saw of a CVM's launcher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LauncherSeen {
+    /// No running launcher pod of the CVM's on this node.
+    NoPod,
+    /// Its pod runs; the launcher in it does not answer yet.
+    Starting,
+    /// The launcher answers, through the socket in this directory.
+    Up(PathBuf),
+}
+
+/// What the CVM's launcher pod on this node shows, pinging its launcher if it runs.
+async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> LauncherSeen {
+    let Some((ns, name)) = b.key.split_once('/') else {
+        return LauncherSeen::NoPod;
+    };
     let pod = pods.iter().find(|p| {
         p.metadata.namespace.as_deref() == Some(ns)
             && p.metadata.deletion_timestamp.is_none()
@@ -133,19 +159,47 @@ async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> Op
                 .any(|o| o.controller == Some(true) && o.uid == b.uid)
             && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
     });
-    let uid = pod.and_then(|p| p.metadata.uid.as_deref())?;
+    let Some(uid) = pod.and_then(|p| p.metadata.uid.as_deref()) else {
+        return LauncherSeen::NoPod;
+    };
     let dir = crate::launcher::host_dir(kubelet_pods, uid, LAUNCHER_SOCKET_VOLUME);
     match crate::launcher::LauncherClient::new(&dir)
         .ping(&format!("{ns}/{name}"))
         .await
     {
-        Ok(()) => Some(dir),
+        Ok(()) => LauncherSeen::Up(dir),
         Err(e) => {
             debug!(cvm = %b.key, error = %e, "launcher pod runs, its launcher does not answer yet");
-            None
+            LauncherSeen::Starting
         }
     }
 }
+
+/// When the loop runs its next pass, unless an event comes first: at the next resync
+/// tick, or sooner while a launcher is starting or after a pass whose actions failed
+/// (`failed_passes` of them in a row: 1 s doubled per further one, so a failure nothing
+/// else would wake the loop for is retried soon but not in a tight loop). The tick is a
+/// deadline kept across passes: events that keep waking the loop do not put off the
+/// retries it brings.
+fn next_pass(
+    now: Instant,
+    next_resync: Instant,
+    launcher_starting: bool,
+    failed_passes: u32,
+) -> Instant {
+    let mut at = next_resync;
+    if launcher_starting {
+        at = at.min(now + LAUNCHER_POLL);
+    }
+    if failed_passes > 0 {
+        let wait = ACTION_RETRY.saturating_mul(1 << failed_passes.saturating_sub(1).min(16));
+        at = at.min(now + wait);
+    }
+    at
+}
+
+/// The first retry of a pass whose actions failed.
+pub const ACTION_RETRY: Duration = Duration::from_secs(1);
 
 fn now() -> Time {
     Time(Timestamp::now())
@@ -277,6 +331,8 @@ impl<P: Platform> NodePlugin<P> {
         }
         let mut advertised: Option<Instant> = None;
         let mut retry = true;
+        let mut next_resync = Instant::now() + self.opts.resync;
+        let mut failed_passes = 0u32;
         loop {
             if advertised.is_none_or(|t| t.elapsed() >= self.opts.resync) {
                 match node::advertise(&self.client, &node, &caps, !self.opts.kubelet_counts_keys)
@@ -286,12 +342,27 @@ impl<P: Platform> NodePlugin<P> {
                     Err(e) => warn!(node = %node, error = %e, "advertising the node"),
                 }
             }
-            self.sync(&reader, &migrations, &pods, retry).await;
-            retry = tokio::select! {
-                _ = notify.notified() => false,
-                _ = tokio::time::sleep(self.opts.resync) => true,
-                _ = &mut shutdown => break,
+            let pass = self.sync(&reader, &migrations, &pods, retry).await;
+            failed_passes = if pass.failed {
+                failed_passes.saturating_add(1)
+            } else {
+                0
             };
+            let wake_at = next_pass(
+                Instant::now(),
+                next_resync,
+                pass.launcher_starting,
+                failed_passes,
+            );
+            tokio::select! {
+                _ = notify.notified() => {},
+                _ = tokio::time::sleep_until(wake_at.into()) => {},
+                _ = &mut shutdown => break,
+            }
+            retry = Instant::now() >= next_resync;
+            if retry {
+                next_resync = Instant::now() + self.opts.resync;
+            }
         }
         stop_watches();
         info!(node = %node, "node plugin stopped");
@@ -307,7 +378,7 @@ impl<P: Platform> NodePlugin<P> {
         migrations: &Store<ConfidentialVMMigration>,
         pods: &Store<Pod>,
         retry_failed: bool,
-    ) {
+    ) -> Pass {
         let node = &self.opts.node;
         let cvms: Vec<Arc<ConfidentialVM>> = reader.state();
         let migrations: Vec<MigrationView> = migrations
@@ -319,7 +390,7 @@ impl<P: Platform> NodePlugin<P> {
             Ok(h) => h,
             Err(e) => {
                 warn!(node = %node, error = %e, "listing guests");
-                return;
+                return Pass::default();
             }
         };
         let held_plain: Vec<HeldGuest> = held
@@ -339,14 +410,24 @@ impl<P: Platform> NodePlugin<P> {
             })
             .collect();
         let mut bound: Vec<BoundCvm> = by_uid.values().map(|(_, b)| b.clone()).collect();
+        let mut pass = Pass::default();
         if let Some(dir) = &self.opts.launcher_pods {
             let pods = pods.state();
             // One ping per launcher, all at once: a pass waits for the slowest only.
             let up =
                 futures::future::join_all(bound.iter().map(|b| launcher_up(dir, &pods, b))).await;
-            for (b, up) in bound.iter_mut().zip(up) {
-                b.launcher_down = up.is_none();
-                b.launcher_dir = up;
+            for (b, seen) in bound.iter_mut().zip(up) {
+                pass.launcher_starting |= seen == LauncherSeen::Starting;
+                match seen {
+                    LauncherSeen::Up(dir) => {
+                        b.launcher_down = false;
+                        b.launcher_dir = Some(dir);
+                    }
+                    LauncherSeen::NoPod | LauncherSeen::Starting => {
+                        b.launcher_down = true;
+                        b.launcher_dir = None;
+                    }
+                }
             }
         }
         {
@@ -400,6 +481,7 @@ impl<P: Platform> NodePlugin<P> {
                         warn!(cvm = %who, node = %node, phase = action.name(), error = %e, "failed; retrying on the next pass");
                     }
                 }
+                r.is_err()
             }
         });
         let by_mig: BTreeMap<&str, &MigrationView> =
@@ -425,12 +507,15 @@ impl<P: Platform> NodePlugin<P> {
                         warn!(cvm = %cvm, node = %node, phase = action.name(), migration = %migration, error = %e, "migration step failed");
                     }
                 }
+                r.is_err()
             });
-        futures::future::join(
+        let (failed, mig_failed) = futures::future::join(
             futures::future::join_all(runs),
             futures::future::join_all(mig_runs),
         )
         .await;
+        pass.failed = failed.into_iter().chain(mig_failed).any(|f| f);
+        pass
     }
 
     fn lock_answered(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, EvidenceKey>> {
@@ -918,5 +1003,42 @@ impl<P: Platform> NodePlugin<P> {
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(ActionError::Status(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_pass_is_the_resync_tick_unless_a_launcher_is_starting() {
+        let now = Instant::now();
+        let tick = now + Duration::from_secs(30);
+        assert_eq!(next_pass(now, tick, false, 0), tick);
+        assert_eq!(next_pass(now, tick, true, 0), now + LAUNCHER_POLL);
+        // A tick due sooner than the poll still comes first.
+        let soon = now + Duration::from_millis(100);
+        assert_eq!(next_pass(now, soon, true, 0), soon);
+    }
+
+    #[test]
+    fn failed_passes_are_retried_after_one_second_doubled_up_to_the_tick() {
+        let now = Instant::now();
+        let tick = now + Duration::from_secs(30);
+        let waits: Vec<u64> = (1..=7)
+            .map(|n| (next_pass(now, tick, false, n) - now).as_secs())
+            .collect();
+        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(next_pass(now, tick, false, u32::MAX), tick);
+    }
+
+    #[test]
+    fn a_tick_already_due_runs_at_once_however_many_events_came_before() {
+        // The deadline is kept across passes: after 30 s of passes woken by events, the
+        // tick is in the past and the next pass is a retrying one.
+        let start = Instant::now();
+        let tick = start + Duration::from_secs(30);
+        let later = start + Duration::from_secs(31);
+        assert!(next_pass(later, tick, false, 0) <= later);
     }
 }
