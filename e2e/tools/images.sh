@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the cvm-operator, cvm-node-plugin and cvm-launcher images from static release binaries with
+# Builds the cvm-operator, cvm-node-plugin and cvm-launcher images from static binaries with
 # the private docker daemon (docker.sh), FROM scratch: nothing is pulled. Prints the
 # image references on stdout, one a line, and their sizes on stderr.
 #
@@ -10,6 +10,9 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 tag="${1:-dev}"
 target=x86_64-unknown-linux-gnu
+# Cargo profile: `image` (unoptimised, quick to build) for dev and test clusters;
+# CVM_IMAGE_PROFILE=release for the optimised binaries production images carry.
+profile="${CVM_IMAGE_PROFILE:-image}"
 start=$(date +%s)
 say() { echo "images: [$(( $(date +%s) - start ))s] $*" >&2; }
 
@@ -20,12 +23,12 @@ fi
 docker=/usr/bin/docker
 [ -x "$docker" ] || docker=docker
 
-say "building static release binaries (target $target)"
+say "building static binaries (profile $profile, target $target)"
 # crt-static links glibc in: the binaries run FROM scratch. An explicit --target keeps
 # build scripts and proc macros dynamic (they run on the host).
 (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked --quiet --target "$target" -p cvm-operator -p cvm-node-plugin) >&2
-out="$repo/target/$target/release"
+  cargo build --profile "$profile" --locked --quiet --target "$target" -p cvm-operator -p cvm-node-plugin) >&2
+out="$repo/target/$target/$profile"
 for b in cvm-operator cvm-node-plugin cvm-launcher; do
   if ! file_out="$(file -b "$out/$b" 2>/dev/null)"; then file_out=""; fi
   case "$file_out" in
