@@ -107,10 +107,10 @@ impl ActionError {
 }
 
 /// What one pass saw that decides when the next runs.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pass {
-    /// A launcher pod runs whose launcher does not answer yet.
-    pub launcher_starting: bool,
+    /// The CVMs (UIDs) whose launcher pod runs and whose launcher does not answer yet.
+    pub launchers_starting: Vec<String>,
     /// An action failed (it is retried on the next pass).
     pub failed: bool,
 }
@@ -176,26 +176,26 @@ async fn launcher_up(kubelet_pods: &Path, pods: &[Arc<Pod>], b: &BoundCvm) -> La
 }
 
 /// When the loop runs its next pass, unless an event comes first: at the next resync
-/// tick, or sooner while a launcher is starting or after a pass whose actions failed
-/// (`failed_passes` of them in a row: 1 s doubled per further one, so a failure nothing
-/// else would wake the loop for is retried soon but not in a tight loop). The tick is a
-/// deadline kept across passes: events that keep waking the loop do not put off the
-/// retries it brings.
+/// tick, or sooner while a launcher is starting (every 0.5 s at first, then half the time
+/// the youngest starting launcher has been silent: one that stays silent is not polled in
+/// a tight loop, one that just started is seen at once) or after passes whose actions
+/// failed (`failed_passes` in a row: 1 s doubled per further one). The tick is a deadline
+/// kept across passes: events that keep waking the loop do not put off the retries it
+/// brings.
 fn next_pass(
     now: Instant,
     next_resync: Instant,
-    launcher_starting: bool,
+    youngest_starting: Option<Duration>,
     failed_passes: u32,
 ) -> Instant {
-    let mut at = next_resync;
-    if launcher_starting {
-        at = at.min(now + LAUNCHER_POLL);
-    }
-    if failed_passes > 0 {
-        let wait = ACTION_RETRY.saturating_mul(1 << failed_passes.saturating_sub(1).min(16));
-        at = at.min(now + wait);
-    }
-    at
+    let poll = youngest_starting.map(|age| now + (age / 2).max(LAUNCHER_POLL));
+    let retry = (failed_passes > 0)
+        .then(|| now + ACTION_RETRY.saturating_mul(1 << failed_passes.saturating_sub(1).min(16)));
+    [Some(next_resync), poll, retry]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(next_resync)
 }
 
 /// The first retry of a pass whose actions failed.
@@ -333,6 +333,8 @@ impl<P: Platform> NodePlugin<P> {
         let mut retry = true;
         let mut next_resync = Instant::now() + self.opts.resync;
         let mut failed_passes = 0u32;
+        // Since when each starting launcher (by CVM UID) has been seen not answering.
+        let mut starting_since: BTreeMap<String, Instant> = BTreeMap::new();
         loop {
             if advertised.is_none_or(|t| t.elapsed() >= self.opts.resync) {
                 match node::advertise(&self.client, &node, &caps, !self.opts.kubelet_counts_keys)
@@ -343,17 +345,18 @@ impl<P: Platform> NodePlugin<P> {
                 }
             }
             let pass = self.sync(&reader, &migrations, &pods, retry).await;
+            let now = Instant::now();
+            starting_since.retain(|uid, _| pass.launchers_starting.contains(uid));
+            for uid in &pass.launchers_starting {
+                starting_since.entry(uid.clone()).or_insert(now);
+            }
+            let youngest = starting_since.values().map(|t| now - *t).min();
             failed_passes = if pass.failed {
                 failed_passes.saturating_add(1)
             } else {
                 0
             };
-            let wake_at = next_pass(
-                Instant::now(),
-                next_resync,
-                pass.launcher_starting,
-                failed_passes,
-            );
+            let wake_at = next_pass(now, next_resync, youngest, failed_passes);
             tokio::select! {
                 _ = notify.notified() => {},
                 _ = tokio::time::sleep_until(wake_at.into()) => {},
@@ -417,7 +420,9 @@ impl<P: Platform> NodePlugin<P> {
             let up =
                 futures::future::join_all(bound.iter().map(|b| launcher_up(dir, &pods, b))).await;
             for (b, seen) in bound.iter_mut().zip(up) {
-                pass.launcher_starting |= seen == LauncherSeen::Starting;
+                if seen == LauncherSeen::Starting {
+                    pass.launchers_starting.push(b.uid.clone());
+                }
                 match seen {
                     LauncherSeen::Up(dir) => {
                         b.launcher_down = false;
@@ -1014,11 +1019,18 @@ mod tests {
     fn the_next_pass_is_the_resync_tick_unless_a_launcher_is_starting() {
         let now = Instant::now();
         let tick = now + Duration::from_secs(30);
-        assert_eq!(next_pass(now, tick, false, 0), tick);
-        assert_eq!(next_pass(now, tick, true, 0), now + LAUNCHER_POLL);
+        let secs = Duration::from_secs;
+        assert_eq!(next_pass(now, tick, None, 0), tick);
+        // Just seen starting: polled every 0.5 s.
+        assert_eq!(next_pass(now, tick, Some(secs(0)), 0), now + LAUNCHER_POLL);
+        // Silent for a while: polled at half its silence, never past the tick.
+        assert_eq!(next_pass(now, tick, Some(secs(10)), 0), now + secs(5));
+        assert_eq!(next_pass(now, tick, Some(secs(600)), 0), tick);
         // A tick due sooner than the poll still comes first.
         let soon = now + Duration::from_millis(100);
-        assert_eq!(next_pass(now, soon, true, 0), soon);
+        assert_eq!(next_pass(now, soon, Some(secs(0)), 0), soon);
+        // A poll and a failure retry at once: the sooner.
+        assert_eq!(next_pass(now, tick, Some(secs(0)), 3), now + LAUNCHER_POLL);
     }
 
     #[test]
@@ -1026,10 +1038,10 @@ mod tests {
         let now = Instant::now();
         let tick = now + Duration::from_secs(30);
         let waits: Vec<u64> = (1..=7)
-            .map(|n| (next_pass(now, tick, false, n) - now).as_secs())
+            .map(|n| (next_pass(now, tick, None, n) - now).as_secs())
             .collect();
         assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30]);
-        assert_eq!(next_pass(now, tick, false, u32::MAX), tick);
+        assert_eq!(next_pass(now, tick, None, u32::MAX), tick);
     }
 
     #[test]
@@ -1039,6 +1051,6 @@ mod tests {
         let start = Instant::now();
         let tick = start + Duration::from_secs(30);
         let later = start + Duration::from_secs(31);
-        assert!(next_pass(later, tick, false, 0) <= later);
+        assert!(next_pass(later, tick, None, 0) <= later);
     }
 }
