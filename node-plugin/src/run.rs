@@ -189,8 +189,9 @@ fn next_pass(
     failed_passes: u32,
 ) -> Instant {
     let poll = youngest_starting.map(|age| now + (age / 2).max(LAUNCHER_POLL));
-    let retry = (failed_passes > 0)
-        .then(|| now + ACTION_RETRY.saturating_mul(1 << failed_passes.saturating_sub(1).min(16)));
+    // The relaunches' doubling; the tick caps it below that back-off's ten minutes.
+    let retry =
+        (failed_passes > 0).then(|| now + plan::relaunch_backoff(failed_passes, ACTION_RETRY));
     [Some(next_resync), poll, retry]
         .into_iter()
         .flatten()
@@ -420,19 +421,15 @@ impl<P: Platform> NodePlugin<P> {
             let up =
                 futures::future::join_all(bound.iter().map(|b| launcher_up(dir, &pods, b))).await;
             for (b, seen) in bound.iter_mut().zip(up) {
-                if seen == LauncherSeen::Starting {
-                    pass.launchers_starting.push(b.uid.clone());
-                }
-                match seen {
-                    LauncherSeen::Up(dir) => {
-                        b.launcher_down = false;
-                        b.launcher_dir = Some(dir);
+                b.launcher_dir = match seen {
+                    LauncherSeen::Up(dir) => Some(dir),
+                    LauncherSeen::Starting => {
+                        pass.launchers_starting.push(b.uid.clone());
+                        None
                     }
-                    LauncherSeen::NoPod | LauncherSeen::Starting => {
-                        b.launcher_down = true;
-                        b.launcher_dir = None;
-                    }
-                }
+                    LauncherSeen::NoPod => None,
+                };
+                b.launcher_down = b.launcher_dir.is_none();
             }
         }
         {
