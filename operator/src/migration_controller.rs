@@ -21,6 +21,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
 use kube::ResourceExt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,18 +42,22 @@ fn is_terminal(m: &ConfidentialVMMigration) -> bool {
 /// name: a CVM verified on its target advances its migration.
 pub fn watching(
     ctrl: Controller<ConfidentialVMMigration>,
-    cvms: impl futures::Stream<Item = Arc<DeserializeGuard<ConfidentialVM>>> + Send + 'static,
+    cvms: Api<DeserializeGuard<ConfidentialVM>>,
     migrations: Store<ConfidentialVMMigration>,
 ) -> Controller<ConfidentialVMMigration> {
-    ctrl.watches_shared_stream(cvms, move |cvm: Arc<DeserializeGuard<ConfidentialVM>>| {
-        let (ns, name) = (cvm.namespace(), cvm.name_any());
-        migrations
-            .state()
-            .iter()
-            .filter(|m| m.namespace() == ns && m.spec.cvm_name == name && !is_terminal(m))
-            .map(|m| ObjectRef::from_obj(m.as_ref()))
-            .collect::<Vec<_>>()
-    })
+    ctrl.watches(
+        cvms,
+        watcher::Config::default(),
+        move |cvm: DeserializeGuard<ConfidentialVM>| {
+            let (ns, name) = (cvm.namespace(), cvm.name_any());
+            migrations
+                .state()
+                .iter()
+                .filter(|m| m.namespace() == ns && m.spec.cvm_name == name && !is_terminal(m))
+                .map(|m| ObjectRef::from_obj(m.as_ref()))
+                .collect::<Vec<_>>()
+        },
+    )
 }
 
 /// The other migrations of the same CVM that have not ended.

@@ -22,10 +22,6 @@ use kube::{Client, ResourceExt};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Room in each shared watch stream for objects not yet taken by a controller (the watch
-/// waits when one is full).
-const SHARED_BUFFER: usize = 1024;
-
 /// Runs the CVM and migration controllers until the stream ends (shutdown signal) or
 /// `stop` resolves.
 pub async fn run(
@@ -68,38 +64,15 @@ pub async fn run(
         ),
     ));
 
-    // One watch each of CVMs and migrations, shared by both controllers (each reconciles
-    // one kind and is woken by the other's changes).
-    let (cvm_store, cvm_writer) = reflector::store_shared(SHARED_BUFFER);
-    let (migration_store, migration_writer) = reflector::store_shared(SHARED_BUFFER);
-    let (
-        Some(cvms_for_cvms),
-        Some(cvms_for_migrations),
-        Some(migs_for_migrations),
-        Some(migs_for_cvms),
-    ) = (
-        cvm_writer.subscribe(),
-        cvm_writer.subscribe(),
-        migration_writer.subscribe(),
-        migration_writer.subscribe(),
-    )
-    else {
-        // store_shared always gives subscribers; nothing to run without them.
-        tracing::error!("shared watch streams without subscribers: not running the controllers");
-        return;
-    };
-    let shared_retry = WatchRetry::new(
-        "ConfidentialVM, ConfidentialVMMigration",
-        OPERATOR_RETRY_MAX,
-    );
-    let cvm_root = shared_retry
-        .clone()
-        .drive(watcher(cvms, watcher::Config::default()).reflect_shared(cvm_writer));
-    let migration_root = shared_retry
-        .drive(watcher(migrations, watcher::Config::default()).reflect_shared(migration_writer));
-    let controller = Controller::for_shared_stream(cvms_for_cvms, cvm_store.clone());
-    let migration_ctrl =
-        Controller::for_shared_stream(migs_for_migrations, migration_store.clone());
+    // Each controller watches its own kind and, through a second watch without a cache,
+    // the other's. Not kube's shared streams: a subscriber that reads the reference of an
+    // object deleted since then returns Pending without asking to be woken, so after a
+    // burst of deletes it stalls, the shared buffer fills and the watch stops for all
+    // (the operator then moved only on its requeue timers).
+    let controller = Controller::new(cvms.clone(), watcher::Config::default());
+    let migration_ctrl = Controller::new(migrations.clone(), watcher::Config::default());
+    let cvm_store = controller.store();
+    let migration_store = migration_ctrl.store();
     let for_nodes = cvm_store.clone();
     let for_policies = cvm_store.clone();
     let (freed, freed_rx) = futures::channel::mpsc::unbounded();
@@ -134,9 +107,9 @@ pub async fn run(
     metrics
         .ready
         .store(true, std::sync::atomic::Ordering::SeqCst);
-    // One backoff for all three watches of the controller (see WatchRetry).
+    // One backoff for all watches of the controller (see WatchRetry).
     let cvm_retry = WatchRetry::new(
-        "ConfidentialVM, Node, AttestationPolicy",
+        "ConfidentialVM, ConfidentialVMMigration, Node, AttestationPolicy",
         OPERATOR_RETRY_MAX,
     );
     // A launcher pod that is scheduled, refused, runs or goes speaks for its CVM.
@@ -178,10 +151,17 @@ pub async fn run(
                 .collect::<Vec<_>>()
         })
         // A migration's switch moves its CVM's binding, which the CVM's reconcile writes.
-        .watches_shared_stream(migs_for_cvms, |m: Arc<ConfidentialVMMigration>| {
-            let ns = m.namespace().unwrap_or_default();
-            Some(ObjectRef::<DeserializeGuard<ConfidentialVM>>::new(&m.spec.cvm_name).within(&ns))
-        })
+        .watches(
+            migrations,
+            watcher::Config::default(),
+            |m: ConfidentialVMMigration| {
+                let ns = m.namespace().unwrap_or_default();
+                Some(
+                    ObjectRef::<DeserializeGuard<ConfidentialVM>>::new(&m.spec.cvm_name)
+                        .within(&ns),
+                )
+            },
+        )
         .reconcile_all_on(freed_rx)
         .trigger_backoff(cvm_retry.clone())
         .graceful_shutdown_on(stop.clone())
@@ -196,27 +176,24 @@ pub async fn run(
         "ConfidentialVMMigration, ConfidentialVM",
         OPERATOR_RETRY_MAX,
     );
-    let migration_ctrl =
-        migration_controller::watching(migration_ctrl, cvms_for_migrations, migration_store)
-            .trigger_backoff(migration_retry.clone())
-            .graceful_shutdown_on(stop)
-            .run(
-                migration_controller::reconcile,
-                migration_controller::error_policy,
-                ctx,
-            )
-            .for_each(move |res| {
-                if let Err(e) = res {
-                    migration_retry.log_controller_error(&e);
-                }
-                futures::future::ready(())
-            });
+    let migration_ctrl = migration_controller::watching(migration_ctrl, cvms, migration_store)
+        .trigger_backoff(migration_retry.clone())
+        .graceful_shutdown_on(stop)
+        .run(
+            migration_controller::reconcile,
+            migration_controller::error_policy,
+            ctx,
+        )
+        .for_each(move |res| {
+            if let Err(e) = res {
+                migration_retry.log_controller_error(&e);
+            }
+            futures::future::ready(())
+        });
     tokio::select! {
         // Both shut down gracefully on `stop`; wait for both.
         _ = futures::future::join(ctrl, migration_ctrl) => {},
         _ = pin_watch => {},
-        _ = cvm_root => {},
-        _ = migration_root => {},
         _ = gauge => {},
     }
 }
